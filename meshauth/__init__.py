@@ -1,0 +1,78 @@
+"""meshauth: mutual, stateless service-to-service authentication with JWTs.
+
+Each service mints short-lived tokens with its own key (:class:`ServiceIdentity`),
+attaches them to outgoing ``httpx`` calls (:class:`ServiceAuth`) and verifies
+inbound ones against a shared key registry (:class:`Verifier`), with no call to
+a central server per request.
+
+Integrations that pull optional dependencies are imported explicitly:
+``meshauth.asgi``, ``meshauth.wsgi``, ``meshauth.testing``.
+"""
+
+from ._exceptions import (
+    AccessDenied,
+    BadSignature,
+    ConfigurationError,
+    InvalidClaim,
+    IssuerMismatch,
+    KeysUnavailable,
+    LifetimeTooLong,
+    MalformedToken,
+    MeshAuthError,
+    MissingClaim,
+    ResponseAuthError,
+    TokenError,
+    TokenExpired,
+    TokenNotYetValid,
+    TokenReplayed,
+    TokenTooLarge,
+    UnknownKey,
+    UnsupportedAlgorithm,
+    WrongAudience,
+    WrongTokenType,
+)
+from ._identity import ServiceIdentity
+from ._keys import KeyRecord, SigningKey
+from ._mutual import ResponseVerifier
+from ._principal import Principal
+from ._registry import JWKSFile, KeySet, KeySource, StaticKeys
+from ._replay import MemoryReplayCache, ReplayCache
+from ._verify import Verifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "BadSignature",
+    "ConfigurationError",
+    "InvalidClaim",
+    "IssuerMismatch",
+    "JWKSFile",
+    "KeyRecord",
+    "KeySet",
+    "KeySource",
+    "KeysUnavailable",
+    "LifetimeTooLong",
+    "MalformedToken",
+    "MemoryReplayCache",
+    "MeshAuthError",
+    "MissingClaim",
+    "Principal",
+    "ReplayCache",
+    "ResponseAuthError",
+    "ResponseVerifier",
+    "ServiceIdentity",
+    "SigningKey",
+    "StaticKeys",
+    "TokenError",
+    "TokenExpired",
+    "TokenNotYetValid",
+    "TokenReplayed",
+    "TokenTooLarge",
+    "UnknownKey",
+    "UnsupportedAlgorithm",
+    "Verifier",
+    "WrongAudience",
+    "WrongTokenType",
+    "__version__",
+]

@@ -1,0 +1,266 @@
+"""A service's own identity: minting and caching its outbound tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from opentelemetry import trace
+
+from ._exceptions import ConfigurationError
+from ._jws import b64url_encode, dumps
+from ._keys import SigningKey
+from ._principal import Principal
+from ._telemetry import Telemetry
+from ._verify import RESPONSE_TOKEN_TYPE, SERVICE_TOKEN_TYPE
+
+__all__ = ["ServiceIdentity"]
+
+DEFAULT_TTL = 300
+MAX_RESPONSE_TTL = 60
+# A cached token is not handed out when it has less than this left: it could
+# expire in flight before the callee sees it.
+_MIN_REMAINING = 5
+
+
+def _scope_text(scope: str | Iterable[str] | None) -> str | None:
+    if scope is None:
+        return None
+    items = scope.split() if isinstance(scope, str) else list(scope)
+    for item in items:
+        if not isinstance(item, str) or not item or any(ch.isspace() for ch in item):
+            raise ValueError(f"invalid scope item {item!r}: scopes are non-empty strings without spaces")
+    return " ".join(items) or None
+
+
+class ServiceIdentity:
+    """A service's name and private key; mints the tokens it sends.
+
+    >>> import meshauth
+    >>> me = meshauth.ServiceIdentity("orders", meshauth.SigningKey.generate())
+    >>> token = me.token_for("payments")      # cached, refreshed ahead of expiry
+    >>> token == me.token_for("payments")
+    True
+    >>> fresh = me.mint("payments", subject="alice", actors=("gateway",))  # always new
+
+    ``token_for`` is safe to call from many threads and asyncio tasks at once:
+    concurrent callers on a cold cache share a single signature, and the
+    cached path takes no lock.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        key: SigningKey,
+        *,
+        ttl: int = DEFAULT_TTL,
+        clock: Callable[[], float] = time.time,
+        max_actors: int = 4,
+        refresh_margin: float | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("a service name is a non-empty string")
+        if not isinstance(key, SigningKey):
+            raise TypeError("key must be a meshauth.SigningKey")
+        if not isinstance(ttl, int) or ttl <= _MIN_REMAINING:
+            raise ValueError(f"ttl must be an integer number of seconds above {_MIN_REMAINING}")
+        self.name = name
+        self.key = key
+        self.ttl = ttl
+        self.max_actors = max_actors
+        self._clock = clock
+        # Refresh when a quarter of the lifetime (at most a minute) is left, so a
+        # token is never sent close to its expiry.
+        self.refresh_margin = (
+            refresh_margin if refresh_margin is not None else max(float(_MIN_REMAINING), min(60.0, ttl / 4))
+        )
+        self._telemetry = Telemetry(tracer_provider)
+        self._header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": SERVICE_TOKEN_TYPE}))
+        self._response_header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": RESPONSE_TOKEN_TYPE}))
+        # cache key -> (token, refresh at, expires at)
+        self._tokens: dict[Any, tuple[str, float, int]] = {}
+        self._locks: dict[Any, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **kwargs: Any) -> ServiceIdentity:
+        """Build from ``MESHAUTH_SERVICE`` and ``MESHAUTH_KEY_FILE`` (and ``MESHAUTH_KEY_PASSWORD``)."""
+        env = os.environ if environ is None else environ
+        missing = [name for name in ("MESHAUTH_SERVICE", "MESHAUTH_KEY_FILE") if not env.get(name)]
+        if missing:
+            raise ConfigurationError(
+                f"environment variable {missing[0]} is not set",
+                expected="service name and PEM key file",
+                actual=f"missing {missing}",
+            )
+        key = SigningKey.from_file(env["MESHAUTH_KEY_FILE"], env.get("MESHAUTH_KEY_PASSWORD"))
+        return cls(env["MESHAUTH_SERVICE"], key, **kwargs)
+
+    # -- cached tokens ---------------------------------------------------------------
+
+    def token_for(self, audience: str, *, scope: str | None = None) -> str:
+        """A token for calling ``audience``, from the cache while it is fresh."""
+        cache_key = audience if scope is None else (audience, scope)
+        entry = self._tokens.get(cache_key)
+        if entry is not None and self._clock() < entry[1]:
+            return entry[0]
+        return self._refresh(cache_key, audience, scope, blocking=True)  # type: ignore[return-value]
+
+    async def atoken_for(self, audience: str, *, scope: str | None = None) -> str:
+        """Like :meth:`token_for`, but never blocks the event loop on another refresh."""
+        cache_key = audience if scope is None else (audience, scope)
+        entry = self._tokens.get(cache_key)
+        if entry is not None and self._clock() < entry[1]:
+            return entry[0]
+        token = self._refresh(cache_key, audience, scope, blocking=False)
+        if token is None:
+            # Another thread is signing this very token: wait for it off the loop.
+            return await asyncio.to_thread(self.token_for, audience, scope=scope)
+        return token
+
+    def _lock_for(self, cache_key: Any) -> threading.Lock:
+        lock = self._locks.get(cache_key)
+        if lock is None:
+            with self._locks_guard:
+                lock = self._locks.setdefault(cache_key, threading.Lock())
+        return lock
+
+    def _refresh(self, cache_key: Any, audience: str, scope: str | None, *, blocking: bool) -> str | None:
+        lock = self._lock_for(cache_key)
+        entry = self._tokens.get(cache_key)
+        usable = entry is not None and self._clock() < entry[2] - _MIN_REMAINING
+        # With a still-usable token in hand, nobody waits: one caller refreshes,
+        # the others keep using the current token meanwhile.
+        if not lock.acquire(blocking=blocking and not usable):
+            return entry[0] if usable and entry is not None else None
+        try:
+            entry = self._tokens.get(cache_key)
+            now = self._clock()
+            if entry is not None and now < entry[1]:
+                return entry[0]
+            token, expires = self._mint(audience, subject=None, actors=(), scope=scope, ttl=self.ttl)
+            self._tokens[cache_key] = (token, expires - self.refresh_margin, expires)
+            return token
+        finally:
+            lock.release()
+
+    def invalidate(self, audience: str | None = None) -> None:
+        """Drop cached tokens (all, or those for ``audience``), e.g. after a 401."""
+        if audience is None:
+            self._tokens.clear()
+            return
+        for cache_key in list(self._tokens):
+            if cache_key == audience or (isinstance(cache_key, tuple) and cache_key[0] == audience):
+                self._tokens.pop(cache_key, None)
+
+    # -- fresh tokens ------------------------------------------------------------------
+
+    def mint(
+        self,
+        audience: str,
+        *,
+        subject: str | None = None,
+        actors: Sequence[str] = (),
+        scope: str | Iterable[str] | None = None,
+        ttl: int | None = None,
+    ) -> str:
+        """A new token for ``audience`` (never cached).
+
+        ``subject`` defaults to this service. ``actors`` lists the *earlier*
+        actors of a delegation chain, newest first; this service becomes the
+        outermost ``act`` itself.
+        """
+        token, _ = self._mint(
+            audience, subject=subject, actors=actors, scope=_scope_text(scope), ttl=self.ttl if ttl is None else ttl
+        )
+        return token
+
+    def on_behalf_of(
+        self, principal: Principal, audience: str, *, scope: str | Iterable[str] | None = None, ttl: int | None = None
+    ) -> str:
+        """A token for the next hop, carrying the inbound request's subject and actor chain."""
+        return self.mint(audience, subject=principal.subject, actors=principal.actors, scope=scope, ttl=ttl)
+
+    def mint_response(self, caller: str, nonce: str, *, ttl: int = 30) -> str:
+        """A response token (mutual auth) bound to ``caller`` and its request ``nonce``."""
+        if not isinstance(caller, str) or not caller:
+            raise ValueError("caller must be a non-empty service name")
+        if not isinstance(nonce, str) or not nonce or len(nonce) > 256:
+            raise ValueError("nonce must be a non-empty string of at most 256 characters")
+        if not 0 < ttl <= MAX_RESPONSE_TTL:
+            raise ValueError(f"a response token lives at most {MAX_RESPONSE_TTL} s")
+        now = int(self._clock())
+        claims = {
+            "iss": self.name,
+            "sub": self.name,
+            "aud": caller,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": secrets.token_urlsafe(16),
+            "nonce": nonce,
+        }
+        return self._sign(self._response_header, claims, caller)
+
+    def _mint(
+        self,
+        audience: str,
+        *,
+        subject: str | None,
+        actors: Sequence[str],
+        scope: str | None,
+        ttl: int,
+    ) -> tuple[str, int]:
+        if not isinstance(audience, str) or not audience:
+            raise ValueError("audience must be a non-empty service name")
+        if isinstance(actors, str):
+            raise TypeError("actors is a sequence of service names, not a string")
+        subject = self.name if subject is None else subject
+        if not isinstance(subject, str) or not subject:
+            raise ValueError("subject must be a non-empty string")
+        if not isinstance(ttl, int) or ttl <= 0:
+            raise ValueError("ttl must be a positive integer number of seconds")
+        now = int(self._clock())
+        claims: dict[str, Any] = {
+            "iss": self.name,
+            "sub": subject,
+            "aud": audience,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": secrets.token_urlsafe(16),
+        }
+        if subject != self.name or actors:
+            if subject == self.name:
+                raise ValueError("actors are only meaningful when acting for another subject")
+            chain = [self.name, *actors]
+            if len(set(chain)) != len(chain) or not all(isinstance(a, str) and a for a in chain):
+                raise ValueError(f"invalid actor chain {chain!r}: names must be non-empty and unique")
+            if len(chain) > self.max_actors:
+                raise ValueError(f"actor chain {chain!r} is longer than {self.max_actors}")
+            act: dict[str, Any] | None = None
+            for name in reversed(chain):
+                act = {"sub": name} if act is None else {"sub": name, "act": act}
+            claims["act"] = act
+        if scope:
+            claims["scope"] = scope
+        return self._sign(self._header, claims, audience), claims["exp"]
+
+    def _sign(self, header_b64: str, claims: dict[str, Any], audience: str) -> str:
+        with self._telemetry.tracer.start_as_current_span("meshauth.mint") as span:
+            if span.is_recording():
+                span.set_attribute("meshauth.caller", self.name)
+                span.set_attribute("meshauth.audience", audience)
+                span.set_attribute("meshauth.subject", claims["sub"])
+                span.set_attribute("meshauth.kid", self.key.kid)
+                span.set_attribute("meshauth.alg", self.key.alg)
+            signing_input = f"{header_b64}.{b64url_encode(dumps(claims))}"
+            signature = self.key.sign(signing_input.encode("ascii"))
+            return f"{signing_input}.{b64url_encode(signature)}"
+
+    def __repr__(self) -> str:
+        return f"ServiceIdentity({self.name!r}, kid={self.key.kid!r}, ttl={self.ttl})"

@@ -1,0 +1,330 @@
+"""Key registries: the shared JWKS document and the sources that serve it.
+
+A *key source* is anything with ``get_key(kid)`` and ``aget_key(kid)``
+returning a :class:`~meshauth.KeyRecord` or ``None``; a source that cannot read
+its registry at all raises :class:`~meshauth.KeysUnavailable` instead, so an
+outage is never reported as a bad token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from ._exceptions import ConfigurationError, KeysUnavailable
+from ._jws import strict_json_loads
+from ._keys import KeyRecord, check_jwk, parse_jwk
+
+__all__ = ["JWKSFile", "KeySet", "KeySource", "StaticKeys", "parse_registry_document"]
+
+logger = logging.getLogger("meshauth")
+
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+
+@runtime_checkable
+class KeySource(Protocol):
+    """Where a :class:`~meshauth.Verifier` looks up public keys by ``kid``."""
+
+    def get_key(self, kid: str) -> KeyRecord | None:
+        """The record for ``kid``, or ``None``; raises ``KeysUnavailable`` on outage."""
+        ...
+
+    async def aget_key(self, kid: str) -> KeyRecord | None:
+        """Async form of :meth:`get_key` (may perform I/O without blocking the loop)."""
+        ...
+
+
+def parse_registry_document(data: bytes | str | Mapping[str, Any], source: str = "registry") -> Mapping[str, Any]:
+    """Strictly parse a JWKS document (bytes, text or an already-decoded mapping)."""
+    if isinstance(data, Mapping):
+        doc: Any = data
+    else:
+        try:
+            text = data.decode("utf-8") if isinstance(data, bytes) else data
+            doc = strict_json_loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ConfigurationError(
+                f"{source}: not a valid JSON document ({exc})", reason="invalid_registry"
+            ) from None
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list):
+        raise ConfigurationError(
+            f"{source}: a JWKS document is an object with a 'keys' array",
+            reason="invalid_registry",
+            expected='{"keys": [...]}',
+            actual=type(doc).__name__,
+        )
+    return doc
+
+
+class KeySet:
+    """An immutable snapshot of a registry document, indexed by ``kid``.
+
+    Lookup is one dictionary access. With ``lazy=True`` each key's structure is
+    checked on load but its ``cryptography`` object is built on first use, so a
+    registry of thousands of keys loads quickly; a key that then turns out to be
+    invalid is treated as absent and listed in :attr:`problems`.
+    """
+
+    __slots__ = ("_entries", "_lock", "_records", "problems", "source")
+
+    def __init__(
+        self,
+        records: Iterable[KeyRecord] = (),
+        *,
+        source: str = "registry",
+        _entries: dict[str, Mapping[str, Any]] | None = None,
+        problems: Iterable[str] = (),
+    ) -> None:
+        self._records: dict[str, KeyRecord | None] = {}
+        self._entries: dict[str, Mapping[str, Any]] = _entries or {}
+        self._lock = threading.Lock()
+        self.source = source
+        self.problems: list[str] = list(problems)
+        for record in records:
+            if record.kid in self._records or record.kid in self._entries:
+                raise ConfigurationError(f"{source}: duplicate kid {record.kid!r}", reason="invalid_registry")
+            self._records[record.kid] = record
+
+    @classmethod
+    def from_jwks(
+        cls,
+        document: bytes | str | Mapping[str, Any],
+        *,
+        source: str = "registry",
+        strict: bool = True,
+        lazy: bool = False,
+    ) -> KeySet:
+        """Load a JWKS document.
+
+        ``strict`` rejects the whole document on the first bad key (naming it);
+        otherwise bad keys are skipped and described in :attr:`problems`.
+        A duplicate ``kid`` is always an error: which of the two was meant?
+        """
+        doc = parse_registry_document(document, source)
+        entries: dict[str, Mapping[str, Any]] = {}
+        records: list[KeyRecord] = []
+        problems: list[str] = []
+        seen: set[str] = set()
+        for index, jwk in enumerate(doc["keys"]):
+            where = f"{source}: keys[{index}]"
+            try:
+                if lazy:
+                    kid = check_jwk(jwk, where)[0]
+                else:
+                    record = parse_jwk(jwk, where)
+                    kid = record.kid
+            except ConfigurationError as exc:
+                if strict:
+                    raise
+                problems.append(exc.detail)
+                continue
+            if kid in seen:
+                raise ConfigurationError(f"{where}: duplicate kid {kid[:64]!r}", reason="invalid_registry")
+            seen.add(kid)
+            if lazy:
+                entries[kid] = jwk
+            else:
+                records.append(record)
+        return cls(records, source=source, _entries=entries, problems=problems)
+
+    def get(self, kid: str) -> KeyRecord | None:
+        """The record for ``kid``, or ``None``."""
+        record = self._records.get(kid)
+        if record is not None:
+            return record
+        if kid in self._entries:
+            return self._materialize(kid)
+        return None
+
+    def _materialize(self, kid: str) -> KeyRecord | None:
+        with self._lock:
+            if kid in self._records:
+                return self._records[kid]
+            record: KeyRecord | None
+            try:
+                record = parse_jwk(self._entries[kid], f"{self.source}: kid {kid[:64]!r}")
+            except ConfigurationError as exc:
+                self.problems.append(exc.detail)
+                record = None
+            self._records[kid] = record
+            return record
+
+    def __contains__(self, kid: object) -> bool:
+        return isinstance(kid, str) and self.get(kid) is not None
+
+    def __len__(self) -> int:
+        return len(self._entries) + sum(
+            1 for r in self._records.values() if r is not None and r.kid not in self._entries
+        )
+
+    def kids(self) -> list[str]:
+        """Every ``kid`` in the set, in document order."""
+        return list(self._entries) + [k for k, r in self._records.items() if r is not None and k not in self._entries]
+
+    def __iter__(self) -> Iterator[KeyRecord]:
+        for kid in self.kids():
+            record = self.get(kid)
+            if record is not None:
+                yield record
+
+    def to_jwks(self) -> dict[str, Any]:
+        """The registry document (public members only)."""
+        return {"keys": [dict(record.jwk) for record in self]}
+
+
+class StaticKeys:
+    """A fixed key registry held in memory.
+
+    >>> from meshauth import SigningKey
+    >>> key = SigningKey.generate()
+    >>> keys = StaticKeys.from_jwks({"keys": [key.public_jwk(iss="orders")]})
+    >>> keys.get_key(key.kid).owner
+    'orders'
+    """
+
+    def __init__(self, records: Iterable[KeyRecord] | KeySet = ()) -> None:
+        self.keyset = records if isinstance(records, KeySet) else KeySet(records, source="static keys")
+
+    @classmethod
+    def from_jwks(cls, document: bytes | str | Mapping[str, Any], *, source: str = "registry") -> StaticKeys:
+        """Load and strictly validate a JWKS document (bytes, text or mapping)."""
+        return cls(KeySet.from_jwks(document, source=source, strict=True))
+
+    def get_key(self, kid: str) -> KeyRecord | None:
+        return self.keyset.get(kid)
+
+    async def aget_key(self, kid: str) -> KeyRecord | None:
+        return self.keyset.get(kid)
+
+    def to_jwks(self) -> dict[str, Any]:
+        return self.keyset.to_jwks()
+
+    def __len__(self) -> int:
+        return len(self.keyset)
+
+    def status(self) -> dict[str, Any]:
+        """Readiness information (always ready)."""
+        return {"source": "static", "keys": len(self.keyset), "last_error": None, "ready": True}
+
+
+class JWKSFile:
+    """A registry read from a JWKS file, reloaded when the file changes.
+
+    The file is checked at most once per ``check_interval`` seconds (a ``stat``
+    call, no read unless it changed). A new version that does not parse or
+    validate is refused: the last good set stays in service and the problem is
+    logged and shown by :meth:`status`. The first load happens in the
+    constructor and raises :class:`~meshauth.ConfigurationError` on failure, so
+    a misconfigured service fails at start-up.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        check_interval: float = 1.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.check_interval = check_interval
+        self.max_bytes = max_bytes
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._signature: tuple[int, int, int] | None = None
+        self.last_error: str | None = None
+        self.loaded_at: float | None = None
+        self._keyset = self._load_current()
+        self._next_check = monotonic() + check_interval
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _load_current(self) -> KeySet:
+        try:
+            signature = self._stat()
+            if signature[1] > self.max_bytes:
+                raise ConfigurationError(
+                    f"{self.path}: registry file is larger than {self.max_bytes} bytes", reason="invalid_registry"
+                )
+            with open(self.path, "rb") as handle:
+                data = handle.read(self.max_bytes + 1)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read registry file {self.path!r}: {exc.strerror}", reason="invalid_registry"
+            ) from None
+        keyset = KeySet.from_jwks(data, source=self.path, strict=True)
+        self._signature = signature
+        self.loaded_at = time.time()
+        return keyset
+
+    def _maybe_reload(self) -> None:
+        with self._lock:
+            now = self._monotonic()
+            if now < self._next_check:
+                return
+            self._next_check = now + self.check_interval
+            try:
+                changed = self._stat() != self._signature
+            except OSError as exc:
+                self._report(f"cannot stat registry file {self.path!r}: {exc.strerror}")
+                return
+            if not changed:
+                return
+            try:
+                self._keyset = self._load_current()
+            except ConfigurationError as exc:
+                self._report(exc.detail)
+                return
+            self.last_error = None
+            logger.info("meshauth registry reloaded from %s (%d keys)", self.path, len(self._keyset))
+
+    def _report(self, message: str) -> None:
+        if message != self.last_error:
+            logger.warning("meshauth registry %s: keeping the last good key set: %s", self.path, message)
+        self.last_error = message
+
+    @property
+    def keyset(self) -> KeySet:
+        """The key set in service (after a reload check)."""
+        if self._monotonic() >= self._next_check:
+            self._maybe_reload()
+        return self._keyset
+
+    def get_key(self, kid: str) -> KeyRecord | None:
+        if self._monotonic() >= self._next_check:
+            self._maybe_reload()
+        return self._keyset.get(kid)
+
+    async def aget_key(self, kid: str) -> KeyRecord | None:
+        return self.get_key(kid)
+
+    def reload(self) -> None:
+        """Check the file now, regardless of ``check_interval``."""
+        self._next_check = self._monotonic()
+        self._maybe_reload()
+
+    def to_jwks(self) -> dict[str, Any]:
+        return self.keyset.to_jwks()
+
+    def status(self) -> dict[str, Any]:
+        """Readiness information: key count, last error, load time."""
+        keyset = self.keyset
+        return {
+            "source": self.path,
+            "keys": len(keyset),
+            "last_error": self.last_error,
+            "loaded_at": self.loaded_at,
+            "ready": True,
+        }
+
+
+def unavailable(source: str, why: str) -> KeysUnavailable:
+    """Build the error a source raises when it has no usable key set at all."""
+    return KeysUnavailable(f"{source}: {why}")

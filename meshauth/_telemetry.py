@@ -1,0 +1,110 @@
+"""OpenTelemetry instruments and the audit log.
+
+Only ``opentelemetry-api`` is imported: without an SDK every span is a cheap
+non-recording span, and attribute work is guarded by ``span.is_recording()``.
+Nothing that reaches a span, a metric or a log record may contain a token, a
+signature or key material: callers pass names, ids and reason codes only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+__all__ = ["AUDIT_LOGGER", "Telemetry", "audit", "span_ids"]
+
+AUDIT_LOGGER = logging.getLogger("meshauth.audit")
+_VERSION = "0.1.0"
+_ERROR = Status(StatusCode.ERROR)
+
+
+class Telemetry:
+    """The tracer and instruments of one meshauth component."""
+
+    __slots__ = ("meter", "tracer", "verify_duration", "verify_outcomes")
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self.tracer = trace.get_tracer("meshauth", _VERSION, tracer_provider=tracer_provider)
+        self.meter = metrics.get_meter("meshauth", _VERSION, meter_provider=meter_provider)
+        self.verify_duration = self.meter.create_histogram(
+            "meshauth.verify.duration", unit="s", description="Time to verify one token"
+        )
+        self.verify_outcomes = self.meter.create_counter(
+            "meshauth.verify.outcomes", unit="{token}", description="Token verification decisions"
+        )
+
+
+def span_ids(span: Span | None = None) -> tuple[str | None, str | None]:
+    """Hex trace and span id of ``span`` (or the current span), if valid."""
+    context = (span if span is not None else trace.get_current_span()).get_span_context()
+    if not context.is_valid:
+        return None, None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
+
+
+def mark_rejected(span: Span, error: BaseException, reason: str, outcome: str = "rejected") -> None:
+    """Record a rejection on a meshauth span: outcome, reason, error.type, status ERROR."""
+    if span.is_recording():
+        span.set_attribute("meshauth.outcome", outcome)
+        span.set_attribute("meshauth.reason", reason)
+        span.set_attribute("error.type", type(error).__name__)
+        span.set_status(_ERROR)
+
+
+def audit(
+    event: str,
+    outcome: str,
+    reason: str,
+    *,
+    span: Span | None = None,
+    level: int = logging.INFO,
+    **fields: Any,
+) -> None:
+    """Emit one audit record on the ``meshauth.audit`` logger.
+
+    The record's ``meshauth`` attribute holds the structured fields (see
+    DESIGN section 6); the message is a one-line human summary.
+    """
+    if not AUDIT_LOGGER.isEnabledFor(level):
+        return
+    trace_id, span_id = span_ids(span)
+    record: dict[str, Any] = {
+        "event": event,
+        "outcome": outcome,
+        "reason": reason,
+        "caller": None,
+        "subject": None,
+        "actors": [],
+        "audience": None,
+        "kid": None,
+        "jti": None,
+        "method": None,
+        "path": None,
+        "client": None,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "time": time.time(),
+    }
+    for key, value in fields.items():
+        record[key] = list(value) if isinstance(value, tuple) else value
+    summary = " ".join(
+        f"{key}={record[key]}" for key in ("caller", "subject", "audience", "method", "path") if record.get(key)
+    )
+    AUDIT_LOGGER.log(level, "%s %s: %s %s", event, outcome, reason, summary, extra={"meshauth": record})
+
+
+def set_attributes(span: Span, attributes: Mapping[str, str | int | bool | Sequence[str] | None]) -> None:
+    """Set the non-``None`` attributes on a recording span."""
+    if span.is_recording():
+        for key, value in attributes.items():
+            if value is not None:
+                span.set_attribute(key, value)
