@@ -34,6 +34,7 @@ from ._exceptions import (
 from ._identity import ServiceIdentity
 from ._keys import KeyRecord, SigningKey
 from ._mutual import ResponseVerifier
+from ._policy import Decision, Policy
 from ._principal import Principal
 from ._registry import JWKSFile, KeySet, KeySource, StaticKeys
 from ._replay import MemoryReplayCache, ReplayCache
@@ -45,6 +46,7 @@ __all__ = [
     "AccessDenied",
     "BadSignature",
     "ConfigurationError",
+    "Decision",
     "InvalidClaim",
     "IssuerMismatch",
     "JWKSFile",
@@ -57,6 +59,7 @@ __all__ = [
     "MemoryReplayCache",
     "MeshAuthError",
     "MissingClaim",
+    "Policy",
     "Principal",
     "ReplayCache",
     "ResponseAuthError",

@@ -93,7 +93,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(obj) != len(pairs):
         seen: set[str] = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _DuplicateMember(dup)
+        raise _DuplicateMember(f"duplicate member name {dup[:40]!r}")
     return obj
 
 

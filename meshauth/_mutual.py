@@ -84,28 +84,46 @@ class ResponseVerifier(Verifier):
                 rejection reason (``bad_signature``, ``expired``, ...).
         """
         if not token:
-            raise ResponseAuthError(f"no {RESPONSE_HEADER} header in the response", reason="missing_response",
-                                    expected=service, actual="nothing")
+            raise ResponseAuthError(
+                f"no {RESPONSE_HEADER} header in the response",
+                reason="missing_response",
+                expected=service,
+                actual="nothing",
+            )
         reset = _EXPECTED.set((service, nonce))
         try:
             return self.verify(token)
         except MeshAuthError as exc:
-            raise ResponseAuthError(f"response could not be authenticated: {exc.detail}", reason=exc.reason,
-                                    expected=exc.expected, actual=exc.actual, kid=exc.kid) from exc
+            raise ResponseAuthError(
+                f"response could not be authenticated: {exc.detail}",
+                reason=exc.reason,
+                expected=exc.expected,
+                actual=exc.actual,
+                kid=exc.kid,
+            ) from exc
         finally:
             _EXPECTED.reset(reset)
 
     async def averify_response(self, token: str | None, *, service: str, nonce: str) -> Principal:
         """Async form of :meth:`verify_response` (for async key sources)."""
         if not token:
-            raise ResponseAuthError(f"no {RESPONSE_HEADER} header in the response", reason="missing_response",
-                                    expected=service, actual="nothing")
+            raise ResponseAuthError(
+                f"no {RESPONSE_HEADER} header in the response",
+                reason="missing_response",
+                expected=service,
+                actual="nothing",
+            )
         reset = _EXPECTED.set((service, nonce))
         try:
             return await self.averify(token)
         except MeshAuthError as exc:
-            raise ResponseAuthError(f"response could not be authenticated: {exc.detail}", reason=exc.reason,
-                                    expected=exc.expected, actual=exc.actual, kid=exc.kid) from exc
+            raise ResponseAuthError(
+                f"response could not be authenticated: {exc.detail}",
+                reason=exc.reason,
+                expected=exc.expected,
+                actual=exc.actual,
+                kid=exc.kid,
+            ) from exc
         finally:
             _EXPECTED.reset(reset)
 
@@ -115,12 +133,19 @@ class ResponseVerifier(Verifier):
             raise InvalidClaim("response tokens are checked with verify_response()", reason="invalid_claim")
         service, nonce = expected
         if claims["iss"] != service or claims["sub"] != service:
-            raise IssuerMismatch("the response was signed by another service", reason="wrong_responder",
-                                 expected=service, actual=str(claims["iss"])[:64])
+            raise IssuerMismatch(
+                "the response was signed by another service",
+                reason="wrong_responder",
+                expected=service,
+                actual=str(claims["iss"])[:64],
+            )
         got = claims.get("nonce")
         if not isinstance(got, str):
-            raise InvalidClaim("the response token has no nonce", expected="string",
-                               actual=type(got).__name__)
+            raise InvalidClaim("the response token has no nonce", expected="string", actual=type(got).__name__)
         if not secrets.compare_digest(got.encode("utf-8", "surrogatepass"), nonce.encode("utf-8", "surrogatepass")):
-            raise InvalidClaim("the response is bound to another request", reason="nonce_mismatch",
-                               expected="the nonce sent with this request", actual="another nonce")
+            raise InvalidClaim(
+                "the response is bound to another request",
+                reason="nonce_mismatch",
+                expected="the nonce sent with this request",
+                actual="another nonce",
+            )

@@ -199,8 +199,12 @@ class Verifier:
 
     # -- public API -------------------------------------------------------------
 
-    def verify(self, token: str) -> Principal:
-        """Verify ``token`` and return who is calling (sync key lookup)."""
+    def verify(self, token: str, *, audit: bool = True) -> Principal:
+        """Verify ``token`` and return who is calling (sync key lookup).
+
+        ``audit=False`` skips this call's audit record, for callers (such as
+        the middleware) that write one record per request themselves.
+        """
         started = perf_counter()
         span = self.telemetry.tracer.start_span(self.span_name)
         try:
@@ -221,11 +225,12 @@ class Verifier:
                     token, header, claims=payload, signing_input=signing_input, signature=signature, record=record
                 )
         except BaseException as exc:
-            raise self._rejected(span, exc, started) from None
-        self._accepted(span, principal, started)
+            error = self._rejected(span, exc, started, audit)
+            raise error from error.__cause__
+        self._accepted(span, principal, started, audit)
         return principal
 
-    async def averify(self, token: str) -> Principal:
+    async def averify(self, token: str, *, audit: bool = True) -> Principal:
         """Verify ``token``, letting an async key source fetch without blocking the loop."""
         started = perf_counter()
         span = self.telemetry.tracer.start_span(self.span_name)
@@ -251,13 +256,14 @@ class Verifier:
                     token, header, claims=payload, signing_input=signing_input, signature=signature, record=record
                 )
         except BaseException as exc:
-            raise self._rejected(span, exc, started) from None
-        self._accepted(span, principal, started)
+            error = self._rejected(span, exc, started, audit)
+            raise error from error.__cause__
+        self._accepted(span, principal, started, audit)
         return principal
 
     # -- telemetry ---------------------------------------------------------------
 
-    def _accepted(self, span: trace.Span, principal: Principal, started: float) -> None:
+    def _accepted(self, span: trace.Span, principal: Principal, started: float, write_audit: bool) -> None:
         telemetry = self.telemetry
         if span.is_recording():
             span.set_attribute("meshauth.outcome", "accepted")
@@ -269,7 +275,7 @@ class Verifier:
         span.end()
         telemetry.verify_duration.record(perf_counter() - started, _ACCEPTED)
         telemetry.verify_outcomes.add(1, _ACCEPTED)
-        if AUDIT_LOGGER.isEnabledFor(logging.INFO):
+        if write_audit and AUDIT_LOGGER.isEnabledFor(logging.INFO):
             audit(
                 "verify",
                 "accepted",
@@ -283,11 +289,11 @@ class Verifier:
                 jti=principal.token_id,
             )
 
-    def _rejected(self, span: trace.Span, exc: BaseException, started: float) -> BaseException:
+    def _rejected(self, span: trace.Span, exc: BaseException, started: float, write_audit: bool) -> MeshAuthError:
         if not isinstance(exc, MeshAuthError):
             if not isinstance(exc, Exception):
                 span.end()
-                return exc  # KeyboardInterrupt, CancelledError: not ours to translate
+                raise exc  # KeyboardInterrupt, CancelledError: not ours to translate
             # A defect or an unforeseen input: fail closed, and say nothing of the token.
             wrapped: MeshAuthError = MalformedToken(f"token could not be processed ({type(exc).__name__})")
             wrapped.__cause__ = exc

@@ -1,0 +1,706 @@
+"""Declarative per-route authorization: which caller may call which route.
+
+A :class:`Policy` is loaded once (from a dict, TOML or JSON), validated and
+compiled at load time, then asked for a :class:`Decision` on every request.
+It is pure Python with no I/O outside :meth:`Policy.from_file`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, NoReturn, TypeVar
+from urllib.parse import unquote_to_bytes
+
+from meshauth._exceptions import AccessDenied, ConfigurationError
+from meshauth._principal import Principal
+
+__all__ = ["Decision", "Policy"]
+
+_DEFAULTS: Final = ("allow", "deny")
+_MODES: Final = ("audit", "enforce")
+_TOP_LEVEL_KEYS: Final = ("default", "delegators", "mode", "rules")
+_RULE_FIELDS: Final = ("callers", "methods", "paths", "scopes", "subjects")
+
+# An HTTP method is an RFC 9110 token; meshauth also wants it upper case
+# because methods are compared exactly ("post" is not "POST").
+_METHOD_TOKEN: Final = re.compile(r"[A-Z0-9!#$%&'*+.^_`|~-]+")
+_ANY_TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+# A '%' not followed by two hex digits: invalid percent-encoding.
+_BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Escapes that would change the path's structure once decoded: an encoded
+# slash or backslash moves segment boundaries, an encoded NUL truncates paths
+# in C-based servers. The app and the policy could then see different routes.
+_STRUCTURAL_ESCAPE: Final = re.compile(r"%(?:2[Ff]|5[Cc]|00)")
+_ESCAPE_NAMES: Final = {"2F": "slash", "5C": "backslash", "00": "NUL"}
+
+_CACHE_SIZE: Final = 1024
+_CACHE_MAX_KEY: Final = 512
+
+_Matcher = Callable[[str], object]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one authorization check.
+
+    ``allowed`` is the effective verdict: in audit mode it is always True and
+    ``would_allow`` keeps what the rules said. ``reason`` is a stable code:
+    ``"allowed"``, ``"default_allow"``, ``"no_matching_rule"``,
+    ``"delegation_not_allowed"`` or ``"invalid_path"``. ``rule`` is the index
+    of the rule that allowed the request, ``path`` the normalized path that was
+    matched (None when the raw path was rejected).
+    """
+
+    allowed: bool
+    would_allow: bool
+    rule: int | None
+    reason: str
+    detail: str
+    mode: str
+    path: str | None
+
+
+class _InvalidPath:
+    """Why a raw path was rejected; cached like a normalized path."""
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Rule:
+    """One compiled rule; a None matcher means the field was absent (matches anything)."""
+
+    callers: _Matcher | None
+    subjects: _Matcher | None
+    methods: frozenset[str] | None
+    paths: _Matcher | None
+    scopes: frozenset[str] | None
+    allowed_detail: str
+
+
+class Policy:
+    """An authorization policy: which callers may call which routes, for whom.
+
+    Rules are tried in order and the first one that matches allows the request;
+    every field a rule has must match, an absent field matches anything. When no
+    rule matches, ``default`` decides (``"deny"`` unless set otherwise).
+
+    - ``callers`` / ``subjects``: shell-style globs (case-sensitive) against
+      :attr:`Principal.caller` / :attr:`Principal.subject`;
+    - ``methods``: exact upper-case HTTP methods, ``"*"`` for any;
+    - ``paths``: globs where ``*``, ``?`` and ``[...]`` never match ``/`` and
+      ``**`` matches anything, ``/`` included;
+    - ``scopes``: all of them must be in :attr:`Principal.scopes`.
+
+    A delegated call (``subject != caller``) is denied with
+    ``"delegation_not_allowed"`` before any rule is tried, whatever ``default``
+    says, unless every service in :attr:`Principal.actors` matches one of the
+    ``delegators`` globs.
+
+    :meth:`decide` takes the *raw*, still percent-encoded request path and
+    normalizes it exactly once, the way the app will route it: the query is
+    dropped, escapes are decoded, then dot-segments are removed (RFC 3986
+    section 5.2.4, also when the dots were encoded). A path that cannot be
+    normalized without guessing is denied with ``"invalid_path"``, even when
+    ``default = "allow"``: one that is empty or relative, has literal non-ASCII
+    characters (a request target is ASCII on the wire), an encoded slash or
+    backslash (``%2F``, ``%5C``), a literal backslash, a NUL (literal or
+    ``%00``), bad percent-encoding, bytes that are not UTF-8 once decoded, or
+    dot-segments that climb above the root (``/a/../../b``). Empty segments
+    (``//``) are kept as they are.
+
+    ``mode = "audit"`` never denies: every decision has ``allowed=True``, while
+    ``would_allow`` and ``reason`` record what enforcement would have done.
+    This includes invalid paths, which are recorded as would-deny but let
+    through, so turning audit on for a new policy cannot break a working app.
+
+    Checks run in this order: path, delegation, rules, default.
+
+    Example::
+
+        policy = Policy.from_dict({
+            "delegators": ["gateway"],
+            "rules": [
+                {"callers": ["orders", "billing-*"], "methods": ["POST"],
+                 "paths": ["/charges", "/charges/*"], "scopes": ["charges:write"]},
+            ],
+        })
+        decision = policy.decide(principal, "POST", "/charges/c_42?expand=1")
+        decision.allowed, decision.rule, decision.path   # (True, 0, "/charges/c_42")
+        policy.check(principal, "DELETE", "/charges")     # raises AccessDenied
+
+    The policy is immutable and safe to share between threads.
+    """
+
+    __slots__ = (
+        "_allow_by_default",
+        "_allowed_by_default",
+        "_allowed_by_rule",
+        "_audit",
+        "_cache",
+        "_default",
+        "_delegator_patterns",
+        "_delegators",
+        "_mode",
+        "_rules",
+        "_source",
+    )
+
+    def __init__(self, document: Mapping[str, Any], *, source: str = "<dict>") -> None:
+        """Validate and compile ``document``; prefer the ``from_*`` constructors."""
+        loaded = _load(document, source)
+        self._source = source
+        self._default: str = loaded.default
+        self._mode: str = loaded.mode
+        self._allow_by_default = loaded.default == "allow"
+        self._audit = loaded.mode == "audit"
+        self._delegator_patterns: tuple[str, ...] = loaded.delegator_patterns
+        # None: no service may delegate at all.
+        self._delegators: _Matcher | None = _compile_names(loaded.delegator_patterns)
+        self._rules: tuple[_Rule, ...] = loaded.rules
+        self._cache: dict[str, str | _InvalidPath] = {}
+        # Decisions are immutable, so allowed ones are reused per (rule, path):
+        # building a frozen dataclass costs more than the whole rule walk.
+        self._allowed_by_rule: tuple[dict[str, Decision], ...] = tuple({} for _ in self._rules)
+        self._allowed_by_default: dict[str, Decision] = {}
+
+    # -- construction ------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any], *, source: str = "<dict>") -> Policy:
+        """Build a policy from a mapping; raise ConfigurationError if it is invalid."""
+        return cls(document, source=source)
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "<string>") -> Policy:
+        """Build a policy from a TOML document (rules as ``[[rules]]`` tables)."""
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            # tomllib's message carries "(at line N, column M)", except for an
+            # error at the very end ("Unclosed array (at end of document)").
+            message = str(exc)
+            if "line" not in message:
+                last_line = text.count("\n") + 1
+                message += f" (the document ends at line {last_line})"
+            _fail(source, "", f"invalid TOML: {message}")
+        return cls(document, source=source)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "<string>") -> Policy:
+        """Build a policy from a JSON document; duplicate keys are rejected."""
+        try:
+            document = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        except json.JSONDecodeError as exc:
+            _fail(source, "", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+        except _DuplicateKeyError as exc:
+            _fail(source, "", f"invalid JSON: duplicate key {exc.key!r}")
+        if not isinstance(document, dict):
+            _fail(source, "", f"expected a JSON object, found {_type_name(document)}")
+        return cls(document, source=source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Policy:
+        """Load a ``.toml`` or ``.json`` policy file, chosen by its suffix."""
+        source = os.fspath(path)
+        suffix = os.path.splitext(source)[1].lower()
+        if suffix not in (".toml", ".json"):
+            _fail(source, "", f"expected a .toml or .json file, found suffix {suffix or 'none'!r}")
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            _fail(source, "", f"cannot read policy file: {exc.strerror or exc}")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(source, "", f"not UTF-8 (byte offset {exc.start})")
+        if suffix == ".toml":
+            return cls.from_toml(text, source=source)
+        return cls.from_json(text, source=source)
+
+    # -- read-only view ----------------------------------------------------
+
+    @property
+    def default(self) -> str:
+        """``"allow"`` or ``"deny"``: the verdict when no rule matches."""
+        return self._default
+
+    @property
+    def mode(self) -> str:
+        """``"enforce"`` or ``"audit"``."""
+        return self._mode
+
+    @property
+    def delegators(self) -> tuple[str, ...]:
+        """The globs of services allowed to call on behalf of someone else."""
+        return self._delegator_patterns
+
+    @property
+    def source(self) -> str:
+        """Where the policy was loaded from, as named in error messages."""
+        return self._source
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def __repr__(self) -> str:
+        return (
+            f"Policy(source={self._source!r}, default={self._default!r}, mode={self._mode!r}, rules={len(self._rules)})"
+        )
+
+    # -- decisions -----------------------------------------------------------
+
+    def decide(self, principal: Principal, method: str, raw_path: str) -> Decision:
+        """Decide whether ``principal`` may call ``method raw_path``; never raises.
+
+        ``raw_path`` is the request target as received, still percent-encoded
+        (ASGI ``raw_path``, the path of WSGI ``REQUEST_URI``); a ``?query`` is
+        ignored.
+        """
+        normalized = self._normalize(raw_path)
+        if isinstance(normalized, _InvalidPath):
+            return self._deny("invalid_path", normalized.detail, None)
+
+        if principal.subject != principal.caller:
+            refused = self._refused_delegation(principal)
+            if refused is not None:
+                return self._deny("delegation_not_allowed", refused, normalized)
+
+        caller = principal.caller
+        subject = principal.subject
+        for index, rule in enumerate(self._rules):
+            # Cheapest and most selective checks first.
+            if rule.methods is not None and method not in rule.methods:
+                continue
+            if rule.callers is not None and not rule.callers(caller):
+                continue
+            if rule.paths is not None and not rule.paths(normalized):
+                continue
+            if rule.subjects is not None and not rule.subjects(subject):
+                continue
+            if rule.scopes is not None and not rule.scopes <= principal.scopes:
+                continue
+            known = self._allowed_by_rule[index]
+            decision = known.get(normalized)
+            if decision is None:
+                decision = Decision(True, True, index, "allowed", rule.allowed_detail, self._mode, normalized)
+                _remember(known, normalized, decision)
+            return decision
+
+        if self._allow_by_default:
+            decision = self._allowed_by_default.get(normalized)
+            if decision is None:
+                decision = Decision(
+                    True,
+                    True,
+                    None,
+                    "default_allow",
+                    "no rule matched; default is allow",
+                    self._mode,
+                    normalized,
+                )
+                _remember(self._allowed_by_default, normalized, decision)
+            return decision
+        detail = (
+            f"no rule allows caller {_clip(caller)}"
+            + (f" for subject {_clip(subject)}" if subject != caller else "")
+            + f" to {_clip(method)} {_clip(normalized)}"
+        )
+        return self._deny("no_matching_rule", detail, normalized)
+
+    def check(self, principal: Principal, method: str, raw_path: str) -> Decision:
+        """Like :meth:`decide`, but raise AccessDenied when the request is not allowed.
+
+        The exception's ``reason`` is the decision's reason code.
+        """
+        decision = self.decide(principal, method, raw_path)
+        if not decision.allowed:
+            raise AccessDenied(decision.detail, reason=decision.reason)
+        return decision
+
+    def _deny(self, reason: str, detail: str, path: str | None) -> Decision:
+        return Decision(self._audit, False, None, reason, detail, self._mode, path)
+
+    def _refused_delegation(self, principal: Principal) -> str | None:
+        """Why a delegated call is refused, or None if every actor may delegate."""
+        delegators = self._delegators
+        if delegators is None:
+            return f"delegated call for subject {_clip(principal.subject)}: no delegators are allowed"
+        if not principal.actors:
+            # A verified token never gets here (sub != iss requires act); refuse
+            # rather than let an empty chain vacuously pass "every actor".
+            return f"delegated call for subject {_clip(principal.subject)} without an actor chain"
+        for actor in principal.actors:
+            if not delegators(actor):
+                return (
+                    f"actor {_clip(actor)} may not call on behalf of {_clip(principal.subject)} "
+                    f"(delegators: {list(self._delegator_patterns)!r})"
+                )
+        return None
+
+    def _normalize(self, raw_path: str) -> str | _InvalidPath:
+        query = raw_path.find("?")
+        if query >= 0:
+            raw_path = raw_path[:query]
+        hit = self._cache.get(raw_path)
+        if hit is not None:
+            return hit
+        result = _normalize_path(raw_path)
+        _remember(self._cache, raw_path, result)
+        return result
+
+
+_V = TypeVar("_V")
+
+
+def _remember(cache: dict[str, _V], key: str, value: _V) -> None:
+    """Store in a small bounded cache; long keys are not kept.
+
+    Long keys are skipped so that a flood of huge unique paths cannot pin
+    megabytes. A full cache is cleared rather than trimmed: that needs no
+    iteration over a dict another thread may be writing to.
+    """
+    if len(key) > _CACHE_MAX_KEY:
+        return
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+
+
+# -- path normalization --------------------------------------------------------
+
+
+def _normalize_path(path: str) -> str | _InvalidPath:
+    """Decode ``path`` once and remove its dot-segments, or say why it is refused."""
+    problem = _raw_path_problem(path)
+    if problem is not None:
+        return _InvalidPath(f"path {_clip(path)} {problem}")
+    if "%" in path:
+        try:
+            decoded = unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            return _InvalidPath(f"path {_clip(path)} is not UTF-8 once decoded")
+    else:
+        decoded = path
+    # Fast path: nothing that could be a dot-segment.
+    if "/." not in decoded:
+        return decoded
+    normalized = _remove_dot_segments(decoded)
+    if normalized is None:
+        return _InvalidPath(f"path {_clip(path)} climbs above the root")
+    return normalized
+
+
+def _raw_path_problem(path: str) -> str | None:
+    """What makes a raw path impossible to normalize without guessing, if anything."""
+    if not path:
+        return "is empty"
+    if path[0] != "/":
+        return "does not start with '/'"
+    if not path.isascii():
+        return "has literal non-ASCII characters (they must be percent-encoded)"
+    if "\\" in path:
+        return "contains a backslash"
+    if "\x00" in path:
+        return "contains a NUL"
+    if "%" in path:
+        if _BAD_PERCENT.search(path):
+            return "has invalid percent-encoding"
+        structural = _STRUCTURAL_ESCAPE.search(path)
+        if structural:
+            return f"contains an encoded {_ESCAPE_NAMES[structural.group()[1:].upper()]}"
+    return None
+
+
+def _remove_dot_segments(path: str) -> str | None:
+    """RFC 3986 section 5.2.4 on a decoded absolute path; None if it climbs above the root.
+
+    Decoding cannot create a new "/" (encoded slashes are refused), so the
+    segments are those of the raw path and "%2e%2e" counts as "..", as the app
+    will see it.
+    """
+    segments = path[1:].split("/")
+    output: list[str] = []
+    for segment in segments:
+        if segment == ".":
+            continue
+        if segment == "..":
+            if not output:
+                return None
+            output.pop()
+            continue
+        output.append(segment)
+    result = "/" + "/".join(output)
+    # "/a/b/." and "/a/b/.." name a directory: keep the trailing slash.
+    if segments[-1] in (".", "..") and output:
+        result += "/"
+    return result
+
+
+# -- loading -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Loaded:
+    default: str
+    mode: str
+    delegator_patterns: tuple[str, ...]
+    rules: tuple[_Rule, ...]
+
+
+def _load(document: Mapping[str, Any], source: str) -> _Loaded:
+    if not isinstance(document, Mapping):
+        _fail(source, "", f"expected a mapping, found {_type_name(document)}")
+    for key in document:
+        if key not in _TOP_LEVEL_KEYS:
+            _fail(
+                source,
+                "",
+                f"unknown key {_clip(key)} (expected one of {', '.join(_TOP_LEVEL_KEYS)})",
+            )
+
+    default = _choice(document.get("default", "deny"), _DEFAULTS, source, "default")
+    mode = _choice(document.get("mode", "enforce"), _MODES, source, "mode")
+
+    delegators: tuple[str, ...] = ()
+    if "delegators" in document:
+        # Unlike a rule field, an empty list is meaningful here: nobody may delegate.
+        delegators = _string_list(document["delegators"], source, "delegators", allow_empty=True)
+
+    raw_rules = document.get("rules", [])
+    if not isinstance(raw_rules, (list, tuple)):
+        _fail(source, "rules", f"expected a list of rules, found {_type_name(raw_rules)}")
+    rules = tuple(_load_rule(raw, source, f"rules[{index}]", index) for index, raw in enumerate(raw_rules))
+    return _Loaded(default, mode, delegators, rules)
+
+
+def _load_rule(raw: object, source: str, where: str, index: int) -> _Rule:
+    if not isinstance(raw, Mapping):
+        _fail(source, where, f"expected a table of rule fields, found {_type_name(raw)}")
+    for key in raw:
+        if key not in _RULE_FIELDS:
+            _fail(
+                source,
+                where,
+                f"unknown field {_clip(key)} (expected one of {', '.join(_RULE_FIELDS)})",
+            )
+
+    callers: _Matcher | None = None
+    subjects: _Matcher | None = None
+    paths: _Matcher | None = None
+    methods: frozenset[str] | None = None
+    scopes: frozenset[str] | None = None
+    if "callers" in raw:
+        callers = _compile_names(_string_list(raw["callers"], source, f"{where}.callers"))
+    if "subjects" in raw:
+        subjects = _compile_names(_string_list(raw["subjects"], source, f"{where}.subjects"))
+    if "methods" in raw:
+        methods = _load_methods(raw["methods"], source, f"{where}.methods")
+    if "paths" in raw:
+        paths = _compile_paths(_string_list(raw["paths"], source, f"{where}.paths"), source, f"{where}.paths")
+    if "scopes" in raw:
+        scope_list = _string_list(raw["scopes"], source, f"{where}.scopes")
+        for scope in scope_list:
+            if " " in scope:
+                _fail(
+                    source,
+                    f"{where}.scopes",
+                    f"expected single scopes without spaces, found {scope!r}",
+                )
+        scopes = frozenset(scope_list)
+    return _Rule(callers, subjects, methods, paths, scopes, f"allowed by rules[{index}]")
+
+
+def _load_methods(value: object, source: str, where: str) -> frozenset[str] | None:
+    methods = _string_list(value, source, where)
+    for method in methods:
+        if method == "*":
+            continue
+        if not _METHOD_TOKEN.fullmatch(method):
+            if _ANY_TOKEN.fullmatch(method):
+                _fail(source, where, f"expected upper-case HTTP methods, found {method!r}")
+            _fail(source, where, f"expected HTTP method names (or '*'), found {method!r}")
+    if "*" in methods:
+        return None
+    return frozenset(methods)
+
+
+def _compile_names(patterns: Sequence[str]) -> _Matcher | None:
+    """Compile service or subject globs into one matcher; None when nothing is listed."""
+    if not patterns:
+        return None
+    if "*" in patterns:
+        return _match_any
+    globs = [p for p in patterns if _has_magic(p)]
+    regex = re.compile("|".join(fnmatch.translate(p) for p in globs)).match if globs else None
+    return _literal_or_glob(frozenset(p for p in patterns if not _has_magic(p)), regex)
+
+
+def _literal_or_glob(literals: frozenset[str], regex: _Matcher | None) -> _Matcher:
+    # Most entries are plain names or paths: a set lookup is several times
+    # cheaper than a regex match, so the regex only sees what the set missed.
+    if regex is None:
+        return literals.__contains__
+    if not literals:
+        return regex
+    contains = literals.__contains__
+
+    def match(value: str) -> bool:
+        return contains(value) or regex(value) is not None
+
+    return match
+
+
+def _match_any(_: str) -> bool:
+    return True
+
+
+def _has_magic(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _compile_paths(patterns: Sequence[str], source: str, where: str) -> _Matcher:
+    for pattern in patterns:
+        problem = _path_pattern_problem(pattern)
+        if problem:
+            _fail(source, where, f"{problem}, found {pattern!r}")
+    parts: list[str] = []
+    for pattern in patterns:
+        if not _has_magic(pattern):
+            continue
+        try:
+            part = _translate_path_glob(pattern)
+            # Compiled alone first so that an error names the pattern at fault.
+            re.compile(part)
+        except (ValueError, re.error) as exc:
+            message = exc.msg if isinstance(exc, re.error) else str(exc)
+            _fail(source, where, f"invalid path pattern: {message}, found {pattern!r}")
+        parts.append(part)
+    # One regex per rule: a single C-level match per request, however many patterns.
+    regex = re.compile("(?s:" + "|".join(parts) + ")").fullmatch if parts else None
+    return _literal_or_glob(frozenset(p for p in patterns if not _has_magic(p)), regex)
+
+
+def _path_pattern_problem(pattern: str) -> str | None:
+    """Reject patterns no normalized path can ever match: they are mistakes."""
+    if not pattern.startswith("/"):
+        return "expected path patterns starting with '/'"
+    if "\\" in pattern or "\x00" in pattern:
+        return "path patterns cannot contain a backslash or NUL (such paths are refused)"
+    if any(segment in (".", "..") for segment in pattern.split("/")):
+        return "path patterns cannot contain '.' or '..' segments (paths are matched without them)"
+    return None
+
+
+def _translate_path_glob(pattern: str) -> str:
+    """Translate a path glob to a regex: ``*``, ``?``, ``[...]`` stop at ``/``; ``**`` does not."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            j = i
+            while j < n and pattern[j] == "*":
+                j += 1
+            out.append(".*" if j - i > 1 else "[^/]*")
+            i = j
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            j = i + 1
+            negate = j < n and pattern[j] in "!^"
+            if negate:
+                j += 1
+            start = j
+            if j < n and pattern[j] == "]":  # a leading "]" is literal, as in fnmatch
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                raise ValueError("unclosed '['")
+            body = pattern[start:j]
+            if "/" in body:
+                raise ValueError("a '[...]' class cannot match '/'")
+            out.append(("[^/" if negate else "[") + _class_body(body) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return "".join(out)
+
+
+def _class_body(body: str) -> str:
+    # Escape every character except the "-" of a range, so that nothing in the
+    # pattern can be read as regex syntax (or trip re's nested-set warnings).
+    out: list[str] = []
+    k, n = 0, len(body)
+    while k < n:
+        if k + 2 < n and body[k + 1] == "-":
+            out.append(re.escape(body[k]) + "-" + re.escape(body[k + 2]))
+            k += 3
+        else:
+            out.append(re.escape(body[k]))
+            k += 1
+    return "".join(out)
+
+
+def _choice(value: object, allowed: tuple[str, ...], source: str, where: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        expected = " or ".join(repr(a) for a in allowed)
+        _fail(source, where, f"expected {expected}, found {_clip(value)}")
+    return value
+
+
+def _string_list(value: object, source: str, where: str, *, allow_empty: bool = False) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        _fail(source, where, f"expected a list of strings, found {_type_name(value)} {_clip(value)}")
+    if not value and not allow_empty:
+        _fail(source, where, "expected a non-empty list (an empty list can never match)")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            _fail(source, where, f"expected non-empty strings, found {_type_name(item)} {_clip(item)}")
+    return tuple(value)
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A policy with two "default" keys is ambiguous; json would keep the last.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def _fail(source: str, where: str, message: str) -> NoReturn:
+    place = f"{source}: {where}: " if where else f"{source}: "
+    raise ConfigurationError(place + message, reason="invalid_policy")
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _clip(value: object, limit: int = 80) -> str:
+    """Render a value for a message, bounded so hostile input cannot bloat logs."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

@@ -1,0 +1,271 @@
+"""Verifier: the happy paths, the verified-token cache, key sources, telemetry and audit.
+
+Hostile inputs live in test_attacks.py and test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+import meshauth
+from meshauth.testing import FakeClock, MemoryKeys, Mesh
+
+
+def test_verify_returns_the_principal(mesh: Mesh, clock: FakeClock) -> None:
+    token = mesh.identity("orders").token_for("payments", scope="charges:write refunds")
+    principal = mesh.verifier("payments").verify(token)
+    assert principal.caller == principal.subject == "orders"
+    assert principal.actors == () and not principal.delegated
+    assert principal.audience == "payments"
+    assert principal.scopes == {"charges:write", "refunds"}
+    assert principal.scope == "charges:write refunds"
+    assert principal.kid == mesh.signing_keys["orders"].kid and principal.alg == "ES256"
+    assert principal.expires_at == int(clock()) + 300
+    assert principal.claims["jti"] == principal.token_id
+    with pytest.raises(TypeError):
+        principal.claims["iss"] = "x"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("alg", ["ES256", "EdDSA"])
+def test_both_algorithms(alg: str, clock: FakeClock) -> None:
+    mesh = Mesh(["orders", "payments"], alg=alg, clock=clock)
+    assert mesh.verifier("payments").verify(mesh.identity("orders").mint("payments")).alg == alg
+
+
+def test_bytes_tokens_are_accepted(mesh: Mesh) -> None:
+    token = mesh.identity("orders").mint("payments")
+    assert mesh.verifier("payments").verify(token.encode()).caller == "orders"  # type: ignore[arg-type]
+
+
+def test_errors_say_what_was_expected_and_found(mesh: Mesh) -> None:
+    token = mesh.identity("orders").mint("payments")
+    with pytest.raises(meshauth.WrongAudience) as info:
+        mesh.verifier("billing").verify(token)
+    error = info.value
+    assert isinstance(error, meshauth.TokenError) and isinstance(error, meshauth.MeshAuthError)
+    assert error.reason == "wrong_audience"
+    assert error.expected == "billing" and error.actual == "payments"
+    assert "expected 'billing', found 'payments'" in str(error)
+    assert error.kid == mesh.signing_keys["orders"].kid
+
+
+def test_leeway_is_bounded() -> None:
+    with pytest.raises(ValueError, match="leeway"):
+        meshauth.Verifier("payments", MemoryKeys(), leeway=301)
+    with pytest.raises(ValueError, match="audience"):
+        meshauth.Verifier("", MemoryKeys())
+
+
+def test_expiry_and_leeway(mesh: Mesh, clock: FakeClock) -> None:
+    token = mesh.identity("orders").mint("payments", ttl=60)
+    verifier = mesh.verifier("payments", leeway=30)
+    verifier.verify(token)
+    clock.advance(60 + 29)
+    assert verifier.verify(token).caller == "orders"  # from the cache, still inside the leeway
+    clock.advance(1)
+    with pytest.raises(meshauth.TokenExpired):
+        verifier.verify(token)
+
+
+def test_token_from_the_future(mesh: Mesh, clock: FakeClock) -> None:
+    future = FakeClock(clock() + 120)  # a signer whose clock runs ahead
+    token = meshauth.ServiceIdentity("orders", mesh.signing_keys["orders"], clock=future).mint("payments")
+    with pytest.raises(meshauth.TokenNotYetValid, match="'iat' lies in the future"):
+        mesh.verifier("payments").verify(token)
+    clock.advance(100)
+    assert mesh.verifier("payments", leeway=30).verify(token).caller == "orders"
+
+
+def test_lifetime_limit(mesh: Mesh) -> None:
+    token = mesh.identity("orders").mint("payments", ttl=901)
+    with pytest.raises(meshauth.LifetimeTooLong) as info:
+        mesh.verifier("payments").verify(token)
+    assert "901 s" in str(info.value)
+    assert mesh.verifier("payments", max_lifetime=1000).verify(token)
+
+
+def test_cached_token_is_dropped_when_its_key_is_revoked(mesh: Mesh) -> None:
+    token = mesh.identity("orders").token_for("payments")
+    verifier = mesh.verifier("payments")
+    assert verifier.verify(token) is verifier.verify(token)  # second answer from the cache
+    mesh.keys.revoke(mesh.signing_keys["orders"].kid)
+    with pytest.raises(meshauth.UnknownKey):
+        verifier.verify(token)
+
+
+def test_cached_token_is_dropped_when_its_key_record_is_replaced(mesh: Mesh) -> None:
+    token = mesh.identity("orders").token_for("payments")
+    verifier = mesh.verifier("payments")
+    verifier.verify(token)
+    key = mesh.signing_keys["orders"]
+    mesh.keys.add_key(key, "billing")  # same kid, now registered to another owner
+    with pytest.raises(meshauth.IssuerMismatch):
+        verifier.verify(token)
+
+
+def test_key_validity_window_ends_cached_and_new_verifications(clock: FakeClock) -> None:
+    keys = MemoryKeys()
+    key = meshauth.SigningKey.generate()
+    keys.add_key(key, "orders", expires=int(clock()) + 100)
+    identity = meshauth.ServiceIdentity("orders", key, clock=clock)
+    verifier = meshauth.Verifier("payments", keys, clock=clock, leeway=0)
+    token = identity.token_for("payments")
+    verifier.verify(token)
+    clock.advance(101)
+    with pytest.raises(meshauth.UnknownKey, match="validity window"):
+        verifier.verify(token)
+
+
+def test_cache_is_bounded(mesh: Mesh) -> None:
+    verifier = mesh.verifier("payments", cache_size=8)
+    orders = mesh.identity("orders")
+    for _ in range(20):
+        verifier.verify(orders.mint("payments"))
+    assert len(verifier._verified) <= 8
+    verifier.clear_cache()
+    assert not verifier._verified
+
+
+def test_cache_can_be_disabled(mesh: Mesh) -> None:
+    verifier = mesh.verifier("payments", cache_size=0)
+    token = mesh.identity("orders").mint("payments")
+    assert verifier.verify(token) is not verifier.verify(token)
+
+
+class FailingKeys:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def get_key(self, kid: str) -> meshauth.KeyRecord | None:
+        raise self.error
+
+    async def aget_key(self, kid: str) -> meshauth.KeyRecord | None:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [meshauth.KeysUnavailable("registry down"), OSError("disk gone")])
+def test_unreadable_registry_is_keys_unavailable_not_a_bad_token(mesh: Mesh, error: Exception) -> None:
+    token = mesh.identity("orders").mint("payments")
+    verifier = meshauth.Verifier("payments", FailingKeys(error), clock=mesh.clock)
+    with pytest.raises(meshauth.KeysUnavailable) as info:
+        verifier.verify(token)
+    assert not isinstance(info.value, meshauth.TokenError)
+    with pytest.raises(meshauth.KeysUnavailable):
+        asyncio.run(verifier.averify(token))
+
+
+def test_averify_uses_the_async_lookup(mesh: Mesh) -> None:
+    class AsyncOnly(MemoryKeys):
+        def get_key(self, kid: str) -> meshauth.KeyRecord | None:
+            raise AssertionError("sync lookup used from averify")
+
+    keys = AsyncOnly()
+    keys.add_key(mesh.signing_keys["orders"], "orders")
+    verifier = meshauth.Verifier("payments", keys, clock=mesh.clock)
+    token = mesh.identity("orders").mint("payments")
+
+    async def twice() -> tuple[meshauth.Principal, meshauth.Principal]:
+        return await verifier.averify(token), await verifier.averify(token)
+
+    first, second = asyncio.run(twice())
+    assert first is second and first.caller == "orders"
+
+
+def test_verify_span_and_metrics(mesh: Mesh, telemetry) -> None:  # type: ignore[no-untyped-def]
+    verifier = meshauth.Verifier(
+        "payments",
+        mesh.keys,
+        clock=mesh.clock,
+        tracer_provider=telemetry.tracer_provider,
+        meter_provider=telemetry.meter_provider,
+    )
+    token = mesh.identity("orders").mint("payments")
+    verifier.verify(token)
+    with pytest.raises(meshauth.WrongAudience):
+        meshauth.Verifier(
+            "billing",
+            mesh.keys,
+            clock=mesh.clock,
+            tracer_provider=telemetry.tracer_provider,
+            meter_provider=telemetry.meter_provider,
+        ).verify(token)
+    accepted, rejected = telemetry.spans("meshauth.verify")
+    assert accepted.attributes["meshauth.outcome"] == "accepted"
+    assert accepted.attributes["meshauth.caller"] == "orders"
+    assert accepted.attributes["meshauth.audience"] == "payments"
+    assert accepted.attributes["meshauth.kid"] == mesh.signing_keys["orders"].kid
+    assert accepted.attributes["meshauth.alg"] == "ES256"
+    assert accepted.status.status_code != StatusCode.ERROR
+    assert rejected.attributes["meshauth.outcome"] == "rejected"
+    assert rejected.attributes["meshauth.reason"] == "wrong_audience"
+    assert rejected.attributes["error.type"] == "WrongAudience"
+    assert rejected.attributes["meshauth.caller"] == "orders"
+    assert rejected.status.status_code == StatusCode.ERROR
+    outcomes = {
+        (p.attributes["meshauth.outcome"], p.attributes["meshauth.reason"]): p.value
+        for p in telemetry.metric_points("meshauth.verify.outcomes")
+    }
+    assert outcomes == {("accepted", "ok"): 1, ("rejected", "wrong_audience"): 1}
+    durations = telemetry.metric_points("meshauth.verify.duration")
+    assert sum(p.count for p in durations) == 2
+    for span in telemetry.spans():
+        for value in span.attributes.values():
+            assert token not in str(value)
+
+
+def test_verify_span_is_a_child_of_the_current_span(mesh: Mesh, telemetry) -> None:  # type: ignore[no-untyped-def]
+    verifier = meshauth.Verifier("payments", mesh.keys, clock=mesh.clock, tracer_provider=telemetry.tracer_provider)
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("server") as server:
+        verifier.verify(mesh.identity("orders").mint("payments"))
+    (verify,) = telemetry.spans("meshauth.verify")
+    assert verify.parent is not None and verify.parent.span_id == server.get_span_context().span_id
+    assert verify.context.trace_id == server.get_span_context().trace_id
+
+
+def test_one_audit_record_per_verify_call(mesh: Mesh, audit_log) -> None:  # type: ignore[no-untyped-def]
+    token = mesh.identity("gateway").mint("payments", subject="alice")
+    verifier = mesh.verifier("payments")
+    verifier.verify(token)
+    verifier.verify(token)
+    with pytest.raises(meshauth.TokenError):
+        verifier.verify(token[:-4] + "AAAA")
+    verifier.verify(token, audit=False)
+    records = audit_log.records()
+    assert [r.meshauth["outcome"] for r in records] == ["accepted", "accepted", "rejected"]  # type: ignore[attr-defined]
+    accepted = records[0].meshauth  # type: ignore[attr-defined]
+    assert accepted["event"] == "verify" and accepted["reason"] == "ok"
+    assert accepted["caller"] == "gateway" and accepted["subject"] == "alice"
+    assert accepted["actors"] == ["gateway"] and accepted["audience"] == "payments"
+    assert accepted["jti"] and accepted["kid"] == mesh.signing_keys["gateway"].kid
+    assert {"method", "path", "client", "trace_id", "span_id", "time"} <= set(accepted)
+    rejected = records[2].meshauth  # type: ignore[attr-defined]
+    assert rejected["reason"] == "bad_signature"
+    signature = token.rsplit(".", 1)[1]
+    for record in records:
+        text = record.getMessage() + repr(record.meshauth)  # type: ignore[attr-defined]
+        assert token not in text and signature not in text and signature[:-4] not in text
+
+
+def test_audit_record_carries_the_trace_id(mesh: Mesh, telemetry, audit_log) -> None:  # type: ignore[no-untyped-def]
+    verifier = meshauth.Verifier("payments", mesh.keys, clock=mesh.clock, tracer_provider=telemetry.tracer_provider)
+    verifier.verify(mesh.identity("orders").mint("payments"))
+    (span,) = telemetry.spans("meshauth.verify")
+    (record,) = audit_log.records()
+    assert record.meshauth["trace_id"] == format(span.context.trace_id, "032x")
+    assert record.meshauth["span_id"] == format(span.context.span_id, "016x")
+
+
+def test_unexpected_internal_errors_fail_closed(mesh: Mesh) -> None:
+    verifier = mesh.verifier("payments")
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("defect")
+
+    verifier._check_claims = explode  # type: ignore[method-assign]
+    with pytest.raises(meshauth.MalformedToken, match="could not be processed") as info:
+        verifier.verify(mesh.identity("orders").mint("payments"))
+    assert isinstance(info.value.__cause__, RuntimeError)
