@@ -31,6 +31,7 @@ from ._exceptions import (
     WrongAudience,
     WrongTokenType,
 )
+from ._httpx import ServiceAuth
 from ._identity import ServiceIdentity
 from ._keys import KeyRecord, SigningKey
 from ._mutual import ResponseVerifier
@@ -64,6 +65,7 @@ __all__ = [
     "ReplayCache",
     "ResponseAuthError",
     "ResponseVerifier",
+    "ServiceAuth",
     "ServiceIdentity",
     "SigningKey",
     "StaticKeys",

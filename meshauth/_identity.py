@@ -74,6 +74,7 @@ class ServiceIdentity:
         self.key = key
         self.ttl = ttl
         self.max_actors = max_actors
+        self.clock = clock
         self._clock = clock
         # Refresh when a quarter of the lifetime (at most a minute) is left, so a
         # token is never sent close to its expiry.
