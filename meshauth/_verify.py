@@ -311,16 +311,17 @@ class Verifier:
         attributes = {"meshauth.outcome": "rejected", "meshauth.reason": reason}
         self.telemetry.verify_duration.record(perf_counter() - started, attributes)
         self.telemetry.verify_outcomes.add(1, attributes)
-        audit(
-            "verify",
-            "rejected",
-            reason,
-            span=span,
-            audience=self.audience,
-            kid=exc.kid[:256] if exc.kid else None,
-            caller=caller,
-            detail=exc.detail,
-        )
+        if write_audit:
+            audit(
+                "verify",
+                "rejected",
+                reason,
+                span=span,
+                audience=self.audience,
+                kid=exc.kid[:256] if exc.kid else None,
+                caller=caller,
+                detail=exc.detail,
+            )
         return exc
 
     # -- the checks ----------------------------------------------------------------

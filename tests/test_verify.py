@@ -234,6 +234,8 @@ def test_one_audit_record_per_verify_call(mesh: Mesh, audit_log) -> None:  # typ
     with pytest.raises(meshauth.TokenError):
         verifier.verify(token[:-4] + "AAAA")
     verifier.verify(token, audit=False)
+    with pytest.raises(meshauth.TokenError):
+        verifier.verify(token[:-4] + "AAAA", audit=False)
     records = audit_log.records()
     assert [r.meshauth["outcome"] for r in records] == ["accepted", "accepted", "rejected"]  # type: ignore[attr-defined]
     accepted = records[0].meshauth  # type: ignore[attr-defined]

@@ -1,0 +1,238 @@
+"""ASGI middleware: authenticate every inbound request before the app sees it.
+
+Pure ASGI (no Starlette or FastAPI import): wrap any ASGI app, or register it
+with ``app.add_middleware(MeshAuthMiddleware, verifier=...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Final
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from ._exceptions import TokenError
+from ._identity import ServiceIdentity
+from ._middleware import (
+    DUPLICATE_AUTHORIZATION,
+    MISSING_CREDENTIALS,
+    PRINCIPAL_KEY,
+    ErrorHook,
+    RequestGuard,
+    asgi_raw_path,
+)
+from ._policy import Decision, Policy
+from ._principal import Principal
+from ._telemetry import AUDIT_LOGGER
+from ._verify import Verifier
+
+__all__ = ["PRINCIPAL_KEY", "MeshAuthMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_RESPONSE_HEADER: Final = b"meshauth-response"
+# Messages that open a response: each gets the response token (mutual auth).
+_RESPONSE_STARTS: Final = frozenset({"http.response.start", "websocket.accept", "websocket.http.response.start"})
+_AUTHENTICATED: Final = frozenset({"http", "websocket"})
+_WS_POLICY_VIOLATION: Final = 1008
+
+
+class MeshAuthMiddleware:
+    """Authenticates (and optionally authorizes) every HTTP and websocket request.
+
+    >>> from meshauth.testing import Mesh
+    >>> async def app(scope, receive, send):
+    ...     principal = scope["meshauth.principal"]
+    ...     await send({"type": "http.response.start", "status": 200, "headers": []})
+    ...     await send({"type": "http.response.body", "body": principal.caller.encode()})
+    >>> mesh = Mesh(["orders", "payments"])
+    >>> app = MeshAuthMiddleware(app, mesh.verifier("payments"), exclude=["/healthz"])
+
+    For each ``http`` or ``websocket`` scope whose ``path`` is not excluded:
+
+    - credentials must be exactly one ``Authorization: Bearer <token68>``
+      header; the token is checked with ``await verifier.averify(token)``.
+      No credentials: ``401`` with ``WWW-Authenticate: Bearer realm="<audience>"``;
+      anything wrong with the header or the token: ``401`` with
+      ``error="invalid_token", error_description="<reason>"``; an unreadable
+      registry: ``503`` with ``Retry-After``;
+    - with ``policy``, :meth:`Policy.decide` runs on the raw path (``raw_path``,
+      else ``path`` re-encoded) in a ``meshauth.authorize`` span; a denial is a
+      ``403`` (with ``error="insufficient_scope"`` when only scopes were missing);
+    - the :class:`~meshauth.Principal` is published as
+      ``scope["meshauth.principal"]`` and the app is called. The app is never
+      called for a refused request.
+
+    Bodies are ``{"error": ..., "reason": ...}`` JSON and never echo the token;
+    ``on_error(exc)`` may return ``(status, headers, body)`` to replace one.
+    One ``meshauth.audit`` record (event ``request``) is written per request.
+
+    With ``identity``, a request that carried a valid ``Meshauth-Nonce``
+    gets a ``Meshauth-Response`` token on every response (the app's, whatever
+    its status, and a policy ``403``), never on a ``401``/``503``; an invalid
+    nonce is a ``400``. A refused websocket is closed before ``accept`` with
+    code 1008, or answered with the HTTP reply when the server offers the
+    ``websocket.http.response`` extension. Other scopes (``lifespan``) pass
+    through untouched. Header names are matched in lower case, as ASGI
+    servers deliver them.
+    """
+
+    __slots__ = ("_exclude", "_guard", "_identity", "_policy", "_verifier", "app")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        verifier: Verifier,
+        *,
+        policy: Policy | None = None,
+        exclude: Iterable[str] = (),
+        identity: ServiceIdentity | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        on_error: ErrorHook | None = None,
+        retry_after: int = 5,
+    ) -> None:
+        self.app = app
+        self._guard = RequestGuard(
+            verifier,
+            policy=policy,
+            exclude=exclude,
+            identity=identity,
+            tracer_provider=tracer_provider,
+            on_error=on_error,
+            retry_after=retry_after,
+        )
+        self._verifier = verifier
+        self._policy = policy
+        self._identity = identity
+        self._exclude = self._guard.has_exclusions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type not in _AUTHENTICATED or (self._exclude and self._guard.excluded(scope["path"])):
+            await self.app(scope, receive, send)
+            return
+
+        # One pass over the headers, for both headers meshauth reads.
+        authorization: bytes | None = None
+        repeated = False
+        nonce_value: bytes | None = None
+        nonce_repeated = False
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value
+                else:
+                    repeated = True
+            elif name == b"meshauth-nonce":
+                if nonce_value is None:
+                    nonce_value = value
+                else:
+                    nonce_repeated = True
+
+        guard = self._guard
+        principal: Principal | None = None
+        nonce: str | None = None
+        try:
+            if authorization is None:
+                raise TokenError("the request has no bearer credentials", reason=MISSING_CREDENTIALS)
+            if repeated:
+                raise TokenError("more than one Authorization header", reason=DUPLICATE_AUTHORIZATION, expected=1)
+            principal = await self._verifier.averify(guard.bearer(authorization), audit=False)
+            if nonce_value is not None and self._identity is not None:
+                nonce = guard.nonce(nonce_value, repeated=nonce_repeated)
+        except Exception as exc:
+            await self._refuse(scope, receive, send, exc, principal=principal)
+            return
+
+        decision: Decision | None = None
+        span: Span | None = None
+        policy = self._policy
+        if policy is not None:
+            decision, denied, span = guard.authorize(
+                policy, principal, scope.get("method", "GET"), asgi_raw_path(scope)
+            )
+            if denied is not None:
+                await self._refuse(scope, receive, send, denied, principal=principal, span=span, nonce=nonce)
+                return
+
+        # A copy, as the ASGI spec asks of middleware: the server's scope stays as it was.
+        scope = {**scope, PRINCIPAL_KEY: principal}
+        if AUDIT_LOGGER.isEnabledFor(logging.INFO):
+            guard.audit_accepted(
+                principal,
+                decision,
+                span,
+                method=scope.get("method", "GET"),
+                path=asgi_raw_path(scope),
+                client=_client(scope),
+            )
+        if nonce is not None:
+            send = self._proving(send, principal.caller, nonce)
+        await self.app(scope, receive, send)
+
+    def _proving(self, send: Send, caller: str, nonce: str) -> Send:
+        """Wrap ``send`` so that every response start carries a response token for ``caller``."""
+        identity = self._identity
+        assert identity is not None
+
+        async def send_with_proof(message: Message) -> None:
+            if message["type"] in _RESPONSE_STARTS:
+                headers = list(message.get("headers", ()))
+                headers.append((_RESPONSE_HEADER, identity.mint_response(caller, nonce).encode("ascii")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return send_with_proof
+
+    async def _refuse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exc: Exception,
+        *,
+        principal: Principal | None,
+        span: Span | None = None,
+        nonce: str | None = None,
+    ) -> None:
+        guard = self._guard
+        reply = guard.reply(exc)
+        guard.audit_refused(
+            exc,
+            reply,
+            principal=principal,
+            span=span,
+            method=scope.get("method", "GET"),
+            path=asgi_raw_path(scope),
+            client=_client(scope),
+        )
+        headers = reply.asgi_headers()
+        if nonce is not None and principal is not None and self._identity is not None:
+            # Authenticated but refused by policy: the caller may still check who answered.
+            headers.append((_RESPONSE_HEADER, self._identity.mint_response(principal.caller, nonce).encode("ascii")))
+        if scope["type"] == "websocket":
+            message = await receive()
+            if message.get("type") != "websocket.connect":
+                return  # the client already left
+            if "websocket.http.response" in (scope.get("extensions") or {}):
+                await send({"type": "websocket.http.response.start", "status": reply.status, "headers": headers})
+                await send({"type": "websocket.http.response.body", "body": reply.body})
+            else:
+                reason = getattr(exc, "reason", "internal_error")
+                await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION, "reason": reason})
+            return
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+
+def _client(scope: Scope) -> str | None:
+    client = scope.get("client")
+    if client:
+        return str(client[0])
+    return None

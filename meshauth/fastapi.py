@@ -1,0 +1,71 @@
+"""FastAPI helpers: the authenticated :class:`~meshauth.Principal` as a dependency.
+
+Authentication itself is done by :class:`meshauth.asgi.MeshAuthMiddleware`
+(``app.add_middleware(MeshAuthMiddleware, verifier=...)``); these dependencies
+read what it published and add per-route checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated
+
+from fastapi import Depends, HTTPException
+from fastapi.requests import HTTPConnection
+
+from ._middleware import PRINCIPAL_KEY, Requirement
+from ._principal import Principal
+
+__all__ = ["CurrentPrincipal", "RequirePrincipal", "get_principal"]
+
+
+class RequirePrincipal:
+    """A dependency returning the request's :class:`~meshauth.Principal`, or refusing it.
+
+    >>> from fastapi import Depends, FastAPI
+    >>> app = FastAPI()
+    >>> @app.post("/charges")
+    ... def charge(principal: Principal = Depends(RequirePrincipal(callers=["orders"], scopes=["charges:write"]))):
+    ...     return {"caller": principal.caller}
+
+    Raises ``HTTPException`` 401 (``WWW-Authenticate: Bearer``) when the
+    middleware published no principal (it is not installed, or the path is
+    excluded), 403 when the caller matches none of the ``callers`` globs, and
+    403 with ``error="insufficient_scope"`` when a scope is missing. The body is
+    FastAPI's ``{"detail": {"error": ..., "reason": ...}}``. ``realm`` names the
+    service in ``WWW-Authenticate``.
+    """
+
+    __slots__ = ("realm", "requirement")
+
+    def __init__(
+        self,
+        callers: Iterable[str] | None = None,
+        scopes: Iterable[str] | None = None,
+        *,
+        realm: str | None = None,
+    ) -> None:
+        self.requirement = Requirement.build(callers, scopes)
+        self.realm = realm
+
+    def __call__(self, connection: HTTPConnection) -> Principal:
+        principal = connection.scope.get(PRINCIPAL_KEY)
+        refusal = self.requirement.refusal(principal, self.realm)
+        if refusal is not None:
+            headers = {"WWW-Authenticate": refusal.www_authenticate} if refusal.www_authenticate else None
+            raise HTTPException(refusal.status, detail=refusal.body, headers=headers)
+        assert isinstance(principal, Principal)
+        return principal
+
+    def __repr__(self) -> str:
+        return f"RequirePrincipal(callers={self.requirement.callers!r}, scopes={sorted(self.requirement.scopes)!r})"
+
+
+def get_principal(connection: HTTPConnection) -> Principal | None:
+    """A dependency returning the principal, or None on an excluded path (never refuses)."""
+    principal = connection.scope.get(PRINCIPAL_KEY)
+    return principal if isinstance(principal, Principal) else None
+
+
+CurrentPrincipal = Annotated[Principal, Depends(RequirePrincipal())]
+"""Shorthand: ``def handler(principal: CurrentPrincipal)`` requires an authenticated caller."""

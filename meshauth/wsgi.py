@@ -1,0 +1,183 @@
+"""WSGI middleware: authenticate every inbound request before the app sees it (PEP 3333)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from ._exceptions import TokenError
+from ._identity import ServiceIdentity
+from ._middleware import MISSING_CREDENTIALS, PRINCIPAL_KEY, ErrorHook, RequestGuard, wsgi_raw_path
+from ._policy import Decision, Policy
+from ._principal import Principal
+from ._telemetry import AUDIT_LOGGER
+from ._verify import Verifier
+
+__all__ = ["PRINCIPAL_KEY", "MeshAuthMiddleware"]
+
+_RESPONSE_HEADER: Final = "Meshauth-Response"
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+
+
+class MeshAuthMiddleware:
+    """Authenticates (and optionally authorizes) every request of a WSGI app.
+
+    >>> from meshauth.testing import Mesh
+    >>> def app(environ, start_response):
+    ...     start_response("200 OK", [("Content-Type", "text/plain")])
+    ...     return [environ["meshauth.principal"].caller.encode()]
+    >>> mesh = Mesh(["orders", "payments"])
+    >>> app = MeshAuthMiddleware(app, mesh.verifier("payments"), exclude=["/healthz"])
+
+    The same rules, statuses, headers and bodies as
+    :class:`meshauth.asgi.MeshAuthMiddleware`, with ``verifier.verify`` and
+    ``environ["meshauth.principal"]``. ``exclude`` is matched against
+    ``PATH_INFO``; the policy sees the path of ``REQUEST_URI`` when the server
+    sets it, else ``SCRIPT_NAME + PATH_INFO`` re-encoded. WSGI servers join a
+    repeated header with commas, so an ``Authorization`` value holding a comma
+    counts as repeated (``duplicate_authorization``); so does a
+    ``Meshauth-Nonce`` holding one.
+
+    With ``identity``, ``start_response`` is wrapped to add the
+    ``Meshauth-Response`` header to whatever the app sends (also when it
+    calls ``start_response`` again with ``exc_info``); the app's iterable is
+    returned as is, so its ``close()`` reaches the server untouched.
+
+    .. note::
+       Some servers (Apache mod_wsgi) drop the ``Authorization`` header unless
+       told to pass it on (``WSGIPassAuthorization On``).
+    """
+
+    __slots__ = ("_exclude", "_guard", "_identity", "_policy", "_verifier", "app")
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        verifier: Verifier,
+        *,
+        policy: Policy | None = None,
+        exclude: Iterable[str] = (),
+        identity: ServiceIdentity | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        on_error: ErrorHook | None = None,
+        retry_after: int = 5,
+    ) -> None:
+        self.app = app
+        self._guard = RequestGuard(
+            verifier,
+            policy=policy,
+            exclude=exclude,
+            identity=identity,
+            tracer_provider=tracer_provider,
+            on_error=on_error,
+            retry_after=retry_after,
+        )
+        self._verifier = verifier
+        self._policy = policy
+        self._identity = identity
+        self._exclude = self._guard.has_exclusions
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        guard = self._guard
+        if self._exclude and guard.excluded(environ.get("PATH_INFO") or "/"):
+            return self.app(environ, start_response)
+
+        authorization = environ.get("HTTP_AUTHORIZATION")
+        nonce_value = environ.get("HTTP_MESHAUTH_NONCE")
+        method = environ.get("REQUEST_METHOD") or "GET"
+        principal: Principal | None = None
+        nonce: str | None = None
+        try:
+            if authorization is None:
+                raise TokenError("the request has no bearer credentials", reason=MISSING_CREDENTIALS)
+            # PEP 3333: header values are latin-1 "bytes as str"; encoding recovers the bytes.
+            token = guard.bearer(_latin1(authorization), folded=True)
+            principal = self._verifier.verify(token, audit=False)
+            if nonce_value is not None and self._identity is not None:
+                raw_nonce = _latin1(nonce_value)
+                nonce = guard.nonce(raw_nonce, repeated=b"," in raw_nonce)
+        except Exception as exc:
+            return self._refuse(environ, start_response, exc, principal=principal)
+
+        decision: Decision | None = None
+        span: Span | None = None
+        policy = self._policy
+        if policy is not None:
+            decision, denied, span = guard.authorize(policy, principal, method, wsgi_raw_path(environ))
+            if denied is not None:
+                return self._refuse(environ, start_response, denied, principal=principal, span=span, nonce=nonce)
+
+        environ[PRINCIPAL_KEY] = principal
+        if AUDIT_LOGGER.isEnabledFor(logging.INFO):
+            guard.audit_accepted(
+                principal, decision, span, method=method, path=wsgi_raw_path(environ), client=_client(environ)
+            )
+        if nonce is not None:
+            start_response = self._proving(start_response, principal.caller, nonce)
+        return self.app(environ, start_response)
+
+    def _proving(self, start_response: StartResponse, caller: str, nonce: str) -> StartResponse:
+        """Wrap ``start_response`` so that the response carries a response token for ``caller``."""
+        identity = self._identity
+        assert identity is not None
+
+        def start_with_proof(
+            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
+        ) -> Callable[[bytes], object]:
+            # A new list: the app may reuse its own between requests.
+            proven = [*headers, (_RESPONSE_HEADER, identity.mint_response(caller, nonce))]
+            if exc_info is None:
+                return start_response(status, proven)
+            return start_response(status, proven, exc_info)
+
+        return start_with_proof
+
+    def _refuse(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        exc: Exception,
+        *,
+        principal: Principal | None,
+        span: Span | None = None,
+        nonce: str | None = None,
+    ) -> list[bytes]:
+        guard = self._guard
+        reply = guard.reply(exc)
+        guard.audit_refused(
+            exc,
+            reply,
+            principal=principal,
+            span=span,
+            method=environ.get("REQUEST_METHOD") or "GET",
+            path=wsgi_raw_path(environ),
+            client=_client(environ),
+        )
+        headers = list(reply.headers)
+        if nonce is not None and principal is not None and self._identity is not None:
+            # Authenticated but refused by policy: the caller may still check who answered.
+            headers.append((_RESPONSE_HEADER, self._identity.mint_response(principal.caller, nonce)))
+        start_response(reply.status_line, headers)
+        return [reply.body]
+
+
+def _latin1(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    # Characters outside latin-1 are not PEP 3333 form; as UTF-8 they stay non-ASCII and are refused.
+    text = str(value)
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+def _client(environ: WSGIEnvironment) -> str | None:
+    client = environ.get("REMOTE_ADDR")
+    return client if isinstance(client, str) and client else None
