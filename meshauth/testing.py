@@ -16,6 +16,7 @@ meshauth._exceptions.TokenExpired: expired: the token has expired ...
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,7 +25,7 @@ from ._keys import KeyRecord, SigningKey
 from ._registry import KeySet
 from ._verify import Verifier
 
-__all__ = ["FakeClock", "MemoryKeys", "Mesh", "ephemeral_key"]
+__all__ = ["FakeClock", "LoopbackServer", "MemoryKeys", "Mesh", "ephemeral_key"]
 
 DEFAULT_START = 1_800_000_000.0
 
@@ -124,3 +125,49 @@ class Mesh:
         if name not in self._verifiers:
             self._verifiers[name] = Verifier(name, self.keys, clock=self.clock)
         return self._verifiers[name]
+
+
+class LoopbackServer:
+    """Runs an ASGI app under uvicorn in a background thread on ``127.0.0.1`` (a free port).
+
+    Needs ``uvicorn`` (the ``gateway`` or ``demo`` extra). Use it as a context
+    manager; ``url`` is the base URL once started::
+
+        with LoopbackServer(app) as server:
+            httpx.get(server.url + "/healthz")
+    """
+
+    def __init__(self, app: Any, *, startup_timeout: float = 10.0) -> None:
+        import uvicorn  # noqa: PLC0415 - optional dependency, needed only by this helper
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="auto", ws="none")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="meshauth-loopback", daemon=True)
+        self._timeout = startup_timeout
+        self.url = ""
+
+    def start(self) -> str:
+        """Start serving; returns the base URL (``http://127.0.0.1:<port>``)."""
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the loopback server did not start")
+            time.sleep(0.01)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    def stop(self) -> None:
+        """Stop serving and wait for the thread to end."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._timeout)
+
+    def __enter__(self) -> LoopbackServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from meshauth.testing import FakeClock, Mesh
+from meshauth.testing import FakeClock, LoopbackServer, Mesh
 
 
 @pytest.fixture
@@ -74,3 +74,18 @@ class AuditCapture:
 def audit_log(caplog: pytest.LogCaptureFixture) -> AuditCapture:
     caplog.set_level(logging.INFO, logger="meshauth.audit")
     return AuditCapture(caplog)
+
+
+@pytest.fixture
+def serve_asgi() -> Iterator[Callable[[object], str]]:
+    """Start ASGI apps on 127.0.0.1:<free port>; returns the base URL; all stopped at teardown."""
+    servers: list[LoopbackServer] = []
+
+    def start(app: object) -> str:
+        server = LoopbackServer(app)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
