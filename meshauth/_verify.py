@@ -110,7 +110,7 @@ def parse_actor_chain(act: Any, issuer: str, max_actors: int) -> tuple[str, ...]
     """
     actors: list[str] = []
     node = act
-    while node is not None:
+    while True:
         if not isinstance(node, dict):
             raise InvalidClaim("'act' must be an object", expected="object", actual=type(node).__name__)
         name = node.get("sub")
@@ -123,10 +123,33 @@ def parse_actor_chain(act: Any, issuer: str, max_actors: int) -> tuple[str, ...]
         actors.append(name)
         if len(actors) > max_actors:
             raise InvalidClaim("the actor chain is too long", expected=f"<= {max_actors} actors", actual=">")
-        node = node.get("act")
+        if "act" not in node:
+            break
+        node = node["act"]  # present: must be another actor object, not null
     if actors[0] != issuer:
         raise IssuerMismatch("the outermost actor is not the issuer", expected=issuer, actual=actors[0])
     return tuple(actors)
+
+
+def _freeze(value: Any) -> Any:
+    if type(value) is dict:
+        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
+    if type(value) is list:
+        return tuple(_freeze(item) for item in value)
+    return value
+
+
+def _frozen_claims(claims: dict[str, Any]) -> Mapping[str, Any]:
+    """A read-only view of the claims, nested objects and arrays included.
+
+    A verified Principal is shared through the verified-token cache, so one
+    request must not be able to change what the next one sees. Nested objects
+    become read-only mappings and arrays become tuples.
+    """
+    for value in claims.values():
+        if type(value) is dict or type(value) is list:
+            return _freeze(claims)  # type: ignore[no-any-return]
+    return MappingProxyType(claims)
 
 
 class Verifier:
@@ -208,19 +231,21 @@ class Verifier:
         started = perf_counter()
         span = self.telemetry.tracer.start_span(self.span_name)
         try:
+            if type(token) is not str:
+                token = self._coerce(token)
             # Fast path: this exact token verified before, is still inside its
             # time window and its key record is still the registry's.
             entry = self._verified.get(token)
             if (
                 entry is not None
-                and self.clock() < entry[1]
-                and self.keys.get_key(entry[0].kid) is entry[2]
                 and self.replay_cache is None
+                and self.clock() < entry[1]
+                and self._key_for(entry[0].kid) is entry[2]
             ):
                 principal = entry[0]
             else:
                 header, payload, signing_input, signature = self._parse(token)
-                record = self._lookup(header, self.keys.get_key)
+                record = self._lookup(header, self._key_for(header[1]))
                 principal = self._finish(
                     token, header, claims=payload, signing_input=signing_input, signature=signature, record=record
                 )
@@ -235,23 +260,19 @@ class Verifier:
         started = perf_counter()
         span = self.telemetry.tracer.start_span(self.span_name)
         try:
+            if type(token) is not str:
+                token = self._coerce(token)
             entry = self._verified.get(token)
             if (
                 entry is not None
-                and self.clock() < entry[1]
-                and await self.keys.aget_key(entry[0].kid) is entry[2]
                 and self.replay_cache is None
+                and self.clock() < entry[1]
+                and await self._akey_for(entry[0].kid) is entry[2]
             ):
                 principal = entry[0]
             else:
                 header, payload, signing_input, signature = self._parse(token)
-                try:
-                    found = await self.keys.aget_key(header[1])
-                except MeshAuthError:
-                    raise
-                except Exception as exc:
-                    raise KeysUnavailable(f"key source failed: {type(exc).__name__}") from exc
-                record = self._lookup(header, lambda _kid: found)
+                record = self._lookup(header, await self._akey_for(header[1]))
                 principal = self._finish(
                     token, header, claims=payload, signing_input=signing_input, signature=signature, record=record
                 )
@@ -260,6 +281,36 @@ class Verifier:
             raise error from error.__cause__
         self._accepted(span, principal, started, audit)
         return principal
+
+    def _key_for(self, kid: str) -> KeyRecord | None:
+        """The registry's record for ``kid``; a failing source is an outage, not a bad token."""
+        try:
+            return self.keys.get_key(kid)
+        except MeshAuthError:
+            raise
+        except Exception as exc:
+            raise KeysUnavailable(f"key source failed: {type(exc).__name__}") from exc
+
+    async def _akey_for(self, kid: str) -> KeyRecord | None:
+        try:
+            return await self.keys.aget_key(kid)
+        except MeshAuthError:
+            raise
+        except Exception as exc:
+            raise KeysUnavailable(f"key source failed: {type(exc).__name__}") from exc
+
+    def _coerce(self, token: object) -> str:
+        """Accept bytes-like tokens as ASCII text; anything else is malformed."""
+        if isinstance(token, bytes | bytearray):
+            if len(token) > self.max_token_bytes:
+                raise TokenTooLarge(
+                    "token exceeds the size limit", expected=f"<= {self.max_token_bytes} bytes", actual=len(token)
+                )
+            try:
+                return bytes(token).decode("ascii")
+            except UnicodeDecodeError:
+                raise MalformedToken("token is not ASCII") from None
+        raise MalformedToken("token must be a string", expected="str", actual=type(token).__name__)
 
     # -- telemetry ---------------------------------------------------------------
 
@@ -298,6 +349,10 @@ class Verifier:
             wrapped: MeshAuthError = MalformedToken(f"token could not be processed ({type(exc).__name__})")
             wrapped.__cause__ = exc
             exc = wrapped
+        if exc.__cause__ is None:
+            # The suppressed context (a JSONDecodeError, a UnicodeDecodeError)
+            # holds the decoded token: do not let it travel with the error.
+            exc.__context__ = None
         reason = exc.reason
         mark_rejected(span, exc, reason)
         caller = getattr(exc, "caller", None)
@@ -327,18 +382,6 @@ class Verifier:
     # -- the checks ----------------------------------------------------------------
 
     def _parse(self, token: str) -> tuple[tuple[str, str], dict[str, Any], bytes, bytes]:
-        if type(token) is not str:
-            if isinstance(token, bytes | bytearray):
-                if len(token) > self.max_token_bytes:
-                    raise TokenTooLarge(
-                        "token exceeds the size limit", expected=f"<= {self.max_token_bytes} bytes", actual=len(token)
-                    )
-                try:
-                    token = bytes(token).decode("ascii")
-                except UnicodeDecodeError:
-                    raise MalformedToken("token is not ASCII") from None
-            else:
-                raise MalformedToken("token must be a string", expected="str", actual=type(token).__name__)
         if len(token) > self.max_token_bytes:
             raise TokenTooLarge(
                 "token exceeds the size limit", expected=f"<= {self.max_token_bytes} bytes", actual=len(token)
@@ -394,14 +437,8 @@ class Verifier:
         self._headers[header_b64] = (alg, kid)
         return alg, kid
 
-    def _lookup(self, header: tuple[str, str], get_key: Callable[[str], KeyRecord | None]) -> KeyRecord:
+    def _lookup(self, header: tuple[str, str], record: KeyRecord | None) -> KeyRecord:
         alg, kid = header
-        try:
-            record = get_key(kid)
-        except MeshAuthError:
-            raise
-        except Exception as exc:
-            raise KeysUnavailable(f"key source failed: {type(exc).__name__}") from exc
         if record is None:
             raise UnknownKey("no key with this kid in the registry", actual=kid[:64], kid=kid)
         if not record.valid_at(self.clock(), self.leeway):
@@ -467,7 +504,7 @@ class Verifier:
             _numeric_date(claims, "exp")
         nbf = _numeric_date(claims, "nbf") if "nbf" in claims else None
         scope = claims.get("scope")
-        if scope is not None and not isinstance(scope, str):
+        if "scope" in claims and not isinstance(scope, str):
             raise InvalidClaim(
                 "'scope' must be a space-separated string", expected="string", actual=type(scope).__name__
             )
@@ -525,7 +562,7 @@ class Verifier:
             expires_at=exp,
             kid=record.kid,
             alg=record.alg,
-            claims=MappingProxyType(claims),
+            claims=_frozen_claims(claims),
         )
         return principal, usable_until
 
@@ -535,7 +572,12 @@ class Verifier:
     def _check_replay(self, principal: Principal) -> None:
         assert self.replay_cache is not None
         key = f"{principal.caller}\x00{principal.token_id}"
-        if not self.replay_cache.add(key, principal.expires_at + self.leeway):
+        try:
+            first_use = self.replay_cache.add(key, principal.expires_at + self.leeway)
+        except Exception as exc:
+            # Cannot tell whether the token was used before: refuse, as an outage.
+            raise KeysUnavailable(f"replay cache failed: {type(exc).__name__}") from exc
+        if not first_use:
             error = TokenReplayed("this token id was already used", actual=principal.token_id[:64], kid=principal.kid)
             error.caller = principal.caller  # type: ignore[attr-defined]
             raise error

@@ -63,3 +63,13 @@ def test_replay_key_includes_the_issuer(mesh: Mesh) -> None:
     verifier.verify(mesh.identity("billing").mint("payments"))
     assert len(cache) == 2
     assert all(key.split("\x00")[0] in {"orders", "billing"} for key in cache._seen)
+
+
+def test_a_failing_replay_store_is_an_outage_not_a_bad_token(mesh: Mesh) -> None:
+    class Down:
+        def add(self, key: str, expires_at: float) -> bool:
+            raise ConnectionError("store unreachable")
+
+    verifier = mesh.verifier("payments", replay_cache=Down())
+    with pytest.raises(meshauth.KeysUnavailable, match="replay cache failed"):
+        verifier.verify(mesh.identity("orders").mint("payments"))
