@@ -23,7 +23,7 @@ import http
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -233,26 +233,6 @@ def asgi_raw_path(scope: Mapping[str, Any]) -> str:
     return quote(text.encode("utf-8", "surrogateescape"), safe=_PATH_SAFE) or "/"
 
 
-class _EveryScope(frozenset[str]):
-    """A scope set that holds every scope: asks the policy "would more scopes help?"."""
-
-    __slots__ = ()
-
-    # ``rule_scopes <= principal.scopes`` dispatches to the subclass's reflected
-    # ``__ge__`` first, so this set satisfies any rule's scope requirement.
-    def __ge__(self, other: Set[object]) -> bool:
-        return True
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-    def issuperset(self, other: Iterable[object]) -> bool:
-        return True
-
-
-_EVERY_SCOPE: Final = _EveryScope()
-
-
 def _compile_exclude(patterns: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
     exact: set[str] = set()
     prefixes: list[str] = []
@@ -379,10 +359,7 @@ class RequestGuard:
         decision = policy.decide(principal, method, raw_path)
         denied: AccessDenied | None = None
         if not decision.allowed:
-            reason = decision.reason
-            if reason == "no_matching_rule" and self._scopes_would_allow(policy, principal, method, raw_path):
-                reason = INSUFFICIENT_SCOPE
-            denied = AccessDenied(decision.detail, reason=reason)
+            denied = AccessDenied(decision.detail, reason=decision.reason)
         if span.is_recording():
             span.set_attribute("meshauth.caller", principal.caller)
             span.set_attribute("meshauth.subject", principal.subject)
@@ -396,14 +373,6 @@ class RequestGuard:
             mark_rejected(span, denied, denied.reason, outcome="denied")
         span.end()
         return decision, denied, span
-
-    @staticmethod
-    def _scopes_would_allow(policy: Policy, principal: Principal, method: str, raw_path: str) -> bool:
-        # The policy reports "no_matching_rule" whatever the cause; asking again
-        # with every scope granted tells a scope shortfall (RFC 6750
-        # insufficient_scope) from a plain refusal.
-        hypothetical = dataclasses.replace(principal, scopes=_EVERY_SCOPE)
-        return policy.decide(hypothetical, method, raw_path).reason == "allowed"
 
     # -- replies -------------------------------------------------------------------
 

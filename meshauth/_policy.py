@@ -52,6 +52,7 @@ class Decision:
     ``allowed`` is the effective verdict: in audit mode it is always True and
     ``would_allow`` keeps what the rules said. ``reason`` is a stable code:
     ``"allowed"``, ``"default_allow"``, ``"no_matching_rule"``,
+    ``"insufficient_scope"`` (a rule would match but for missing scopes),
     ``"delegation_not_allowed"`` or ``"invalid_path"``. ``rule`` is the index
     of the rule that allowed the request, ``path`` the normalized path that was
     matched (None when the raw path was rejected).
@@ -278,6 +279,9 @@ class Policy:
 
         caller = principal.caller
         subject = principal.subject
+        # Scopes a rule wanted that the token lacked, when that rule matched in
+        # every other respect: the denial is then "insufficient_scope" (RFC 6750).
+        shortfall: frozenset[str] | None = None
         for index, rule in enumerate(self._rules):
             # Cheapest and most selective checks first.
             if rule.methods is not None and method not in rule.methods:
@@ -289,6 +293,8 @@ class Policy:
             if rule.subjects is not None and not rule.subjects(subject):
                 continue
             if rule.scopes is not None and not rule.scopes <= principal.scopes:
+                if shortfall is None:
+                    shortfall = rule.scopes - principal.scopes
                 continue
             known = self._allowed_by_rule[index]
             decision = known.get(normalized)
@@ -311,6 +317,14 @@ class Policy:
                 )
                 _remember(self._allowed_by_default, normalized, decision)
             return decision
+        if shortfall is not None:
+            missing = " ".join(sorted(shortfall))
+            return self._deny(
+                "insufficient_scope",
+                f"caller {_clip(caller)} may {_clip(method)} {_clip(normalized)} "
+                f"only with scopes it lacks: {_clip(missing)}",
+                normalized,
+            )
         detail = (
             f"no rule allows caller {_clip(caller)}"
             + (f" for subject {_clip(subject)}" if subject != caller else "")

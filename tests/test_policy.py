@@ -110,6 +110,9 @@ def test_example_policy(caller: str, method: str, path: str, scopes: tuple[str, 
     assert decision.mode == "enforce"
     if allowed:
         assert (decision.rule, decision.reason) == (0, "allowed")
+    elif "charges:write" not in scopes and (caller, method, path) == ("orders", "POST", "/charges"):
+        assert (decision.rule, decision.reason) == (None, "insufficient_scope")
+        assert "charges:write" in decision.detail
     else:
         assert (decision.rule, decision.reason) == (None, "no_matching_rule")
 
@@ -185,7 +188,9 @@ def test_rule_fields(rule: dict[str, Any], who: Principal, method: str, path: st
     delegators = ["gateway"]
     decision = policy_of(rule, delegators=delegators).decide(who, method, path)
     assert decision.allowed is allowed, decision
-    assert decision.reason == ("allowed" if allowed else "no_matching_rule")
+    # A rule that matched in every respect but its scopes reports the shortfall.
+    refused = "insufficient_scope" if set(rule) == {"scopes"} else "no_matching_rule"
+    assert decision.reason == ("allowed" if allowed else refused)
 
 
 def test_every_present_field_must_match() -> None:
