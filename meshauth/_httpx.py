@@ -28,6 +28,7 @@ from opentelemetry import metrics, trace
 from ._exceptions import ConfigurationError
 from ._identity import ServiceIdentity
 from ._mutual import NONCE_HEADER, RESPONSE_HEADER, ResponseVerifier, new_nonce
+from ._principal import Principal
 from ._registry import KeySource
 
 __all__ = ["ServiceAuth"]
@@ -123,6 +124,12 @@ class ServiceAuth(httpx.Auth):
     response). The check reads headers only, before the body, so it works with
     ``client.stream(...)``.
 
+    ``on_behalf_of`` (the inbound request's :class:`~meshauth.Principal`)
+    makes every request a delegated call: the token carries the same subject
+    and the inbound actor chain, with this service added as the newest actor
+    (``identity.on_behalf_of``). Build one ``ServiceAuth`` per inbound request
+    for this; such tokens are minted per request, never cached.
+
     ``clock`` (default: the identity's clock), ``tracer_provider`` and
     ``meter_provider`` configure the response verifier built from a key
     source. Outbound authentication itself emits no span of its own: minting
@@ -144,6 +151,7 @@ class ServiceAuth(httpx.Auth):
         verify_responses: KeySource | ResponseVerifier | None = None,
         fresh_tokens: bool = False,
         scope: str | None = None,
+        on_behalf_of: Principal | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         clock: Callable[[], float] | None = None,
@@ -151,7 +159,10 @@ class ServiceAuth(httpx.Auth):
         if not isinstance(identity, ServiceIdentity):
             raise TypeError("identity must be a meshauth.ServiceIdentity")
         self.identity = identity
-        self.fresh_tokens = bool(fresh_tokens)
+        self.on_behalf_of = on_behalf_of
+        # A delegated token carries the inbound request's subject and chain: it
+        # is minted per request, never shared through the identity's cache.
+        self.fresh_tokens = bool(fresh_tokens) or on_behalf_of is not None
         self.scope = _normalize_scope(scope)
         # Exactly one of these is set; a fixed name costs nothing per request.
         self._audience: str | None = None
@@ -186,14 +197,14 @@ class ServiceAuth(httpx.Auth):
 
     def _flow(self, request: httpx.Request) -> Generator[_Step, str | httpx.Response | None, None]:
         audience = self._audience if self._audience is not None else self.audience_for(request)
-        token = self.identity.mint(audience, scope=self.scope) if self.fresh_tokens else (yield audience)
+        token = self._fresh(audience) if self.fresh_tokens else (yield audience)
         nonce = self._attach(request, token)
         response = yield request
         assert isinstance(response, httpx.Response)
 
         if response.status_code == 401 and _asks_for_new_token(response) and _replayable(request):
             if self.fresh_tokens:
-                token = self.identity.mint(audience, scope=self.scope)
+                token = self._fresh(audience)
             else:
                 # Drop the cached token only if it is still the rejected one:
                 # when many requests fail at once, the first re-mints and the
@@ -210,6 +221,11 @@ class ServiceAuth(httpx.Auth):
 
         if nonce is not None and response.status_code not in _UNSIGNED_STATUSES:
             yield _ResponseCheck(response, audience, nonce)
+
+    def _fresh(self, audience: str) -> str:
+        if self.on_behalf_of is not None:
+            return self.identity.on_behalf_of(self.on_behalf_of, audience, scope=self.scope)
+        return self.identity.mint(audience, scope=self.scope)
 
     def _attach(self, request: httpx.Request, token: str | httpx.Response | None) -> str | None:
         """Put the credentials on ``request``; return the nonce sent, if mutual auth is on."""

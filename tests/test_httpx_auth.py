@@ -963,3 +963,21 @@ def test_loopback_man_in_the_middle_is_detected(
 
     with pytest.raises(ResponseAuthError, match="wrong_responder"):
         asyncio.run(run())
+
+
+def test_on_behalf_of_forwards_the_inbound_subject_and_chain() -> None:
+    mesh = Mesh(["gateway", "orders", "payments"])
+    inbound = mesh.verifier("orders").verify(mesh.identity("gateway").mint("orders", subject="alice"))
+    seen: list[meshauth.Principal] = []
+
+    def payments(request: httpx.Request) -> httpx.Response:
+        seen.append(mesh.verifier("payments").verify(bearer(request)))
+        return httpx.Response(200)
+
+    auth = meshauth.ServiceAuth(mesh.identity("orders"), audience="payments", on_behalf_of=inbound)
+    with httpx.Client(auth=auth, transport=httpx.MockTransport(payments)) as client:
+        client.get("https://payments.internal/a")
+        client.get("https://payments.internal/b")
+    assert [(p.caller, p.subject, p.actors) for p in seen] == [("orders", "alice", ("orders", "gateway"))] * 2
+    assert seen[0].token_id != seen[1].token_id  # minted per request, never from the shared cache
+    assert auth.fresh_tokens
