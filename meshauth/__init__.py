@@ -9,6 +9,7 @@ Integrations that pull optional dependencies are imported explicitly:
 ``meshauth.asgi``, ``meshauth.wsgi``, ``meshauth.testing``.
 """
 
+from ._composite import CompositeKeys
 from ._exceptions import (
     AccessDenied,
     BadSignature,
@@ -33,12 +34,15 @@ from ._exceptions import (
 )
 from ._httpx import ServiceAuth
 from ._identity import ServiceIdentity
+from ._jwks_endpoint import JWKSEndpoint
 from ._keys import KeyRecord, SigningKey
 from ._mutual import ResponseVerifier
 from ._policy import Decision, Policy
 from ._principal import Principal
+from ._publish import JWKSApp, jwks_app
 from ._registry import JWKSFile, KeySet, KeySource, StaticKeys
 from ._replay import MemoryReplayCache, ReplayCache
+from ._rotation import Finding, RotationPlan, check_registry, plan_rotation
 from ._verify import Verifier
 
 __version__ = "0.1.0"
@@ -46,10 +50,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "BadSignature",
+    "CompositeKeys",
     "ConfigurationError",
     "Decision",
+    "Finding",
     "InvalidClaim",
     "IssuerMismatch",
+    "JWKSApp",
+    "JWKSEndpoint",
     "JWKSFile",
     "KeyRecord",
     "KeySet",
@@ -65,6 +73,7 @@ __all__ = [
     "ReplayCache",
     "ResponseAuthError",
     "ResponseVerifier",
+    "RotationPlan",
     "ServiceAuth",
     "ServiceIdentity",
     "SigningKey",
@@ -80,4 +89,7 @@ __all__ = [
     "WrongAudience",
     "WrongTokenType",
     "__version__",
+    "check_registry",
+    "jwks_app",
+    "plan_rotation",
 ]

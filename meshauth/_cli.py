@@ -526,7 +526,8 @@ def _cmd_registry_serve(args: argparse.Namespace) -> int:
     with listener:
         port = listener.getsockname()[1]
         host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
-        _out(f"serving {args.file} at http://{host}:{port}/ (max-age {args.max_age} s; Ctrl-C to stop)")
+        url = f"http://{host}:{port}{publish.DEFAULT_PATH}"
+        _out(f"serving {args.file} at {url} (max-age {args.max_age} s; Ctrl-C to stop)")
         config = uvicorn.Config(app, log_level="warning", access_log=False, ws="none")
         uvicorn.Server(config).run(sockets=[listener])
     return EXIT_OK
