@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, Status, StatusCode
@@ -26,7 +26,7 @@ _ERROR = Status(StatusCode.ERROR)
 class Telemetry:
     """The tracer and instruments of one meshauth component."""
 
-    __slots__ = ("meter", "tracer", "verify_duration", "verify_outcomes")
+    __slots__ = ("_global", "_next_check", "_off", "meter", "tracer", "verify_duration", "verify_outcomes")
 
     def __init__(
         self,
@@ -34,6 +34,13 @@ class Telemetry:
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self.tracer = trace.get_tracer("meshauth", _VERSION, tracer_provider=tracer_provider)
+        # With no provider given and no SDK installed globally, spans cannot be
+        # recorded: hand out the shared invalid span instead of asking the no-op
+        # tracer for a new one each time. Whether an SDK was installed since is
+        # re-checked at most once a second (the public check reads os.environ).
+        self._global = tracer_provider is None
+        self._off = False
+        self._next_check = 0.0
         self.meter = metrics.get_meter("meshauth", _VERSION, meter_provider=meter_provider)
         self.verify_duration = self.meter.create_histogram(
             "meshauth.verify.duration", unit="s", description="Time to verify one token"
@@ -42,10 +49,26 @@ class Telemetry:
             "meshauth.verify.outcomes", unit="{token}", description="Token verification decisions"
         )
 
+    def start_span(self, name: str) -> Span:
+        """Start a meshauth span as a child of the current span (cheap when tracing is off)."""
+        if self._global:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._off = isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+                self._next_check = now + 1.0
+            if self._off:
+                return _OFF
+        return self.tracer.start_span(name)
+
+
+# Handed out instead of a span while no tracing SDK is installed: it records
+# nothing and, for audit records, stands for "use the current span".
+_OFF: Final = trace.INVALID_SPAN
+
 
 def span_ids(span: Span | None = None) -> tuple[str | None, str | None]:
     """Hex trace and span id of ``span`` (or the current span), if valid."""
-    context = (span if span is not None else trace.get_current_span()).get_span_context()
+    context = (span if span is not None and span is not _OFF else trace.get_current_span()).get_span_context()
     if not context.is_valid:
         return None, None
     return format(context.trace_id, "032x"), format(context.span_id, "016x")

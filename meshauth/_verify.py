@@ -19,6 +19,7 @@ The checks run in a fixed order, each on data the previous step vouched for:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -50,7 +51,7 @@ from ._exceptions import (
 )
 from ._jws import COMPACT_RE, b64url_decode, loads_object
 from ._keys import ALGORITHMS, KeyRecord
-from ._principal import Principal
+from ._principal import Principal, make_principal
 from ._registry import KeySource
 from ._replay import ReplayCache
 from ._telemetry import AUDIT_LOGGER, Telemetry, audit, mark_rejected
@@ -68,6 +69,7 @@ MAX_NUMERIC_DATE: Final = 2**53
 MAX_JTI_LENGTH: Final = 256
 MAX_LEEWAY: Final = 300
 _HEADER_CACHE_SIZE: Final = 512
+_NO_SCOPES: Final[frozenset[str]] = frozenset()
 _ACCEPTED: Final = {"meshauth.outcome": "accepted", "meshauth.reason": "ok"}
 
 
@@ -229,7 +231,7 @@ class Verifier:
         the middleware) that write one record per request themselves.
         """
         started = perf_counter()
-        span = self.telemetry.tracer.start_span(self.span_name)
+        span = self.telemetry.start_span(self.span_name)
         try:
             if type(token) is not str:
                 token = self._coerce(token)
@@ -258,7 +260,7 @@ class Verifier:
     async def averify(self, token: str, *, audit: bool = True) -> Principal:
         """Verify ``token``, letting an async key source fetch without blocking the loop."""
         started = perf_counter()
-        span = self.telemetry.tracer.start_span(self.span_name)
+        span = self.telemetry.start_span(self.span_name)
         try:
             if type(token) is not str:
                 token = self._coerce(token)
@@ -551,18 +553,18 @@ class Verifier:
         usable_until = exp + leeway
         if record.expires is not None:
             usable_until = min(usable_until, record.expires + leeway)
-        principal = Principal(
-            caller=issuer,
-            subject=subject,
-            actors=actors,
-            audience=self.audience,
-            scopes=frozenset(scope.split()) if scope else frozenset(),
-            token_id=jti,
-            issued_at=iat,
-            expires_at=exp,
-            kid=record.kid,
-            alg=record.alg,
-            claims=_frozen_claims(claims),
+        principal = make_principal(
+            issuer,
+            subject,
+            actors,
+            self.audience,
+            frozenset(scope.split()) if scope else _NO_SCOPES,
+            jti,
+            iat,
+            exp,
+            record.kid,
+            record.alg,
+            _frozen_claims(claims),
         )
         return principal, usable_until
 
@@ -583,16 +585,26 @@ class Verifier:
             raise error
 
     def _remember(self, token: str, principal: Principal, usable_until: float, record: KeyRecord) -> None:
+        verified = self._verified
+        if len(verified) < self.cache_size:
+            verified[token] = (principal, usable_until, record)  # one atomic dict store: no lock
+            return
         if self.cache_size <= 0:
             return
-        with self._lock:
-            verified = self._verified
-            if len(verified) >= self.cache_size:
-                now = self.clock()
-                for stale in [t for t, entry in verified.items() if entry[1] <= now]:
-                    del verified[stale]
-                while len(verified) >= self.cache_size:
-                    del verified[next(iter(verified))]
+        with self._lock:  # one sweeper at a time; inserts by others may go on meanwhile
+            now = self.clock()
+            # list() copies the items in one C call, so concurrent inserts
+            # cannot break the iteration; pop() tolerates entries gone since.
+            for stale, entry in list(verified.items()):
+                if entry[1] <= now:
+                    verified.pop(stale, None)
+            # Full of live tokens: make room for an eighth at once (oldest
+            # first), so a busy verifier sweeps once per cache_size/8 inserts
+            # rather than on every insert.
+            room = max(1, self.cache_size // 8)
+            if len(verified) > self.cache_size - room:
+                for oldest in list(itertools.islice(iter(verified), room)):
+                    verified.pop(oldest, None)
             verified[token] = (principal, usable_until, record)
 
     def clear_cache(self) -> None:

@@ -146,3 +146,20 @@ def test_point_not_on_curve_is_rejected() -> None:
     jwk["y"] = base64.urlsafe_b64encode(bytes([y[0] ^ 1]) + y[1:]).rstrip(b"=").decode()
     with pytest.raises(meshauth.ConfigurationError, match="not a valid ES256 public key"):
         parse_jwk(jwk, "registry")
+
+
+def test_raw_to_der_matches_cryptography() -> None:
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from meshauth._jws import raw_to_der
+
+    edges = st.sampled_from([0, 1, 127, 128, 255, 256, 2**248 - 1, 2**248, 2**255 - 1, 2**255, 2**256 - 1])
+    scalars = st.integers(min_value=0, max_value=2**256 - 1) | edges
+
+    @given(r=scalars, s=scalars)
+    def check(r: int, s: int) -> None:
+        assert raw_to_der(r.to_bytes(32, "big") + s.to_bytes(32, "big")) == encode_dss_signature(r, s)
+
+    check()

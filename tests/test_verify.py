@@ -271,3 +271,29 @@ def test_unexpected_internal_errors_fail_closed(mesh: Mesh) -> None:
     with pytest.raises(meshauth.MalformedToken, match="could not be processed") as info:
         verifier.verify(mesh.identity("orders").mint("payments"))
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_fast_principal_construction_equals_the_dataclass() -> None:
+    from meshauth._principal import make_principal
+
+    args = ("orders", "alice", ("orders", "gateway"), "payments", frozenset({"a"}), "j", 1, 2, "k", "ES256", {"x": 1})
+    fast, slow = make_principal(*args), meshauth.Principal(*args)
+    assert fast == slow and repr(fast) == repr(slow) and hash(fast) == hash(slow)
+    with pytest.raises(AttributeError):
+        fast.caller = "mallory"  # type: ignore[misc]
+
+
+def test_spans_cost_nothing_while_no_tracing_sdk_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from meshauth._telemetry import Telemetry
+
+    telemetry = Telemetry()
+    assert telemetry.start_span("meshauth.verify") is trace.INVALID_SPAN
+    installed = TracerProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: installed)
+    telemetry._next_check = 0.0  # the once-a-second re-check is due
+    telemetry.start_span("meshauth.verify").end()
+    assert telemetry._off is False  # an SDK is installed now: spans go to the tracer again
+    assert Telemetry(tracer_provider=installed).start_span("meshauth.verify").is_recording()
