@@ -48,3 +48,9 @@ def test_docstring_examples(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+
+
+def test_reference_covers_every_public_name() -> None:
+    reference = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    missing = [name for name in meshauth.__all__ if not re.search(rf"\b{re.escape(name)}\b", reference)]
+    assert missing == []
