@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 from meshauth._exceptions import AccessDenied, ConfigurationError
 from meshauth._principal import Principal
 
-__all__ = ["Decision", "Policy"]
+__all__ = ["Decision", "Policy", "normalize_path"]
 
 _DEFAULTS: Final = ("allow", "deny")
 _MODES: Final = ("audit", "enforce")
@@ -392,6 +392,21 @@ def _remember(cache: dict[str, _V], key: str, value: _V) -> None:
 
 
 # -- path normalization --------------------------------------------------------
+
+
+def normalize_path(raw_path: str) -> str:
+    """The path a request will be routed on: percent-decoded once, dot-segments removed.
+
+    Raises :class:`~meshauth.AccessDenied` (reason ``invalid_path``) for a path
+    that cannot be judged safely: an encoded slash or backslash, a NUL, bad
+    percent-encoding, non-UTF-8 bytes, or dot-segments that climb above the
+    root. :class:`Policy` and the gateway use this same function, so what is
+    authorized is exactly what is routed.
+    """
+    normalized = _normalize_path(raw_path)
+    if isinstance(normalized, _InvalidPath):
+        raise AccessDenied(normalized.detail, reason="invalid_path")
+    return normalized
 
 
 def _normalize_path(path: str) -> str | _InvalidPath:

@@ -709,3 +709,13 @@ def test_from_file_errors_name_the_file(tmp_path: Path) -> None:
     latin.write_bytes(b'{"rules": [{"callers": ["caf\xe9"]}]}')
     with pytest.raises(ConfigurationError, match=r"latin\.json: not UTF-8"):
         Policy.from_file(latin)
+
+
+def test_normalize_path_is_public_and_shared() -> None:
+    from meshauth import AccessDenied
+    from meshauth._policy import normalize_path
+
+    assert normalize_path("/charges/%2e%2e/admin") == "/admin"
+    with pytest.raises(AccessDenied) as info:
+        normalize_path("/charges%2Fadmin")
+    assert info.value.reason == "invalid_path"

@@ -1,0 +1,40 @@
+"""The meshauth gateway: one JWT-verifying entry point in front of internal services.
+
+It verifies an end user's token from an external identity provider, applies
+the route's policy and forwards the request upstream with a *delegated*
+service token (``sub`` = the user, ``act`` = the gateway, ``aud`` = the
+upstream service); the user's own token stays at the gateway.
+
+Run it from the command line (``pip install 'meshauth[gateway]'``)::
+
+    meshauth gateway --config gateway.toml
+    python -m meshauth.gateway --config gateway.toml
+
+or build the ASGI app yourself::
+
+    from meshauth.gateway import create_app
+    app = create_app("gateway.toml")        # serve with any ASGI server
+
+See ``docs/gateway.md`` for the configuration reference.
+"""
+
+from __future__ import annotations
+
+from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
+from ._idp import UserPrincipal, UserTokenVerifier
+from ._proxy import Gateway, create_app
+from ._serve import serve
+
+__all__ = [
+    "Gateway",
+    "GatewayConfig",
+    "IssuerConfig",
+    "RouteConfig",
+    "Timeout",
+    "UserPrincipal",
+    "UserTokenVerifier",
+    "create_app",
+    "load_config",
+    "parse_config",
+    "serve",
+]
