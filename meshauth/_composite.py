@@ -51,9 +51,7 @@ class CompositeKeys:
             try:
                 record = source.get_key(kid)
             except Exception as exc:
-                if isinstance(exc, MeshAuthError) and not isinstance(exc, KeysUnavailable):
-                    raise
-                failures.append(_describe(source, exc))
+                failures.append(_outage(source, exc))
                 continue
             if record is not None:
                 return record
@@ -68,9 +66,7 @@ class CompositeKeys:
             try:
                 record = await source.aget_key(kid)
             except Exception as exc:
-                if isinstance(exc, MeshAuthError) and not isinstance(exc, KeysUnavailable):
-                    raise
-                failures.append(_describe(source, exc))
+                failures.append(_outage(source, exc))
                 continue
             if record is not None:
                 return record
@@ -90,9 +86,7 @@ class CompositeKeys:
             try:
                 document = render()
             except Exception as exc:
-                if isinstance(exc, MeshAuthError) and not isinstance(exc, KeysUnavailable):
-                    raise
-                failures.append(_describe(source, exc))
+                failures.append(_outage(source, exc))
                 continue
             for jwk in document.get("keys", []):
                 if jwk.get("kid") not in seen:
@@ -144,7 +138,10 @@ class CompositeKeys:
         return f"CompositeKeys({', '.join(type(source).__name__ for source in self.sources)})"
 
 
-def _describe(source: object, exc: BaseException) -> str:
+def _outage(source: object, exc: Exception) -> str:
+    """Describe a source that could not answer, so the next one may; any other meshauth error propagates."""
+    if isinstance(exc, MeshAuthError) and not isinstance(exc, KeysUnavailable):
+        raise exc  # a bad key or configuration in that source: not an outage to route around
     name = getattr(source, "source", None) or type(source).__name__
     detail = exc.detail if isinstance(exc, MeshAuthError) else type(exc).__name__
     if not isinstance(exc, MeshAuthError):

@@ -140,21 +140,6 @@ async def _reply(send: Any, status: int, document: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _lifespan_passthrough(app: App) -> App:
-    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        await app(scope, receive, send)
-
-    return wrapped
-
-
 def payments_app(name: str) -> App:
     """The payments service (or an impostor pretending to be it): reports who called."""
 
@@ -244,7 +229,7 @@ class World:
         (directory / "idp-jwks.json").write_text(json.dumps({"keys": [idp_jwk]}))
 
         def serve(app: App) -> str:
-            server = LoopbackServer(_lifespan_passthrough(app))
+            server = LoopbackServer(app, lifespan="off")  # no lifespan events: the gateway starts on first use
             url = server.start()
             stack.callback(server.stop)
             return url

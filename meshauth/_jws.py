@@ -2,7 +2,8 @@
 
 Everything here runs *before* any cryptography, on attacker-controlled input,
 so each function either returns a well-formed value or raises
-:class:`~meshauth.MalformedToken`; no ``ValueError``, ``UnicodeError``,
+:class:`~meshauth.MalformedToken` (:func:`split_compact` also
+:class:`~meshauth.TokenTooLarge`); no ``ValueError``, ``UnicodeError``,
 ``binascii.Error`` or ``RecursionError`` escapes.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from ._exceptions import MalformedToken
+from ._exceptions import MalformedToken, TokenTooLarge
 
 __all__ = [
     "MAX_DEPTH",
@@ -26,7 +27,9 @@ __all__ = [
     "dumps",
     "loads_object",
     "raw_to_der",
+    "split_compact",
     "strict_json_loads",
+    "token_too_large",
 ]
 
 MAX_DEPTH = 16
@@ -46,6 +49,39 @@ _LOW_BITS = {c: i for i, c in enumerate(_ALPHABET)}
 _MASK = {2: 0x0F, 3: 0x03}
 _PAD = ("", "", "==", "=")
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def token_too_large(size: int, max_bytes: int) -> TokenTooLarge:
+    """The error for a token of ``size`` bytes over the ``max_bytes`` limit."""
+    return TokenTooLarge("token exceeds the size limit", expected=f"<= {max_bytes} bytes", actual=size)
+
+
+def split_compact(token: str, max_bytes: int, pattern: re.Pattern[str] = COMPACT_RE) -> tuple[str, str, str]:
+    """Check ``token``'s size, then its compact-JWS syntax; return the three segments.
+
+    The size is checked first, before anything else looks at the token. The
+    segments are then known to be base64url characters only (decode them with
+    ``checked=True``). ``pattern`` replaces :data:`COMPACT_RE` for a caller
+    with other rules on empty segments.
+
+    Raises:
+        TokenTooLarge: longer than ``max_bytes``.
+        MalformedToken: not three segments, or a segment that is empty or
+            holds a character outside the base64url alphabet.
+    """
+    if len(token) > max_bytes:
+        raise token_too_large(len(token), max_bytes)
+    if not pattern.fullmatch(token):
+        dots = token.count(".")
+        if dots != 2:
+            raise MalformedToken("a compact JWS has exactly three segments", expected=3, actual=dots + 1)
+        raise MalformedToken(
+            "token segments are not base64url",
+            expected="[A-Za-z0-9_-]+ segments",
+            actual="other characters, padding or an empty segment",
+        )
+    header, payload, signature = token.split(".")
+    return header, payload, signature
 
 
 def b64url_encode(data: bytes) -> str:

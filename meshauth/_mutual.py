@@ -8,10 +8,11 @@ and bound to that nonce. :class:`ResponseVerifier` checks it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from opentelemetry import metrics, trace
@@ -30,6 +31,36 @@ MAX_RESPONSE_LIFETIME: Final = 60
 # (expected responder, nonce) of the response being verified; a context
 # variable keeps concurrent threads and tasks apart.
 _EXPECTED: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("meshauth_expected_response")
+
+
+def _present(token: str | None, service: str) -> str:
+    """The response token, or ``missing_response`` when the response carried none."""
+    if not token:
+        raise ResponseAuthError(
+            f"no {RESPONSE_HEADER} header in the response",
+            reason="missing_response",
+            expected=service,
+            actual="nothing",
+        )
+    return token
+
+
+@contextlib.contextmanager
+def _expecting(service: str, nonce: str) -> Iterator[None]:
+    """Verify a response token inside: its responder and nonce are set, any failure is a ResponseAuthError."""
+    reset = _EXPECTED.set((service, nonce))
+    try:
+        yield
+    except MeshAuthError as exc:
+        raise ResponseAuthError(
+            f"response could not be authenticated: {exc.detail}",
+            reason=exc.reason,
+            expected=exc.expected,
+            actual=exc.actual,
+            kid=exc.kid,
+        ) from exc
+    finally:
+        _EXPECTED.reset(reset)
 
 
 def new_nonce() -> str:
@@ -83,49 +114,15 @@ class ResponseVerifier(Verifier):
                 ``wrong_responder``, ``nonce_mismatch`` or the token's own
                 rejection reason (``bad_signature``, ``expired``, ...).
         """
-        if not token:
-            raise ResponseAuthError(
-                f"no {RESPONSE_HEADER} header in the response",
-                reason="missing_response",
-                expected=service,
-                actual="nothing",
-            )
-        reset = _EXPECTED.set((service, nonce))
-        try:
+        token = _present(token, service)
+        with _expecting(service, nonce):
             return self.verify(token)
-        except MeshAuthError as exc:
-            raise ResponseAuthError(
-                f"response could not be authenticated: {exc.detail}",
-                reason=exc.reason,
-                expected=exc.expected,
-                actual=exc.actual,
-                kid=exc.kid,
-            ) from exc
-        finally:
-            _EXPECTED.reset(reset)
 
     async def averify_response(self, token: str | None, *, service: str, nonce: str) -> Principal:
         """Async form of :meth:`verify_response` (for async key sources)."""
-        if not token:
-            raise ResponseAuthError(
-                f"no {RESPONSE_HEADER} header in the response",
-                reason="missing_response",
-                expected=service,
-                actual="nothing",
-            )
-        reset = _EXPECTED.set((service, nonce))
-        try:
+        token = _present(token, service)
+        with _expecting(service, nonce):
             return await self.averify(token)
-        except MeshAuthError as exc:
-            raise ResponseAuthError(
-                f"response could not be authenticated: {exc.detail}",
-                reason=exc.reason,
-                expected=exc.expected,
-                actual=exc.actual,
-                kid=exc.kid,
-            ) from exc
-        finally:
-            _EXPECTED.reset(reset)
 
     def _check_extra_claims(self, claims: dict[str, Any]) -> None:
         expected = _EXPECTED.get(None)

@@ -12,8 +12,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from ._exceptions import ConfigurationError, KeysUnavailable
 from ._jws import strict_json_loads
@@ -24,6 +24,8 @@ __all__ = ["JWKSFile", "KeySet", "KeySource", "StaticKeys", "parse_registry_docu
 logger = logging.getLogger("meshauth")
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+_T = TypeVar("_T", bound=Sized)
 
 
 @runtime_checkable
@@ -212,24 +214,32 @@ class StaticKeys:
         return {"source": "static", "keys": len(self.keyset), "last_error": None, "ready": True}
 
 
-class JWKSFile:
-    """A registry read from a JWKS file, reloaded when the file changes.
+class WatchedFile(Generic[_T]):
+    """A key-set file, parsed, and parsed again when the file changes.
 
-    The file is checked at most once per ``check_interval`` seconds (a ``stat``
-    call, no read unless it changed). A new version that does not parse or
-    validate is refused: the last good set stays in service and the problem is
-    logged and shown by :meth:`status`. The first load happens in the
-    constructor and raises :class:`~meshauth.ConfigurationError` on failure, so
-    a misconfigured service fails at start-up.
+    The mechanism behind :class:`JWKSFile` and the gateway's ``IdPKeyFile``;
+    a subclass names its file in the class attributes below and turns the
+    file's bytes into a value in :meth:`_parse` (raising
+    :class:`~meshauth.ConfigurationError` for a bad document). The first load
+    happens in the constructor and raises on failure. After that the file is
+    checked at most once per ``check_interval`` seconds (a ``stat`` call, no
+    read unless its mtime, size or inode changed); a version that fails to load
+    is refused: :attr:`current` keeps the last good value and the problem is
+    kept in :attr:`last_error` and logged once.
     """
+
+    _kind: ClassVar[str]  # "registry": in errors as "cannot read registry file ..."
+    _label: ClassVar[str]  # "meshauth registry": in log lines as "meshauth registry <path>: ..."
+    _reason: ClassVar[str]  # the ConfigurationError reason for an unreadable or oversized file
+    _logger: ClassVar[logging.Logger]
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
-        check_interval: float = 1.0,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        monotonic: Callable[[], float] = time.monotonic,
+        check_interval: float,
+        max_bytes: int,
+        monotonic: Callable[[], float],
     ) -> None:
         self.path = os.fspath(path)
         self.check_interval = check_interval
@@ -239,30 +249,45 @@ class JWKSFile:
         self._signature: tuple[int, int, int] | None = None
         self.last_error: str | None = None
         self.loaded_at: float | None = None
-        self._keyset = self._load_current()
+        self._value = self._load()
         self._next_check = monotonic() + check_interval
+
+    def _parse(self, data: bytes) -> _T:
+        raise NotImplementedError
+
+    @property
+    def current(self) -> _T:
+        """The value in service (after a reload check at most every ``check_interval``)."""
+        if self._monotonic() >= self._next_check:
+            self._maybe_reload()
+        return self._value
+
+    def reload(self) -> None:
+        """Check the file now, regardless of ``check_interval``."""
+        self._next_check = self._monotonic()
+        self._maybe_reload()
 
     def _stat(self) -> tuple[int, int, int]:
         st = os.stat(self.path)
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _load_current(self) -> KeySet:
+    def _load(self) -> _T:
         try:
             signature = self._stat()
             if signature[1] > self.max_bytes:
                 raise ConfigurationError(
-                    f"{self.path}: registry file is larger than {self.max_bytes} bytes", reason="invalid_registry"
+                    f"{self.path}: {self._kind} file is larger than {self.max_bytes} bytes", reason=self._reason
                 )
             with open(self.path, "rb") as handle:
                 data = handle.read(self.max_bytes + 1)
         except OSError as exc:
             raise ConfigurationError(
-                f"cannot read registry file {self.path!r}: {exc.strerror}", reason="invalid_registry"
+                f"cannot read {self._kind} file {self.path!r}: {exc.strerror}", reason=self._reason
             ) from None
-        keyset = KeySet.from_jwks(data, source=self.path, strict=True)
+        value = self._parse(data)
         self._signature = signature
         self.loaded_at = time.time()
-        return keyset
+        return value
 
     def _maybe_reload(self) -> None:
         with self._lock:
@@ -273,42 +298,66 @@ class JWKSFile:
             try:
                 changed = self._stat() != self._signature
             except OSError as exc:
-                self._report(f"cannot stat registry file {self.path!r}: {exc.strerror}")
+                self._report(f"cannot stat {self._kind} file {self.path!r}: {exc.strerror}")
                 return
             if not changed:
                 return
             try:
-                self._keyset = self._load_current()
+                self._value = self._load()
             except ConfigurationError as exc:
                 self._report(exc.detail)
                 return
             self.last_error = None
-            logger.info("meshauth registry reloaded from %s (%d keys)", self.path, len(self._keyset))
+            self._logger.info("%s reloaded from %s (%d keys)", self._label, self.path, len(self._value))
 
     def _report(self, message: str) -> None:
         if message != self.last_error:
-            logger.warning("meshauth registry %s: keeping the last good key set: %s", self.path, message)
+            self._logger.warning("%s %s: keeping the last good key set: %s", self._label, self.path, message)
         self.last_error = message
+
+
+class JWKSFile(WatchedFile[KeySet]):
+    """A registry read from a JWKS file, reloaded when the file changes.
+
+    The file is checked at most once per ``check_interval`` seconds (a ``stat``
+    call, no read unless it changed). A new version that does not parse or
+    validate is refused: the last good set stays in service and the problem is
+    logged and shown by :meth:`status`. The first load happens in the
+    constructor and raises :class:`~meshauth.ConfigurationError` on failure, so
+    a misconfigured service fails at start-up.
+    """
+
+    _kind = "registry"
+    _label = "meshauth registry"
+    _reason = "invalid_registry"
+    _logger = logger
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        check_interval: float = 1.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(path, check_interval=check_interval, max_bytes=max_bytes, monotonic=monotonic)
+
+    def _parse(self, data: bytes) -> KeySet:
+        return KeySet.from_jwks(data, source=self.path, strict=True)
 
     @property
     def keyset(self) -> KeySet:
         """The key set in service (after a reload check)."""
-        if self._monotonic() >= self._next_check:
-            self._maybe_reload()
-        return self._keyset
+        return self.current
 
     def get_key(self, kid: str) -> KeyRecord | None:
+        # self.current inlined: this runs on every verification, cached tokens included.
         if self._monotonic() >= self._next_check:
             self._maybe_reload()
-        return self._keyset.get(kid)
+        return self._value.get(kid)
 
     async def aget_key(self, kid: str) -> KeyRecord | None:
         return self.get_key(kid)
-
-    def reload(self) -> None:
-        """Check the file now, regardless of ``check_interval``."""
-        self._next_check = self._monotonic()
-        self._maybe_reload()
 
     def to_jwks(self) -> dict[str, Any]:
         return self.keyset.to_jwks()

@@ -43,13 +43,12 @@ from ._exceptions import (
     TokenExpired,
     TokenNotYetValid,
     TokenReplayed,
-    TokenTooLarge,
     UnknownKey,
     UnsupportedAlgorithm,
     WrongAudience,
     WrongTokenType,
 )
-from ._jws import COMPACT_RE, b64url_decode, loads_object
+from ._jws import b64url_decode, loads_object, split_compact, token_too_large
 from ._keys import ALGORITHMS, KeyRecord
 from ._principal import Principal, make_principal
 from ._registry import KeySource
@@ -71,6 +70,37 @@ MAX_LEEWAY: Final = 300
 _HEADER_CACHE_SIZE: Final = 512
 _NO_SCOPES: Final[frozenset[str]] = frozenset()
 _ACCEPTED: Final = {"meshauth.outcome": "accepted", "meshauth.reason": "ok"}
+
+
+def decode_header(header_b64: str) -> dict[str, Any]:
+    """Strictly decode a JOSE header segment; one carrying a forbidden member is malformed."""
+    header = loads_object(b64url_decode(header_b64, "header", checked=True), "header")
+    forbidden = FORBIDDEN_HEADER_MEMBERS.intersection(header)
+    if forbidden:
+        raise MalformedToken(
+            "header carries a forbidden member",
+            expected="none of jku, jwk, x5u, x5c, crit, ...",
+            actual=sorted(forbidden),
+        )
+    return header
+
+
+def header_alg(header: Mapping[str, Any]) -> str:
+    """The header's ``alg``, a non-empty string (whether it is allowed is the caller's rule)."""
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise MalformedToken("header has no 'alg'", expected="string", actual=type(alg).__name__)
+    return alg
+
+
+def header_kid(header: Mapping[str, Any]) -> str:
+    """The header's ``kid``, a non-empty string of at most 256 characters."""
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise MalformedToken("header has no 'kid'", expected="string", actual=type(kid).__name__)
+    if len(kid) > 256:
+        raise MalformedToken("header 'kid' is too long", expected="<= 256 characters", actual=len(kid))
+    return kid
 
 
 def _typ_matches(value: Any, expected: str) -> bool:
@@ -305,9 +335,7 @@ class Verifier:
         """Accept bytes-like tokens as ASCII text; anything else is malformed."""
         if isinstance(token, bytes | bytearray):
             if len(token) > self.max_token_bytes:
-                raise TokenTooLarge(
-                    "token exceeds the size limit", expected=f"<= {self.max_token_bytes} bytes", actual=len(token)
-                )
+                raise token_too_large(len(token), self.max_token_bytes)
             try:
                 return bytes(token).decode("ascii")
             except UnicodeDecodeError:
@@ -384,20 +412,7 @@ class Verifier:
     # -- the checks ----------------------------------------------------------------
 
     def _parse(self, token: str) -> tuple[tuple[str, str], dict[str, Any], bytes, bytes]:
-        if len(token) > self.max_token_bytes:
-            raise TokenTooLarge(
-                "token exceeds the size limit", expected=f"<= {self.max_token_bytes} bytes", actual=len(token)
-            )
-        if not COMPACT_RE.fullmatch(token):
-            dots = token.count(".")
-            if dots != 2:
-                raise MalformedToken("a compact JWS has exactly three segments", expected=3, actual=dots + 1)
-            raise MalformedToken(
-                "token segments are not base64url",
-                expected="[A-Za-z0-9_-]+ segments",
-                actual="other characters, padding or an empty segment",
-            )
-        header_b64, payload_b64, signature_b64 = token.split(".")
+        header_b64, payload_b64, signature_b64 = split_compact(token, self.max_token_bytes)
         header = self._headers.get(header_b64)
         if header is None:
             header = self._parse_header(header_b64)
@@ -406,22 +421,9 @@ class Verifier:
         return header, payload, token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii"), signature
 
     def _parse_header(self, header_b64: str) -> tuple[str, str]:
-        header = loads_object(b64url_decode(header_b64, "header", checked=True), "header")
-        forbidden = FORBIDDEN_HEADER_MEMBERS.intersection(header)
-        if forbidden:
-            raise MalformedToken(
-                "header carries a forbidden member",
-                expected="none of jku, jwk, x5u, x5c, crit, ...",
-                actual=sorted(forbidden),
-            )
-        alg = header.get("alg")
-        kid = header.get("kid")
-        if not isinstance(alg, str) or not alg:
-            raise MalformedToken("header has no 'alg'", expected="string", actual=type(alg).__name__)
-        if not isinstance(kid, str) or not kid:
-            raise MalformedToken("header has no 'kid'", expected="string", actual=type(kid).__name__)
-        if len(kid) > 256:
-            raise MalformedToken("header 'kid' is too long", expected="<= 256 characters", actual=len(kid))
+        header = decode_header(header_b64)
+        alg = header_alg(header)
+        kid = header_kid(header)
         if "typ" not in header or not _typ_matches(header["typ"], self.token_type):
             typ = header.get("typ")
             raise WrongTokenType(

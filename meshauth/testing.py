@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from ._identity import ServiceIdentity
 from ._keys import KeyRecord, SigningKey
@@ -130,17 +130,21 @@ class Mesh:
 class LoopbackServer:
     """Runs an ASGI app under uvicorn in a background thread on ``127.0.0.1`` (a free port).
 
-    Needs ``uvicorn`` (the ``gateway`` or ``demo`` extra). Use it as a context
-    manager; ``url`` is the base URL once started::
+    Needs ``uvicorn`` (the ``gateway`` or ``demo`` extra). ``lifespan`` is
+    uvicorn's setting: ``"off"`` for an app that only speaks HTTP, ``"on"`` to
+    require the lifespan protocol. Use it as a context manager; ``url`` is the
+    base URL once started::
 
         with LoopbackServer(app) as server:
             httpx.get(server.url + "/healthz")
     """
 
-    def __init__(self, app: Any, *, startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self, app: Any, *, startup_timeout: float = 10.0, lifespan: Literal["auto", "on", "off"] = "auto"
+    ) -> None:
         import uvicorn  # noqa: PLC0415 - optional dependency, needed only by this helper
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="auto", ws="none")
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan, ws="none")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="meshauth-loopback", daemon=True)
         self._timeout = startup_timeout
@@ -164,6 +168,11 @@ class LoopbackServer:
         self._server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout=self._timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the server thread is alive (``False`` once :meth:`stop` has returned cleanly)."""
+        return self._thread.is_alive()
 
     def __enter__(self) -> LoopbackServer:
         self.start()

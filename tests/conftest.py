@@ -1,9 +1,11 @@
-"""Shared fixtures: a fake clock, an in-memory mesh, and OpenTelemetry SDK capture."""
+"""Shared fixtures: a fake clock, an in-memory mesh, audit and OpenTelemetry SDK capture, loopback servers."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -12,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import meshauth
 from meshauth.testing import FakeClock, LoopbackServer, Mesh
 
 
@@ -57,8 +60,8 @@ def telemetry() -> Iterator[Telemetry]:
     capture.meter_provider.shutdown()
 
 
-class AuditCapture:
-    """The ``meshauth.audit`` records a test produced (captured at INFO)."""
+class AuditCapture(Sequence[logging.LogRecord]):
+    """The ``meshauth.audit`` records a test produced (captured at INFO), read live."""
 
     def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
         self._caplog = caplog
@@ -69,6 +72,20 @@ class AuditCapture:
     def fields(self) -> list[dict]:  # type: ignore[type-arg]
         return [r.meshauth for r in self.records()]  # type: ignore[attr-defined]
 
+    def __len__(self) -> int:
+        return len(self.records())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.records()[index]
+
+    def assert_no_secret(self, token: str) -> None:
+        """Neither ``token`` nor its signature appears in any record, message or fields."""
+        signature = token.rsplit(".", 1)[-1]
+        for record in self.records():
+            text = record.getMessage() + json.dumps(getattr(record, "meshauth", {}), default=str)
+            assert token not in text
+            assert signature not in text
+
 
 @pytest.fixture
 def audit_log(caplog: pytest.LogCaptureFixture) -> AuditCapture:
@@ -77,15 +94,41 @@ def audit_log(caplog: pytest.LogCaptureFixture) -> AuditCapture:
 
 
 @pytest.fixture
-def serve_asgi() -> Iterator[Callable[[object], str]]:
-    """Start ASGI apps on 127.0.0.1:<free port>; returns the base URL; all stopped at teardown."""
+def token(mesh: Mesh) -> str:
+    """A token of orders for payments, from the shared mesh."""
+    return mesh.identity("orders").token_for("payments")
+
+
+class DownKeys:
+    """A key source whose registry cannot be read."""
+
+    def get_key(self, kid: str) -> meshauth.KeyRecord | None:
+        raise meshauth.KeysUnavailable("registry unreachable")
+
+    async def aget_key(self, kid: str) -> meshauth.KeyRecord | None:
+        raise meshauth.KeysUnavailable("registry unreachable")
+
+
+@pytest.fixture
+def down_keys() -> DownKeys:
+    """A key source whose registry cannot be read (every lookup is ``KeysUnavailable``)."""
+    return DownKeys()
+
+
+@pytest.fixture
+def serve_asgi() -> Iterator[Callable[..., str]]:
+    """Start ASGI apps on 127.0.0.1:<free port>; returns the base URL; all stopped at teardown.
+
+    Keyword options go to :class:`meshauth.testing.LoopbackServer` (``lifespan="off"``, ...).
+    """
     servers: list[LoopbackServer] = []
 
-    def start(app: object) -> str:
-        server = LoopbackServer(app)
+    def start(app: object, **options: Any) -> str:
+        server = LoopbackServer(app, **options)
         servers.append(server)
         return server.start()
 
     yield start
     for server in servers:
         server.stop()
+    assert not any(server.running for server in servers), "a loopback server did not stop"

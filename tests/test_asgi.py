@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -53,16 +50,6 @@ class App:
         return bool(self.scopes)
 
 
-class DownKeys:
-    """A key source whose registry cannot be read."""
-
-    def get_key(self, kid: str) -> meshauth.KeyRecord | None:
-        raise meshauth.KeysUnavailable("registry unreachable")
-
-    async def aget_key(self, kid: str) -> meshauth.KeyRecord | None:
-        raise meshauth.KeysUnavailable("registry unreachable")
-
-
 def call(
     app: Any, method: str = "POST", path: str = "/charges", headers: Headers = (), *, client: Any = None
 ) -> httpx.Response:
@@ -78,54 +65,15 @@ def bearer(token: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {token}")]
 
 
-def request_records(records: Sequence[logging.LogRecord]) -> list[logging.LogRecord]:
-    return list(records)
-
-
-def assert_no_secret(records: Sequence[logging.LogRecord], token: str) -> None:
-    signature = token.rsplit(".", 1)[-1]
-    for record in records:
-        text = record.getMessage() + json.dumps(getattr(record, "meshauth", {}), default=str)
-        assert token not in text
-        assert signature not in text
-
-
-class AuditRecords(Sequence[logging.LogRecord]):
-    """The ``meshauth.audit`` records of the running test phase, read live."""
-
-    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
-        self._caplog = caplog
-
-    def _records(self) -> list[logging.LogRecord]:
-        return [r for r in self._caplog.records if r.name == "meshauth.audit"]
-
-    def __len__(self) -> int:
-        return len(self._records())
-
-    def __getitem__(self, index: Any) -> Any:
-        return self._records()[index]
-
-
-@pytest.fixture
-def audit_records(caplog: pytest.LogCaptureFixture) -> AuditRecords:
-    caplog.set_level(logging.INFO, logger="meshauth.audit")
-    return AuditRecords(caplog)
-
-
 @pytest.fixture
 def app() -> App:
     return App()
 
 
-@pytest.fixture
-def token(mesh: Mesh) -> str:
-    return mesh.identity("orders").token_for("payments")
-
-
 # -- accepted -------------------------------------------------------------------
 
 
-def test_valid_token_reaches_app_with_principal(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_valid_token_reaches_app_with_principal(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
     response = call(wrapped, headers=bearer(token))
     assert response.status_code == 200
@@ -133,13 +81,13 @@ def test_valid_token_reaches_app_with_principal(mesh: Mesh, app: App, token: str
     principal = app.scopes[0]["meshauth.principal"]
     assert isinstance(principal, meshauth.Principal)
     assert (principal.caller, principal.subject, principal.audience) == ("orders", "orders", "payments")
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     fields = record.meshauth
     assert fields["event"] == "request"
     assert (fields["outcome"], fields["reason"]) == ("accepted", "ok")
     assert (fields["method"], fields["path"], fields["client"]) == ("POST", "/charges", "10.0.0.7")
     assert (fields["caller"], fields["audience"], fields["jti"]) == ("orders", "payments", principal.token_id)
-    assert_no_secret(audit_records, token)
+    audit_log.assert_no_secret(token)
 
 
 def test_bearer_scheme_is_case_insensitive(mesh: Mesh, app: App, token: str) -> None:
@@ -159,7 +107,7 @@ def test_delegated_principal_is_exposed(mesh: Mesh, app: App) -> None:
 # -- rejected (401) ---------------------------------------------------------------
 
 
-def test_missing_credentials(mesh: Mesh, app: App, audit_records: AuditRecords) -> None:
+def test_missing_credentials(mesh: Mesh, app: App, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
     response = call(wrapped, method="GET", path="/charges/c_1?secret=1")
     assert response.status_code == 401
@@ -167,7 +115,7 @@ def test_missing_credentials(mesh: Mesh, app: App, audit_records: AuditRecords) 
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"error": "unauthorized", "reason": "missing_credentials"}
     assert not app.called
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     assert (record.meshauth["outcome"], record.meshauth["reason"]) == ("rejected", "missing_credentials")
     # the query is never logged
     assert (record.meshauth["method"], record.meshauth["path"]) == ("GET", "/charges/c_1")
@@ -217,7 +165,7 @@ def _bad_credentials(mesh: Mesh, clock: FakeClock) -> dict[str, tuple[Headers, s
     ],
 )
 def test_invalid_credentials_get_401_invalid_token(
-    mesh: Mesh, clock: FakeClock, app: App, audit_records: AuditRecords, case: str
+    mesh: Mesh, clock: FakeClock, app: App, audit_log: Any, case: str
 ) -> None:
     headers, reason, secret = _bad_credentials(mesh, clock)[case]
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
@@ -228,15 +176,15 @@ def test_invalid_credentials_get_401_invalid_token(
     )
     assert response.json() == {"error": "invalid_token", "reason": reason}
     assert not app.called
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     assert (record.meshauth["outcome"], record.meshauth["reason"]) == ("rejected", reason)
     assert (record.meshauth["method"], record.meshauth["path"]) == ("POST", "/charges")
     if secret is not None:
         assert secret not in response.text
-        assert_no_secret(audit_records, secret)
+        audit_log.assert_no_secret(secret)
 
 
-def test_expired_token(mesh: Mesh, clock: FakeClock, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_expired_token(mesh: Mesh, clock: FakeClock, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
     assert call(wrapped, headers=bearer(token)).status_code == 200
     clock.advance(3600)
@@ -245,13 +193,13 @@ def test_expired_token(mesh: Mesh, clock: FakeClock, app: App, token: str, audit
     assert response.headers["www-authenticate"].endswith('error_description="expired"')
     assert response.json() == {"error": "invalid_token", "reason": "expired"}
     assert len(app.scopes) == 1
-    records = request_records(audit_records)
+    records = audit_log.records()
     assert [r.meshauth["outcome"] for r in records] == ["accepted", "rejected"]
     assert records[1].meshauth["caller"] == "orders"
-    assert_no_secret(audit_records, token)
+    audit_log.assert_no_secret(token)
 
 
-def test_revoked_key(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_revoked_key(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
     assert call(wrapped, headers=bearer(token)).status_code == 200
     mesh.keys.revoke(mesh.signing_keys["orders"].kid)
@@ -259,11 +207,11 @@ def test_revoked_key(mesh: Mesh, app: App, token: str, audit_records: AuditRecor
     assert response.status_code == 401
     assert response.json() == {"error": "invalid_token", "reason": "unknown_kid"}
     assert len(app.scopes) == 1
-    assert [r.meshauth["reason"] for r in request_records(audit_records)] == ["ok", "unknown_kid"]
+    assert [r.meshauth["reason"] for r in audit_log.records()] == ["ok", "unknown_kid"]
 
 
-def test_keys_unavailable_is_503(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -> None:
-    verifier = meshauth.Verifier("payments", DownKeys(), clock=mesh.clock)
+def test_keys_unavailable_is_503(mesh: Mesh, app: App, token: str, audit_log: Any, down_keys: Any) -> None:
+    verifier = meshauth.Verifier("payments", down_keys, clock=mesh.clock)
     wrapped = MeshAuthMiddleware(app, verifier, retry_after=7)
     response = call(wrapped, headers=bearer(token))
     assert response.status_code == 503
@@ -271,7 +219,7 @@ def test_keys_unavailable_is_503(mesh: Mesh, app: App, token: str, audit_records
     assert "www-authenticate" not in response.headers
     assert response.json() == {"error": "temporarily_unavailable", "reason": "keys_unavailable"}
     assert not app.called
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     assert (record.meshauth["outcome"], record.meshauth["reason"]) == ("rejected", "keys_unavailable")
 
 
@@ -292,10 +240,10 @@ POLICY = {
 }
 
 
-def test_policy_allows(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_policy_allows(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict(POLICY))
     assert call(wrapped, path="/charges/c_9", headers=bearer(token)).status_code == 200
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     assert (record.meshauth["outcome"], record.meshauth["reason"], record.meshauth["rule"]) == (
         "accepted",
         "allowed",
@@ -303,14 +251,14 @@ def test_policy_allows(mesh: Mesh, app: App, token: str, audit_records: AuditRec
     )
 
 
-def test_policy_denial_is_403(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_policy_denial_is_403(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict(POLICY))
     response = call(wrapped, method="DELETE", path="/charges/c_9", headers=bearer(token))
     assert response.status_code == 403
     assert "www-authenticate" not in response.headers
     assert response.json() == {"error": "forbidden", "reason": "no_matching_rule"}
     assert not app.called
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     fields = record.meshauth
     assert (fields["outcome"], fields["reason"], fields["caller"]) == ("denied", "no_matching_rule", "orders")
     assert (fields["method"], fields["path"], fields["status"]) == ("DELETE", "/charges/c_9", 403)
@@ -374,7 +322,7 @@ def test_delegation_refused_by_policy(mesh: Mesh, app: App) -> None:
 
 
 def test_policy_audit_mode_lets_through_and_records_would_deny(
-    mesh: Mesh, app: App, token: str, audit_records: AuditRecords, telemetry: Any
+    mesh: Mesh, app: App, token: str, audit_log: Any, telemetry: Any
 ) -> None:
     policy = meshauth.Policy.from_dict({**POLICY, "mode": "audit"})
     wrapped = MeshAuthMiddleware(
@@ -383,7 +331,7 @@ def test_policy_audit_mode_lets_through_and_records_would_deny(
     response = call(wrapped, method="DELETE", path="/charges/c_9", headers=bearer(token))
     assert response.status_code == 200
     assert app.called
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     fields = record.meshauth
     assert (fields["outcome"], fields["reason"]) == ("accepted", "audit_would_deny:no_matching_rule")
     assert fields["would_deny"] is True
@@ -395,13 +343,13 @@ def test_policy_audit_mode_lets_through_and_records_would_deny(
 # -- exclusions and other scopes ------------------------------------------------------
 
 
-def test_excluded_paths_skip_auth(mesh: Mesh, app: App, audit_records: AuditRecords) -> None:
+def test_excluded_paths_skip_auth(mesh: Mesh, app: App, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), exclude=["/healthz", "/static/*"])
     assert call(wrapped, method="GET", path="/healthz").json() == {"caller": None}
     assert call(wrapped, method="GET", path="/static/css/site.css").status_code == 200
     assert len(app.scopes) == 2
     assert "meshauth.principal" not in app.scopes[0]
-    assert request_records(audit_records) == []
+    assert audit_log.records() == []
     # not excluded: another path, the bare prefix, or a climb out of the prefix
     for path in ("/healthz/x", "/healthzz", "/static", "/static/../charges", "/static/a/%2e%2e/%2e%2e/charges"):
         assert call(wrapped, method="GET", path=path).status_code == 401, path
@@ -458,21 +406,21 @@ def _websocket(
     return sent
 
 
-def test_websocket_accepted(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_websocket_accepted(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
     sent = _websocket(wrapped, [(b"authorization", f"Bearer {token}".encode())])
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
     assert app.scopes[0]["meshauth.principal"].caller == "orders"
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     assert (record.meshauth["outcome"], record.meshauth["method"]) == ("accepted", "GET")
 
 
-def test_websocket_rejected_is_closed_before_accept(mesh: Mesh, app: App, audit_records: AuditRecords) -> None:
+def test_websocket_rejected_is_closed_before_accept(mesh: Mesh, app: App, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
     sent = _websocket(wrapped, [])
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "missing_credentials"}]
     assert not app.called
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     assert (record.meshauth["outcome"], record.meshauth["reason"]) == ("rejected", "missing_credentials")
 
 
@@ -517,7 +465,7 @@ def test_response_token_on_websocket_accept(mesh: Mesh, app: App, token: str, re
     response_checker.verify_response(headers[b"meshauth-response"].decode(), service="payments", nonce=NONCE)
 
 
-def test_no_response_token_on_401_or_503_or_without_nonce(mesh: Mesh, app: App, token: str) -> None:
+def test_no_response_token_on_401_or_503_or_without_nonce(mesh: Mesh, app: App, token: str, down_keys: Any) -> None:
     identity = mesh.identity("payments")
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), identity=identity)
     response = call(wrapped, headers=[("Meshauth-Nonce", NONCE)])
@@ -526,7 +474,7 @@ def test_no_response_token_on_401_or_503_or_without_nonce(mesh: Mesh, app: App, 
     response = call(wrapped, headers=bearer(token))
     assert response.status_code == 200
     assert "meshauth-response" not in response.headers
-    down = MeshAuthMiddleware(app, meshauth.Verifier("payments", DownKeys()), identity=identity)
+    down = MeshAuthMiddleware(app, meshauth.Verifier("payments", down_keys), identity=identity)
     response = call(down, headers=[*bearer(token), ("Meshauth-Nonce", NONCE)])
     assert response.status_code == 503
     assert "meshauth-response" not in response.headers
@@ -546,7 +494,7 @@ def test_response_token_on_policy_denial(mesh: Mesh, app: App, token: str, respo
     [["not a nonce"], ["x" * 257], ["é"], ["", ""], ["abc", "abc"], ["a=b"]],
     ids=["space", "too_long", "non_ascii", "empty_twice", "repeated", "inner_padding"],
 )
-def test_invalid_nonce_is_400(mesh: Mesh, app: App, token: str, audit_records: AuditRecords, nonces: list[str]) -> None:
+def test_invalid_nonce_is_400(mesh: Mesh, app: App, token: str, audit_log: Any, nonces: list[str]) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), identity=mesh.identity("payments"))
     headers: list[tuple[str | bytes, str | bytes]] = [*bearer(token)]
     headers += [(b"meshauth-nonce", n.encode()) for n in nonces]
@@ -555,7 +503,7 @@ def test_invalid_nonce_is_400(mesh: Mesh, app: App, token: str, audit_records: A
     assert response.json() == {"error": "invalid_request", "reason": "invalid_nonce"}
     assert "meshauth-response" not in response.headers
     assert not app.called
-    [record] = request_records(audit_records)
+    [record] = audit_log.records()
     assert (record.meshauth["outcome"], record.meshauth["reason"], record.meshauth["caller"]) == (
         "rejected",
         "invalid_nonce",
@@ -612,7 +560,7 @@ def test_hook_returning_garbage_falls_back_to_default(mesh: Mesh, app: App) -> N
 
 
 def test_unexpected_failure_is_500_and_fails_closed(
-    mesh: Mesh, app: App, token: str, audit_records: AuditRecords, caplog: pytest.LogCaptureFixture
+    mesh: Mesh, app: App, token: str, audit_log: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     class BrokenVerifier(meshauth.Verifier):
         async def averify(self, token: str, *, audit: bool = True) -> meshauth.Principal:
@@ -623,7 +571,7 @@ def test_unexpected_failure_is_500_and_fails_closed(
     assert response.status_code == 500
     assert response.json() == {"error": "server_error", "reason": "internal_error"}
     assert not app.called
-    [record] = audit_records
+    [record] = audit_log
     assert (record.meshauth["outcome"], record.meshauth["reason"]) == ("rejected", "internal_error")
     assert any("failed while checking a request (RuntimeError)" in r.getMessage() for r in caplog.records)
     for logged in caplog.records:
@@ -634,7 +582,7 @@ def test_unexpected_failure_is_500_and_fails_closed(
 
 
 def test_one_audit_record_per_request_and_never_the_token(
-    mesh: Mesh, clock: FakeClock, app: App, token: str, audit_records: AuditRecords
+    mesh: Mesh, clock: FakeClock, app: App, token: str, audit_log: Any
 ) -> None:
     wrapped = MeshAuthMiddleware(
         app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict(POLICY), identity=mesh.identity("payments")
@@ -648,10 +596,10 @@ def test_one_audit_record_per_request_and_never_the_token(
     ]
     for index, (path, headers) in enumerate(requests, start=1):
         call(wrapped, path=path, headers=headers)
-        assert len(audit_records) == index
-    assert [r.meshauth["outcome"] for r in audit_records] == ["accepted", "denied", "accepted", "rejected", "rejected"]
-    assert all(r.meshauth["event"] == "request" for r in audit_records)
-    assert_no_secret(audit_records, token)
+        assert len(audit_log) == index
+    assert [r.meshauth["outcome"] for r in audit_log] == ["accepted", "denied", "accepted", "rejected", "rejected"]
+    assert all(r.meshauth["event"] == "request" for r in audit_log)
+    audit_log.assert_no_secret(token)
 
 
 def test_spans(mesh: Mesh, app: App, token: str, telemetry: Any) -> None:
@@ -707,36 +655,9 @@ def test_works_as_starlette_middleware(mesh: Mesh, token: str) -> None:
 # -- a real server on loopback ------------------------------------------------------------------
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Any], str]]:
-    import uvicorn
-
-    running: list[tuple[Any, threading.Thread]] = []
-
-    def start(asgi_app: Any) -> str:
-        config = uvicorn.Config(asgi_app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-        thread.start()
-        running.append((server, thread))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for server, thread in running:
-        server.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive()
-
-
-def test_real_server_on_loopback(mesh: Mesh, app: App, token: str, serve: Callable[[Any], str]) -> None:
+def test_real_server_on_loopback(mesh: Mesh, app: App, token: str, serve_asgi: Callable[..., str]) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), identity=mesh.identity("payments"))
-    base = serve(wrapped)
+    base = serve_asgi(wrapped, lifespan="off")  # the app records every scope, lifespan included
     checker = meshauth.ResponseVerifier("orders", mesh.keys, clock=mesh.clock)
     with httpx.Client(base_url=base, timeout=10) as http:
         ok = http.post("/charges", headers={"Authorization": f"Bearer {token}", "Meshauth-Nonce": NONCE})

@@ -11,7 +11,6 @@ import enum
 import io
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -829,34 +828,8 @@ def test_respx_retry_after_invalid_token(mesh: Mesh, orders: ServiceIdentity) ->
 # -- a real server on the loopback interface --------------------------------------------
 
 
-class LoopbackServer:
-    """A uvicorn server running an ASGI app in a background thread on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="loopback-uvicorn", daemon=True)
-
-    def start(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the loopback server did not start")
-            time.sleep(0.01)
-        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive(), "the loopback server did not stop"
-
-
 def payments_app(mesh: Mesh, verifier: meshauth.Verifier, signer: str = "payments") -> Any:
-    """The payments service as a bare ASGI app (the meshauth middleware is tested elsewhere)."""
+    """The payments service as a bare ASGI app, HTTP only (the meshauth middleware is tested elsewhere)."""
     identity = mesh.identity(signer)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -889,25 +862,10 @@ def payments_app(mesh: Mesh, verifier: meshauth.Verifier, signer: str = "payment
     return app
 
 
-@pytest.fixture
-def loopback() -> Iterator[Callable[[Any], str]]:
-    """Start ASGI apps on 127.0.0.1:<free port>; every server is stopped at teardown."""
-    servers: list[LoopbackServer] = []
-
-    def start(app: Any) -> str:
-        server = LoopbackServer(app)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 def test_loopback_sync_and_async_with_mutual_auth(
-    mesh: Mesh, orders: ServiceIdentity, loopback: Callable[[Any], str]
+    mesh: Mesh, orders: ServiceIdentity, serve_asgi: Callable[..., str]
 ) -> None:
-    base = loopback(payments_app(mesh, mesh.verifier("payments")))
+    base = serve_asgi(payments_app(mesh, mesh.verifier("payments")), lifespan="off")
     auth = ServiceAuth(orders, audience={"127.0.0.1": "payments"}, verify_responses=mesh.keys)
 
     with httpx.Client(auth=auth, base_url=base, timeout=10) as client:
@@ -924,12 +882,12 @@ def test_loopback_sync_and_async_with_mutual_auth(
 
 
 def test_loopback_replay_cache_rejection_is_retried_with_a_new_token(
-    mesh: Mesh, orders: ServiceIdentity, loopback: Callable[[Any], str]
+    mesh: Mesh, orders: ServiceIdentity, serve_asgi: Callable[..., str]
 ) -> None:
     # A callee with a replay cache rejects the cached token the second time it sees it;
     # ServiceAuth re-mints once and the retry goes through.
     verifier = mesh.verifier("payments", replay_cache=meshauth.MemoryReplayCache())
-    base = loopback(payments_app(mesh, verifier))
+    base = serve_asgi(payments_app(mesh, verifier), lifespan="off")
     auth = ServiceAuth(orders, audience="payments", verify_responses=mesh.keys)
 
     with httpx.Client(auth=auth, base_url=base, timeout=10) as client:
@@ -942,11 +900,11 @@ def test_loopback_replay_cache_rejection_is_retried_with_a_new_token(
 
 
 def test_loopback_man_in_the_middle_is_detected(
-    mesh: Mesh, orders: ServiceIdentity, loopback: Callable[[Any], str]
+    mesh: Mesh, orders: ServiceIdentity, serve_asgi: Callable[..., str]
 ) -> None:
     # Whoever answers at this address relays the request to a real payments verifier,
     # but can only sign the answer with its own (registered) billing key.
-    base = loopback(payments_app(mesh, mesh.verifier("payments"), signer="billing"))
+    base = serve_asgi(payments_app(mesh, mesh.verifier("payments"), signer="billing"), lifespan="off")
     auth = ServiceAuth(orders, audience="payments", verify_responses=mesh.keys)
 
     with httpx.Client(auth=auth, base_url=base, timeout=10) as client, pytest.raises(ResponseAuthError) as caught:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -219,37 +217,11 @@ def test_max_age_must_be_a_non_negative_integer() -> None:
 # -- end to end: a real server, a real JWKSEndpoint ------------------------------------------------
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Any], str]]:
-    import uvicorn
-
-    running: list[tuple[Any, threading.Thread]] = []
-
-    def start(app: Any) -> str:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="uvicorn-jwks", daemon=True)
-        thread.start()
-        running.append((server, thread))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-    yield start
-    for server, thread in running:
-        server.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive()
-
-
 def test_an_endpoint_reads_the_published_registry_with_revalidation(
-    serve: Callable[[Any], str], clock: FakeClock
+    serve_asgi: Callable[..., str], clock: FakeClock
 ) -> None:
     registry = MemoryKeys([ORDERS.record("orders")])
-    base = serve(jwks_app(registry, max_age=60))
+    base = serve_asgi(jwks_app(registry, max_age=60), lifespan="on")  # startup fails unless the app speaks lifespan
     seen: list[tuple[int, str | None]] = []
 
     def record(response: httpx.Response) -> None:

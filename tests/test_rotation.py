@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -161,32 +161,6 @@ def test_following_the_plan_keeps_the_checker_quiet_at_every_step() -> None:
 # -- rotation under continuous traffic -----------------------------------------------------------
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Any], str]]:
-    import uvicorn
-
-    running: list[tuple[Any, threading.Thread]] = []
-
-    def start(app: Any) -> str:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="uvicorn-registry", daemon=True)
-        thread.start()
-        running.append((server, thread))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-    yield start
-    for server, thread in running:
-        server.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive()
-
-
 class Traffic:
     """A thread that keeps minting and verifying tokens, also re-verifying tokens minted a while ago."""
 
@@ -231,10 +205,12 @@ class Traffic:
             time.sleep(0.002)
 
 
-def test_rotation_under_continuous_traffic_fails_no_verification(serve: Callable[[Any], str], clock: FakeClock) -> None:
+def test_rotation_under_continuous_traffic_fails_no_verification(
+    serve_asgi: Callable[..., str], clock: FakeClock
+) -> None:
     max_age = 60
     registry = MemoryKeys([OLD.record("orders")])
-    url = serve(jwks_app(registry, max_age=max_age)) + "/.well-known/jwks.json"
+    url = serve_asgi(jwks_app(registry, max_age=max_age)) + "/.well-known/jwks.json"
     endpoint = JWKSEndpoint(url, clock=clock, monotonic=clock, retry_wait=wait_none(), min_max_age=max_age)
     verifier = Verifier("payments", endpoint, clock=clock, max_lifetime=LIFETIME, leeway=LEEWAY)
     traffic = Traffic(clock, verifier, ServiceIdentity("orders", OLD, clock=clock))
@@ -294,10 +270,10 @@ def test_rotation_under_continuous_traffic_fails_no_verification(serve: Callable
     assert status["ready"] and status["keys"] == 1 and status["last_error"] is None
 
 
-def test_skipping_the_wait_is_what_the_procedure_prevents(serve: Callable[[Any], str], clock: FakeClock) -> None:
+def test_skipping_the_wait_is_what_the_procedure_prevents(serve_asgi: Callable[..., str], clock: FakeClock) -> None:
     """Counter-check: signing with a key published a moment ago fails until the cooldown allows a refetch."""
     registry = MemoryKeys([OLD.record("orders")])
-    url = serve(jwks_app(registry, max_age=60)) + "/.well-known/jwks.json"
+    url = serve_asgi(jwks_app(registry, max_age=60)) + "/.well-known/jwks.json"
     endpoint = JWKSEndpoint(url, clock=clock, monotonic=clock, retry_wait=wait_none(), cooldown=30)
     verifier = Verifier("payments", endpoint, clock=clock)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+LINTED = ("meshauth", "tests", "examples", "benchmarks")
 
 
 def _tool(name: str) -> str:
@@ -19,38 +20,21 @@ def _tool(name: str) -> str:
     return found
 
 
-@pytest.mark.slow
-def test_mypy_strict() -> None:
+def _assert_passes(name: str, *args: str, timeout: float) -> None:
     result = subprocess.run(
-        [_tool("mypy"), "--no-incremental", "--cache-dir", "/dev/null", "meshauth"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        [_tool(name), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_mypy_strict() -> None:
+    _assert_passes("mypy", "--no-incremental", "--cache-dir", "/dev/null", "meshauth", timeout=600)
 
 
 def test_ruff_check() -> None:
-    result = subprocess.run(
-        [_tool("ruff"), "check", "--no-cache", "meshauth", "tests", "examples", "benchmarks"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_passes("ruff", "check", "--no-cache", *LINTED, timeout=300)
 
 
 def test_ruff_format() -> None:
-    result = subprocess.run(
-        [_tool("ruff"), "format", "--check", "--no-cache", "meshauth", "tests", "examples", "benchmarks"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_passes("ruff", "format", "--check", "--no-cache", *LINTED, timeout=300)

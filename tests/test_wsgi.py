@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -61,14 +60,6 @@ class App:
     @property
     def called(self) -> bool:
         return bool(self.environs)
-
-
-class DownKeys:
-    def get_key(self, kid: str) -> meshauth.KeyRecord | None:
-        raise meshauth.KeysUnavailable("registry unreachable")
-
-    async def aget_key(self, kid: str) -> meshauth.KeyRecord | None:
-        raise meshauth.KeysUnavailable("registry unreachable")
 
 
 class Result:
@@ -127,58 +118,23 @@ def run(app: Any, environ: dict[str, Any]) -> Result:
     return Result(calls[0][0], calls[0][1], body)
 
 
-class AuditRecords(Sequence[logging.LogRecord]):
-    """The ``meshauth.audit`` records of the running test phase, read live."""
-
-    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
-        self._caplog = caplog
-
-    def _records(self) -> list[logging.LogRecord]:
-        return [r for r in self._caplog.records if r.name == "meshauth.audit"]
-
-    def __len__(self) -> int:
-        return len(self._records())
-
-    def __getitem__(self, index: Any) -> Any:
-        return self._records()[index]
-
-
-@pytest.fixture
-def audit_records(caplog: pytest.LogCaptureFixture) -> AuditRecords:
-    caplog.set_level(logging.INFO, logger="meshauth.audit")
-    return AuditRecords(caplog)
-
-
-def assert_no_secret(records: Sequence[logging.LogRecord], token: str) -> None:
-    signature = token.rsplit(".", 1)[-1]
-    for record in records:
-        text = record.getMessage() + json.dumps(getattr(record, "meshauth", {}), default=str)
-        assert token not in text
-        assert signature not in text
-
-
 @pytest.fixture
 def app() -> App:
     return App()
 
 
-@pytest.fixture
-def token(mesh: Mesh) -> str:
-    return mesh.identity("orders").token_for("payments")
-
-
-def test_valid_token_reaches_app(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_valid_token_reaches_app(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
     result = run(wrapped, environ_for(HTTP_AUTHORIZATION=f"Bearer {token}"))
     assert result.status == "200 OK"
     assert result.json() == {"caller": "orders"}
     assert app.environs[0]["meshauth.principal"].caller == "orders"
     assert app.bodies[0].closed, "the app's iterable is passed through, close() included"
-    [record] = audit_records
+    [record] = audit_log
     fields = record.meshauth
     assert (fields["event"], fields["outcome"], fields["reason"]) == ("request", "accepted", "ok")
     assert (fields["method"], fields["path"], fields["client"]) == ("POST", "/charges", "10.0.0.7")
-    assert_no_secret(audit_records, token)
+    audit_log.assert_no_secret(token)
 
 
 def test_through_httpx_wsgi_transport(mesh: Mesh, app: App, token: str) -> None:
@@ -191,7 +147,7 @@ def test_through_httpx_wsgi_transport(mesh: Mesh, app: App, token: str) -> None:
     assert len(app.environs) == 1
 
 
-def test_missing_credentials(mesh: Mesh, app: App, audit_records: AuditRecords) -> None:
+def test_missing_credentials(mesh: Mesh, app: App, audit_log: Any) -> None:
     result = run(MeshAuthMiddleware(app, mesh.verifier("payments")), environ_for())
     assert result.status == "401 Unauthorized"
     assert result.headers["www-authenticate"] == REALM
@@ -199,7 +155,7 @@ def test_missing_credentials(mesh: Mesh, app: App, audit_records: AuditRecords) 
     assert result.headers["content-length"] == str(len(result.body))
     assert result.json() == {"error": "unauthorized", "reason": "missing_credentials"}
     assert not app.called
-    [record] = audit_records
+    [record] = audit_log
     assert (record.meshauth["outcome"], record.meshauth["reason"]) == ("rejected", "missing_credentials")
 
 
@@ -216,9 +172,7 @@ def test_missing_credentials(mesh: Mesh, app: App, audit_records: AuditRecords) 
     ],
     ids=["wrong_scheme", "two_headers", "empty", "over_size", "non_ascii", "malformed", "wrong_audience"],
 )
-def test_invalid_credentials(
-    mesh: Mesh, app: App, token: str, audit_records: AuditRecords, case: tuple[str, str]
-) -> None:
+def test_invalid_credentials(mesh: Mesh, app: App, token: str, audit_log: Any, case: tuple[str, str]) -> None:
     header, reason = case
     other = mesh.identity("orders").mint("billing")
     value = header.format(token=token, other=other)
@@ -230,13 +184,13 @@ def test_invalid_credentials(
     assert result.json() == {"error": "invalid_token", "reason": reason}
     assert token.encode() not in result.body
     assert not app.called
-    [record] = audit_records
+    [record] = audit_log
     assert (record.meshauth["outcome"], record.meshauth["reason"]) == ("rejected", reason)
-    assert_no_secret(audit_records, token)
-    assert_no_secret(audit_records, other)
+    audit_log.assert_no_secret(token)
+    audit_log.assert_no_secret(other)
 
 
-def test_expired_and_revoked(mesh: Mesh, clock: FakeClock, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_expired_and_revoked(mesh: Mesh, clock: FakeClock, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
     environ = environ_for(HTTP_AUTHORIZATION=f"Bearer {token}")
     assert run(wrapped, dict(environ)).status_code == 200
@@ -246,11 +200,11 @@ def test_expired_and_revoked(mesh: Mesh, clock: FakeClock, app: App, token: str,
     mesh.keys.revoke(mesh.signing_keys["orders"].kid)
     assert run(wrapped, environ_for(HTTP_AUTHORIZATION=f"Bearer {fresh}")).json()["reason"] == "unknown_kid"
     assert len(app.environs) == 1
-    assert [r.meshauth["reason"] for r in audit_records] == ["ok", "expired", "unknown_kid"]
+    assert [r.meshauth["reason"] for r in audit_log] == ["ok", "expired", "unknown_kid"]
 
 
-def test_keys_unavailable_is_503(mesh: Mesh, app: App, token: str) -> None:
-    wrapped = MeshAuthMiddleware(app, meshauth.Verifier("payments", DownKeys(), clock=mesh.clock))
+def test_keys_unavailable_is_503(mesh: Mesh, app: App, token: str, down_keys: Any) -> None:
+    wrapped = MeshAuthMiddleware(app, meshauth.Verifier("payments", down_keys, clock=mesh.clock))
     result = run(wrapped, environ_for(HTTP_AUTHORIZATION=f"Bearer {token}"))
     assert result.status == "503 Service Unavailable"
     assert result.headers["retry-after"] == "5"
@@ -258,7 +212,7 @@ def test_keys_unavailable_is_503(mesh: Mesh, app: App, token: str) -> None:
     assert not app.called
 
 
-def test_policy(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -> None:
+def test_policy(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict(POLICY))
     assert run(wrapped, environ_for(path="/charges/c_1", HTTP_AUTHORIZATION=f"Bearer {token}")).status_code == 200
     denied = run(wrapped, environ_for(method="DELETE", HTTP_AUTHORIZATION=f"Bearer {token}"))
@@ -270,7 +224,7 @@ def test_policy(mesh: Mesh, app: App, token: str, audit_records: AuditRecords) -
     assert scoped.status_code == 403
     assert scoped.headers["www-authenticate"] == 'Bearer realm="payments", error="insufficient_scope"'
     assert len(app.environs) == 1
-    assert [r.meshauth["outcome"] for r in audit_records] == ["accepted", "denied", "denied"]
+    assert [r.meshauth["outcome"] for r in audit_log] == ["accepted", "denied", "denied"]
 
 
 def test_policy_path_from_request_uri_or_quoted_path_info(mesh: Mesh, app: App, token: str) -> None:
@@ -293,13 +247,13 @@ def test_policy_path_from_request_uri_or_quoted_path_info(mesh: Mesh, app: App, 
     assert len(app.environs) == 3
 
 
-def test_excluded_paths(mesh: Mesh, app: App, audit_records: AuditRecords) -> None:
+def test_excluded_paths(mesh: Mesh, app: App, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), exclude=["/healthz", "/static/*"])
     assert run(wrapped, environ_for(method="GET", path="/healthz")).json() == {"caller": None}
     assert run(wrapped, environ_for(method="GET", path="/static/app.js")).status_code == 200
     assert run(wrapped, environ_for(method="GET", path="/static/../charges")).status_code == 401
     assert len(app.environs) == 2
-    assert len(audit_records) == 1
+    assert len(audit_log) == 1
 
 
 def test_mutual_auth(mesh: Mesh, token: str) -> None:

@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from time import perf_counter
@@ -58,15 +57,15 @@ from .._exceptions import (
     TokenError,
     TokenExpired,
     TokenNotYetValid,
-    TokenTooLarge,
     UnknownKey,
     UnsupportedAlgorithm,
     WrongAudience,
     WrongTokenType,
 )
-from .._jws import b64url_decode, loads_object, raw_to_der, strict_json_loads
+from .._jws import b64url_decode, loads_object, raw_to_der, split_compact, strict_json_loads, token_too_large
+from .._registry import WatchedFile
 from .._telemetry import Telemetry, mark_rejected
-from .._verify import FORBIDDEN_HEADER_MEMBERS, RESPONSE_TOKEN_TYPE, SERVICE_TOKEN_TYPE
+from .._verify import RESPONSE_TOKEN_TYPE, SERVICE_TOKEN_TYPE, decode_header, header_alg, header_kid
 from ._config import IDP_ALGORITHMS, IssuerConfig, is_loopback_host
 
 __all__ = [
@@ -266,13 +265,18 @@ class StaticIdPKeys:
         return {"source": "static", "ready": True, "keys": len(self.keys), "last_error": None}
 
 
-class IdPKeyFile:
+class IdPKeyFile(WatchedFile[dict[str, IdPKey]]):
     """An IdP's JWKS read from a file and reloaded when the file changes.
 
     The first load happens in the constructor (a start-up error if it fails);
     a later version that does not parse is refused and the last good set stays
     in service, as with :class:`meshauth.JWKSFile`.
     """
+
+    _kind = "JWKS"
+    _label = "IdP key set"
+    _reason = "invalid_jwks"
+    _logger = logger
 
     def __init__(
         self,
@@ -282,65 +286,16 @@ class IdPKeyFile:
         max_bytes: int = DEFAULT_MAX_JWKS_BYTES,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.path = os.fspath(path)
-        self.check_interval = check_interval
-        self.max_bytes = max_bytes
-        self._monotonic = monotonic
-        self._lock = threading.Lock()
-        self._signature: tuple[int, int, int] | None = None
-        self.last_error: str | None = None
         self.problems: list[str] = []
-        self._keys = self._load()
-        self._next_check = monotonic() + check_interval
+        super().__init__(path, check_interval=check_interval, max_bytes=max_bytes, monotonic=monotonic)
 
-    def _load(self) -> dict[str, IdPKey]:
-        try:
-            st = os.stat(self.path)
-            if st.st_size > self.max_bytes:
-                raise ConfigurationError(
-                    f"{self.path}: JWKS file is larger than {self.max_bytes} bytes", reason="invalid_jwks"
-                )
-            with open(self.path, "rb") as handle:
-                data = handle.read(self.max_bytes + 1)
-        except OSError as exc:
-            raise ConfigurationError(
-                f"cannot read JWKS file {self.path!r}: {exc.strerror}", reason="invalid_jwks"
-            ) from None
+    def _parse(self, data: bytes) -> dict[str, IdPKey]:
         keys, self.problems = parse_idp_jwks(data, self.path)
-        self._signature = (st.st_mtime_ns, st.st_size, st.st_ino)
         return keys
-
-    def _maybe_reload(self) -> None:
-        with self._lock:
-            now = self._monotonic()
-            if now < self._next_check:
-                return
-            self._next_check = now + self.check_interval
-            try:
-                st = os.stat(self.path)
-            except OSError as exc:
-                self._report(f"cannot stat JWKS file {self.path!r}: {exc.strerror}")
-                return
-            if (st.st_mtime_ns, st.st_size, st.st_ino) == self._signature:
-                return
-            try:
-                self._keys = self._load()
-            except ConfigurationError as exc:
-                self._report(exc.detail)
-                return
-            self.last_error = None
-            logger.info("IdP key set reloaded from %s (%d keys)", self.path, len(self._keys))
-
-    def _report(self, message: str) -> None:
-        if message != self.last_error:
-            logger.warning("IdP key set %s: keeping the last good key set: %s", self.path, message)
-        self.last_error = message
 
     def get_key(self, kid: str) -> IdPKey | None:
         """The key for ``kid`` (after a reload check at most every ``check_interval``)."""
-        if self._monotonic() >= self._next_check:
-            self._maybe_reload()
-        return self._keys.get(kid)
+        return self.current.get(kid)
 
     async def aget_key(self, kid: str) -> IdPKey | None:
         return self.get_key(kid)
@@ -348,12 +303,10 @@ class IdPKeyFile:
     def usable_with(self, algorithms: Iterable[str]) -> bool:
         """Whether at least one key can verify one of ``algorithms``."""
         wanted = frozenset(algorithms)
-        return any(key.algorithms & wanted for key in self._keys.values())
+        return any(key.algorithms & wanted for key in self._value.values())
 
     def status(self) -> dict[str, Any]:
-        if self._monotonic() >= self._next_check:
-            self._maybe_reload()
-        return {"source": self.path, "ready": True, "keys": len(self._keys), "last_error": self.last_error}
+        return {"source": self.path, "ready": True, "keys": len(self.current), "last_error": self.last_error}
 
 
 class IdPKeyEndpoint:
@@ -698,9 +651,8 @@ class UserTokenVerifier:
         if type(token) is not str:
             raise MalformedToken("token must be a string", expected="str", actual=type(token).__name__)
         if len(token) > self.max_token_bytes:
-            raise TokenTooLarge(
-                "token exceeds the size limit", expected=f"<= {self.max_token_bytes} bytes", actual=len(token)
-            )
+            # Before the cache lookup hashes it; split_compact checks again, at the cost of a len().
+            raise token_too_large(len(token), self.max_token_bytes)
         # Fast path: this exact token verified before, is still inside its
         # time window, and its issuer still serves the same key for its kid.
         entry = self._verified.get(token)
@@ -709,16 +661,7 @@ class UserTokenVerifier:
             if self.clock() < usable_until and await self._current_key(principal) is key:
                 return principal
             self._verified.pop(token, None)
-        if not _COMPACT.fullmatch(token):
-            dots = token.count(".")
-            if dots != 2:
-                raise MalformedToken("a compact JWS has exactly three segments", expected=3, actual=dots + 1)
-            raise MalformedToken(
-                "token segments are not base64url",
-                expected="[A-Za-z0-9_-]+ segments",
-                actual="other characters, padding or an empty segment",
-            )
-        header_b64, payload_b64, signature_b64 = token.split(".")
+        header_b64, payload_b64, signature_b64 = split_compact(token, self.max_token_bytes, _COMPACT)
         header = self._headers.get(header_b64)
         if header is None:
             header = self._parse_header(header_b64)
@@ -780,27 +723,14 @@ class UserTokenVerifier:
         self._headers.clear()
 
     def _parse_header(self, header_b64: str) -> tuple[str, str]:
-        header = loads_object(b64url_decode(header_b64, "header", checked=True), "header")
-        forbidden = FORBIDDEN_HEADER_MEMBERS.intersection(header)
-        if forbidden:
-            raise MalformedToken(
-                "header carries a forbidden member",
-                expected="none of jku, jwk, x5u, x5c, crit, ...",
-                actual=sorted(forbidden),
-            )
-        alg = header.get("alg")
-        if not isinstance(alg, str) or not alg:
-            raise MalformedToken("header has no 'alg'", expected="string", actual=type(alg).__name__)
+        header = decode_header(header_b64)
+        alg = header_alg(header)
         if alg not in IDP_ALGORITHMS:
             # "none", HS256 (an HMAC keyed with a public key) and the rest.
             raise UnsupportedAlgorithm(
                 "algorithm not allowed for user tokens", expected=list(IDP_ALGORITHMS), actual=_clip(alg, 32)
             )
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise MalformedToken("header has no 'kid'", expected="string", actual=type(kid).__name__)
-        if len(kid) > 256:
-            raise MalformedToken("header 'kid' is too long", expected="<= 256 characters", actual=len(kid))
+        kid = header_kid(header)
         if "typ" in header:
             typ = _typ_of(header["typ"])
             if typ not in _USER_TOKEN_TYPES:
