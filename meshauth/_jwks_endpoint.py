@@ -36,11 +36,12 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 import httpx
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from tenacity import (
     DoAttempt,
@@ -664,6 +665,13 @@ class JWKSEndpoint:
         self._fetch_duration = telemetry.meter.create_histogram(
             "meshauth.jwks.fetch.duration", unit="s", description="Time to fetch the JWKS, retries included"
         )
+        # Read at collection time only: costs nothing on the verify path.
+        telemetry.meter.create_observable_gauge(
+            "meshauth.jwks.age",
+            callbacks=[self._observe_age],
+            unit="s",
+            description="Age of the key set in service (time since its last good fetch)",
+        )
 
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
@@ -1270,6 +1278,11 @@ class JWKSEndpoint:
             "problems": list(snapshot.keys.problems[:_MAX_PROBLEMS_SHOWN]) if snapshot is not None else [],
         }
         return info
+
+    def _observe_age(self, options: CallbackOptions) -> Iterable[Observation]:
+        snapshot = self._snapshot
+        if snapshot is not None:
+            yield Observation(self._monotonic() - snapshot.good_at, {"server.address": self._host})
 
     def close(self) -> None:
         """Stop fetching (the set in service stays usable until it is too stale); wait for refresh threads."""

@@ -981,6 +981,8 @@ def test_fetches_are_traced_counted_and_audited(
         for p in telemetry.metric_points("meshauth.jwks.fetches")
     }
     assert points == {("accepted", "ok"): 1, ("rejected", "http_error"): 1}
+    (age,) = telemetry.metric_points("meshauth.jwks.age")  # the last good set is 400 s old now
+    assert age.value == pytest.approx(400, abs=1) and age.attributes == {"server.address": "127.0.0.1"}
     events = [(f["event"], f["outcome"], f["reason"]) for f in audit_log.fields()]
     assert events == [("jwks.refresh", "accepted", "ok"), ("jwks.refresh", "rejected", "http_error")]
 
