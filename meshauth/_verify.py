@@ -48,7 +48,7 @@ from ._exceptions import (
     WrongAudience,
     WrongTokenType,
 )
-from ._jws import b64url_decode, loads_object, split_compact, token_too_large
+from ._jws import b64url_decode, b64url_decode_or_none, loads_object, split_compact, token_too_large
 from ._keys import ALGORITHMS, KeyRecord
 from ._principal import Principal, make_principal
 from ._registry import KeySource
@@ -412,6 +412,21 @@ class Verifier:
     # -- the checks ----------------------------------------------------------------
 
     def _parse(self, token: str) -> tuple[tuple[str, str], dict[str, Any], bytes, bytes]:
+        if len(token) > self.max_token_bytes:
+            raise token_too_large(len(token), self.max_token_bytes)
+        # Fast path for the common case: a header already seen and validated,
+        # and two segments that decode strictly (no '+', '/' or '=' anywhere,
+        # so the standard-alphabet strict decoder accepts base64url only).
+        # Anything unusual falls through to the exact checks below.
+        segments = token.split(".")
+        if len(segments) == 3 and "+" not in token and "/" not in token and "=" not in token:
+            header = self._headers.get(segments[0])
+            if header is not None:
+                payload_bytes = b64url_decode_or_none(segments[1])
+                signature = b64url_decode_or_none(segments[2])
+                if payload_bytes is not None and signature is not None:
+                    signing_input = token[: len(segments[0]) + 1 + len(segments[1])].encode("ascii")
+                    return header, loads_object(payload_bytes, "payload"), signing_input, signature
         header_b64, payload_b64, signature_b64 = split_compact(token, self.max_token_bytes)
         header = self._headers.get(header_b64)
         if header is None:
