@@ -297,3 +297,41 @@ def test_spans_cost_nothing_while_no_tracing_sdk_is_installed(monkeypatch: pytes
     telemetry.start_span("meshauth.verify").end()
     assert telemetry._off is False  # an SDK is installed now: spans go to the tracer again
     assert Telemetry(tracer_provider=installed).start_span("meshauth.verify").is_recording()
+
+
+def test_many_threads_and_tasks_share_one_verifier(mesh: Mesh) -> None:
+    """Concurrent verifications with a small cache (constant eviction) never fail or mix principals."""
+    import threading
+
+    verifier = mesh.verifier("payments", cache_size=16)
+    callers = ["orders", "billing", "gateway"]
+    tokens = [(caller, mesh.identity(caller).mint("payments")) for caller in callers for _ in range(20)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(16)
+
+    def work(offset: int) -> None:
+        try:
+            barrier.wait(5)
+            for round_ in range(10):
+                for index in range(len(tokens)):
+                    caller, token = tokens[(index + offset + round_) % len(tokens)]
+                    assert verifier.verify(token).caller == caller
+        except BaseException as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n * 7,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+
+    async def tasks() -> None:
+        async def one(caller: str, token: str) -> None:
+            assert (await verifier.averify(token)).caller == caller
+
+        await asyncio.gather(*(one(caller, token) for caller, token in tokens * 5))
+
+    asyncio.run(tasks())
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    # Inserts below the limit take no lock, so racing threads may each add one more.
+    assert len(verifier._verified) <= 16 + len(threads)
