@@ -145,7 +145,7 @@ class ServiceIdentity:
             now = self._clock()
             if entry is not None and now < entry[1]:
                 return entry[0]
-            token, expires = self._mint(audience, subject=None, actors=(), scope=scope, ttl=self.ttl)
+            token, expires = self._mint(audience, subject=None, actors=(), scope=_scope_text(scope), ttl=self.ttl)
             self._tokens[cache_key] = (token, expires - self.refresh_margin, expires)
             return token
         finally:

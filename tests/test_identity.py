@@ -253,3 +253,9 @@ def test_refresh_ahead_does_not_block_other_callers(clock: FakeClock) -> None:
 def test_repr_has_no_secret(mesh: Mesh) -> None:
     identity = mesh.identity("orders")
     assert "orders" in repr(identity) and "PRIVATE" not in repr(identity)
+
+
+def test_token_for_normalizes_its_scope(mesh: Mesh) -> None:
+    orders = mesh.identity("orders")
+    assert _claims(orders.token_for("payments", scope=" a  b "))["scope"] == "a b"
+    assert "scope" not in _claims(orders.token_for("payments", scope="  "))
