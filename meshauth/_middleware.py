@@ -411,6 +411,7 @@ class RequestGuard:
         method: str,
         path: str,
         client: str | None,
+        traceparent: str | None = None,
     ) -> None:
         """One ``request`` audit record for a request handed to the app."""
         if not AUDIT_LOGGER.isEnabledFor(logging.INFO):
@@ -438,6 +439,7 @@ class RequestGuard:
             method=method,
             path=_audit_path(path),
             client=client,
+            traceparent=traceparent,
             **extra,
         )
 
@@ -451,6 +453,7 @@ class RequestGuard:
         method: str,
         path: str,
         client: str | None,
+        traceparent: str | None = None,
     ) -> None:
         """One ``request`` audit record for a refused request (``rejected`` or ``denied``)."""
         if not AUDIT_LOGGER.isEnabledFor(logging.INFO):
@@ -482,6 +485,7 @@ class RequestGuard:
             method=method,
             path=_audit_path(path),
             client=client,
+            traceparent=traceparent,
             **fields,
         )
 
@@ -536,6 +540,14 @@ class Requirement:
                 f'{prefix}{separator}error="insufficient_scope", scope={needed}',
             )
         return None
+
+
+def asgi_traceparent(scope: Mapping[str, Any]) -> str | None:
+    """The request's ``traceparent`` header (read only when an audit record is written)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"traceparent":
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _audit_path(raw_path: str) -> str:

@@ -9,6 +9,7 @@ signature or key material: callers pass names, ids and reason codes only.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -74,6 +75,17 @@ def span_ids(span: Span | None = None) -> tuple[str | None, str | None]:
     return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
+_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_id_of(traceparent: str) -> str | None:
+    """The trace id of a W3C ``traceparent`` header value, or None if it is not one."""
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    if match is None or match[1] == "0" * 32:
+        return None
+    return match[1]
+
+
 def mark_rejected(span: Span, error: BaseException, reason: str, outcome: str = "rejected") -> None:
     """Record a rejection on a meshauth span: outcome, reason, error.type, status ERROR."""
     if span.is_recording():
@@ -90,6 +102,7 @@ def audit(
     *,
     span: Span | None = None,
     level: int = logging.INFO,
+    traceparent: str | None = None,
     **fields: Any,
 ) -> None:
     """Emit one audit record on the ``meshauth.audit`` logger.
@@ -100,6 +113,10 @@ def audit(
     if not AUDIT_LOGGER.isEnabledFor(level):
         return
     trace_id, span_id = span_ids(span)
+    if trace_id is None and traceparent:
+        # No tracing SDK here, but the caller sent a W3C trace context: keep
+        # its trace id so this record joins the rest of the request's trail.
+        trace_id = trace_id_of(traceparent)
     record: dict[str, Any] = {
         "event": event,
         "outcome": outcome,

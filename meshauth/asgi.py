@@ -22,6 +22,7 @@ from ._middleware import (
     ErrorHook,
     RequestGuard,
     asgi_raw_path,
+    asgi_traceparent,
 )
 from ._policy import Decision, Policy
 from ._principal import Principal
@@ -171,6 +172,7 @@ class MeshAuthMiddleware:
                 method=scope.get("method", "GET"),
                 path=asgi_raw_path(scope),
                 client=_client(scope),
+                traceparent=asgi_traceparent(scope),
             )
         if nonce is not None:
             send = self._proving(send, principal.caller, nonce)
@@ -211,6 +213,7 @@ class MeshAuthMiddleware:
             method=scope.get("method", "GET"),
             path=asgi_raw_path(scope),
             client=_client(scope),
+            traceparent=asgi_traceparent(scope),
         )
         headers = reply.asgi_headers()
         if nonce is not None and principal is not None and self._identity is not None:

@@ -116,7 +116,13 @@ class MeshAuthMiddleware:
         environ[PRINCIPAL_KEY] = principal
         if AUDIT_LOGGER.isEnabledFor(logging.INFO):
             guard.audit_accepted(
-                principal, decision, span, method=method, path=wsgi_raw_path(environ), client=_client(environ)
+                principal,
+                decision,
+                span,
+                method=method,
+                path=wsgi_raw_path(environ),
+                client=_client(environ),
+                traceparent=environ.get("HTTP_TRACEPARENT"),
             )
         if nonce is not None:
             start_response = self._proving(start_response, principal.caller, nonce)
@@ -158,6 +164,7 @@ class MeshAuthMiddleware:
             method=environ.get("REQUEST_METHOD") or "GET",
             path=wsgi_raw_path(environ),
             client=_client(environ),
+            traceparent=environ.get("HTTP_TRACEPARENT"),
         )
         headers = list(reply.headers)
         if nonce is not None and principal is not None and self._identity is not None:

@@ -187,3 +187,36 @@ def test_json_formatter_writes_one_object_per_line(mesh: Mesh, tmp_path: Any) ->
     assert first["event"] == "verify" and first["outcome"] == "accepted" and first["caller"] == "orders"
     assert second["outcome"] == "rejected" and second["reason"] == "malformed"
     assert {"timestamp", "level", "logger", "message", "trace_id", "span_id", "time"} <= set(first)
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "expected"),
+    [
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "4bf92f3577b34da6a3ce929d0e0e4736"),
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),  # an invalid, all-zero trace id
+        ("not a traceparent", None),
+    ],
+)
+def test_audit_joins_the_callers_trace_without_an_sdk(
+    mesh: Mesh, audit_log: Any, traceparent: str, expected: str | None
+) -> None:
+    """With no tracing SDK, the audit record still carries the trace id the caller sent."""
+    from meshauth.wsgi import MeshAuthMiddleware as WSGIMiddleware
+
+    token = mesh.identity("orders").mint("payments")
+    headers = {"Authorization": f"Bearer {token}", "traceparent": traceparent}
+    asgi_app = MeshAuthMiddleware(charges, mesh.verifier("payments"))
+
+    def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    async def asgi_call(headers: dict[str, str]) -> int:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(asgi_app), base_url="http://p") as client:
+            return (await client.post("/charges", headers=headers)).status_code
+
+    assert asyncio.run(asgi_call(headers)) == 200
+    assert asyncio.run(asgi_call({**headers, "Authorization": "Bearer nope.nope.nope"})) == 401
+    with httpx.Client(transport=httpx.WSGITransport(WSGIMiddleware(hello, mesh.verifier("payments")))) as client:
+        assert client.get("http://p/", headers=headers).status_code == 200
+    assert [record["trace_id"] for record in audit_log.fields()] == [expected] * 3
