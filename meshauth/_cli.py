@@ -477,6 +477,8 @@ def _cmd_registry_check(args: argparse.Namespace) -> int:
         max_token_lifetime=args.max_token_lifetime,
         leeway=args.leeway,
         max_age=args.max_age,
+        services=args.services or None,
+        previous=_read_registry(args.previous) if args.previous else None,
     )
     rows = [
         {
@@ -895,9 +897,22 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         "check the key rotation invariants",
         "Check a registry against the key rotation rules (exit 1 on any error finding).",
-        "  meshauth registry check registry.json --max-age 300",
+        "  meshauth registry check registry.json --max-age 300\n"
+        "  meshauth registry check new.json --previous published.json --service orders --service payments",
     )
     check.add_argument("file", metavar="FILE", help="the registry JWKS file")
+    check.add_argument(
+        "--previous",
+        metavar="FILE",
+        help="the registry currently published: also check the keys this change adds or removes",
+    )
+    check.add_argument(
+        "--service",
+        dest="services",
+        action="append",
+        metavar="NAME",
+        help="a service that must have a valid key (repeatable)",
+    )
     check.add_argument(
         "--max-token-lifetime",
         type=_bounded(int, 1, 86400),

@@ -697,3 +697,18 @@ def test_python_dash_m_meshauth_round_trip(tmp_path: Path) -> None:
     rejected = run("verify", token, "--registry", "registry.json", "--aud", "billing")
     assert rejected.returncode == 1
     assert rejected.stderr.startswith("rejected: wrong_audience")
+
+
+def test_registry_check_against_the_published_registry(cli: Run, registry: Path, tmp_path: Path) -> None:
+    published = tmp_path / "published.json"
+    published.write_text(registry.read_text())
+    empty = tmp_path / "next.json"
+    empty.write_text(json.dumps({"keys": []}))
+    code, stdout, _ = cli("registry", "check", str(empty), "--previous", str(published), "--json")
+    assert code == 1
+    codes = {finding["code"] for finding in json.loads(stdout)["findings"]}
+    assert "removed_too_early" in codes  # removing the only key revokes every live token at once
+
+    code, stdout, _ = cli("registry", "check", str(registry), "--service", "orders", "--service", "payments")
+    assert code == 1
+    assert re.search(r"ERROR\s+no_valid_key\s+payments", stdout)
