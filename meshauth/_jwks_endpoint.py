@@ -36,8 +36,8 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Generator, Iterable, Mapping
+from typing import Any, Final
 
 import httpx
 from opentelemetry import metrics, trace
@@ -85,22 +85,8 @@ _HEAD: Final = re.compile(r'[ \t\r\n]*\{[ \t\r\n]*"keys"[ \t\r\n]*:[ \t\r\n]*\[[
 _MAYBE_PRIVATE: Final = re.compile(r'"[dpqko][pqith]{0,2}"')
 
 
-class KeyIndex(Protocol):
-    """What :class:`JWKSEndpoint` needs from a loaded key set (``KeySet`` or ``RawKeySet``)."""
-
-    problems: list[str]
-
-    def get(self, kid: str) -> KeyRecord | None: ...
-
-    def kids(self) -> list[str]: ...
-
-    def __len__(self) -> int: ...
-
-    def to_jwks(self) -> dict[str, Any]: ...
-
-
-class RawKeySet:
-    """A registry document indexed by ``kid``, each key parsed on first use.
+class RawKeySet(KeySet):
+    """A registry document indexed by ``kid``, each key parsed from its text on first use.
 
     Loading only locates each key object and its ``kid`` in the text, so a
     10,000-key document is ready in a few milliseconds; lookup is one dict
@@ -109,66 +95,19 @@ class RawKeySet:
     key that fails is treated as absent and described in :attr:`problems`.
     """
 
-    __slots__ = ("_lock", "_raw", "_records", "problems", "source")
+    __slots__ = ()
 
     def __init__(self, raw: dict[str, str], *, source: str = "registry") -> None:
-        self._raw = raw
-        self._records: dict[str, KeyRecord | None] = {}
-        self._lock = threading.Lock()
-        self.problems: list[str] = []
-        self.source = source
+        super().__init__(source=source, _entries=raw)
 
-    def get(self, kid: str) -> KeyRecord | None:
-        """The record for ``kid``, or ``None`` (absent or invalid)."""
-        record = self._records.get(kid)
-        if record is not None:
-            return record
-        if kid in self._raw and kid not in self._records:
-            return self._materialize(kid)
-        return None
-
-    def _materialize(self, kid: str) -> KeyRecord | None:
-        with self._lock:
-            if kid in self._records:
-                return self._records[kid]
-            where = f"{self.source}: kid {kid[:64]!r}"
-            part = self._raw[kid]
-            record: KeyRecord | None = None
-            try:
-                jwk = strict_json_loads("{" + part + "}")
-                if not isinstance(jwk, dict) or jwk.get("kid") != kid:
-                    raise ConfigurationError(f"{where} is not a well-formed key object", reason="invalid_registry")
-                record = parse_jwk(jwk, where)
-            except ConfigurationError as exc:
-                self._report(exc.detail)
-            except (ValueError, RecursionError):
-                self._report(f"{where} is not valid JSON")
-            self._records[kid] = record
-            return record
-
-    def _report(self, problem: str) -> None:
-        self.problems.append(problem)
-        logger.warning("meshauth registry: skipping a bad key: %s", problem)
-
-    def __contains__(self, kid: object) -> bool:
-        return isinstance(kid, str) and self.get(kid) is not None
-
-    def __len__(self) -> int:
-        return len(self._raw)
-
-    def kids(self) -> list[str]:
-        """Every indexed ``kid``, in document order (validated or not)."""
-        return list(self._raw)
-
-    def __iter__(self) -> Iterator[KeyRecord]:
-        for kid in self._raw:
-            record = self.get(kid)
-            if record is not None:
-                yield record
-
-    def to_jwks(self) -> dict[str, Any]:
-        """The valid keys as a registry document (parses every key)."""
-        return {"keys": [dict(record.jwk) for record in self]}
+    def _build(self, kid: str, entry: Any, where: str) -> KeyRecord:
+        try:
+            jwk = strict_json_loads("{" + entry + "}")
+        except (ValueError, RecursionError):
+            raise ConfigurationError(f"{where} is not valid JSON", reason="invalid_registry") from None
+        if not isinstance(jwk, dict) or jwk.get("kid") != kid:
+            raise ConfigurationError(f"{where} is not a well-formed key object", reason="invalid_registry")
+        return parse_jwk(jwk, where)
 
 
 def _fast_index(text: str) -> dict[str, str] | None:
@@ -260,7 +199,7 @@ def _refuse_private_members(document: Mapping[str, Any], source: str) -> None:
                 )
 
 
-def load_keys(body: bytes | str, source: str = "registry") -> KeyIndex:
+def load_keys(body: bytes | str, source: str = "registry") -> KeySet:
     """Load a registry document the way :class:`JWKSEndpoint` does.
 
     Returns a key index (``get(kid)``, ``problems``, ``kids()``, ``to_jwks()``).
@@ -282,7 +221,7 @@ def load_keys(body: bytes | str, source: str = "registry") -> KeyIndex:
     document = parse_registry_document(text, source)
     _refuse_private_members(document, source)
     keyset = KeySet.from_jwks(document, source=source, strict=False, lazy=True)
-    for problem in keyset.problems:
+    for problem in keyset.problems:  # found at load; later ones are logged as they are found
         logger.warning("meshauth registry: skipping a bad key: %s", problem)
     return keyset
 
@@ -419,7 +358,7 @@ class _Reply:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Fetched:
-    keys: KeyIndex
+    keys: KeySet
     etag: str | None
     max_age: float | None
     digest: bytes
@@ -458,7 +397,7 @@ _ABORTED: Final = _Aborted()
 class _Snapshot:
     """The key set in service and its timers (monotonic seconds)."""
 
-    keys: KeyIndex
+    keys: KeySet
     etag: str | None
     digest: bytes
     max_age: float
@@ -685,7 +624,7 @@ class JWKSEndpoint:
         self._last_reason: str | None = None
         self._last_attempt_wall: float | None = None
         self._negative: dict[str, float] = {}
-        self._document: tuple[KeyIndex, dict[str, Any]] | None = None
+        self._document: tuple[KeySet, dict[str, Any]] | None = None
         self._threads: set[threading.Thread] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -1211,7 +1150,7 @@ class JWKSEndpoint:
         return flight.ok
 
     @property
-    def keyset(self) -> KeyIndex | None:
+    def keyset(self) -> KeySet | None:
         """The key set in service, without fetching (``None`` before the first fetch)."""
         snapshot = self._snapshot
         return snapshot.keys if snapshot is not None else None

@@ -79,11 +79,12 @@ class KeySet:
         records: Iterable[KeyRecord] = (),
         *,
         source: str = "registry",
-        _entries: dict[str, Mapping[str, Any]] | None = None,
+        _entries: Mapping[str, Any] | None = None,
         problems: Iterable[str] = (),
     ) -> None:
         self._records: dict[str, KeyRecord | None] = {}
-        self._entries: dict[str, Mapping[str, Any]] = _entries or {}
+        # kid -> the not-yet-built entry (a JWK mapping here; subclasses may keep text)
+        self._entries: Mapping[str, Any] = _entries or {}
         self._lock = threading.Lock()
         self.source = source
         self.problems: list[str] = list(problems)
@@ -139,7 +140,7 @@ class KeySet:
         record = self._records.get(kid)
         if record is not None:
             return record
-        if kid in self._entries:
+        if kid in self._entries and kid not in self._records:  # a key found invalid stays None
             return self._materialize(kid)
         return None
 
@@ -147,14 +148,18 @@ class KeySet:
         with self._lock:
             if kid in self._records:
                 return self._records[kid]
-            record: KeyRecord | None
+            record: KeyRecord | None = None
             try:
-                record = parse_jwk(self._entries[kid], f"{self.source}: kid {kid[:64]!r}")
+                record = self._build(kid, self._entries[kid], f"{self.source}: kid {kid[:64]!r}")
             except ConfigurationError as exc:
                 self.problems.append(exc.detail)
-                record = None
+                logger.warning("meshauth registry: skipping a bad key: %s", exc.detail)
             self._records[kid] = record
             return record
+
+    def _build(self, kid: str, entry: Any, where: str) -> KeyRecord:
+        """Validate one entry and build its record; raise ``ConfigurationError`` naming the key."""
+        return parse_jwk(entry, where)
 
     def __contains__(self, kid: object) -> bool:
         return isinstance(kid, str) and self.get(kid) is not None

@@ -82,7 +82,8 @@ def test_lazy_key_that_fails_to_build_is_absent_and_reported() -> None:
     jwk["x"] = jwk["y"]  # structurally fine, not a point on the curve
     keyset = KeySet.from_jwks({"keys": [jwk]}, strict=False, lazy=True)
     assert keyset.get(key.kid) is None
-    assert any("not a valid ES256 public key" in p for p in keyset.problems)
+    assert keyset.get(key.kid) is None  # judged once: not rebuilt (under the lock) on every lookup
+    assert len(keyset.problems) == 1 and "not a valid ES256 public key" in keyset.problems[0]
 
 
 class Ticker:
