@@ -12,16 +12,20 @@ import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
+from time import perf_counter
 from typing import Any, Final
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, Status, StatusCode
+
+from ._exceptions import MalformedToken, MeshAuthError
 
 __all__ = ["AUDIT_LOGGER", "Telemetry", "audit", "span_ids"]
 
 AUDIT_LOGGER = logging.getLogger("meshauth.audit")
 _VERSION = "0.1.0"
 _ERROR = Status(StatusCode.ERROR)
+_ACCEPTED: Final = {"meshauth.outcome": "accepted", "meshauth.reason": "ok"}
 
 
 class Telemetry:
@@ -49,6 +53,42 @@ class Telemetry:
         self.verify_outcomes = self.meter.create_counter(
             "meshauth.verify.outcomes", unit="{token}", description="Token verification decisions"
         )
+
+    def accepted(  # noqa: PLR0917 - positional on purpose: this runs on every verification
+        self, span: Span, started: float, caller: str, subject: str, audience: str, kid: str, alg: str
+    ) -> None:
+        """Close a verify span as accepted and count it (``started``: a ``perf_counter()`` reading)."""
+        if span.is_recording():
+            span.set_attribute("meshauth.outcome", "accepted")
+            span.set_attribute("meshauth.caller", caller)
+            span.set_attribute("meshauth.subject", subject)
+            span.set_attribute("meshauth.audience", audience)
+            span.set_attribute("meshauth.kid", kid)
+            span.set_attribute("meshauth.alg", alg)
+        span.end()
+        self.verify_duration.record(perf_counter() - started, _ACCEPTED)
+        self.verify_outcomes.add(1, _ACCEPTED)
+
+    def rejected(
+        self, span: Span, error: MeshAuthError, started: float, *, audience: str | None, caller: str | None
+    ) -> None:
+        """Close a verify span as rejected (status ERROR, reason, error.type) and count it.
+
+        ``caller`` is set only by callers that verified the signature first: an
+        unverified name must not reach the trace store.
+        """
+        mark_rejected(span, error, error.reason)
+        if span.is_recording():
+            if audience:
+                span.set_attribute("meshauth.audience", audience)
+            if error.kid:
+                span.set_attribute("meshauth.kid", error.kid[:256])
+            if caller:
+                span.set_attribute("meshauth.caller", caller)
+        span.end()
+        attributes = {"meshauth.outcome": "rejected", "meshauth.reason": error.reason}
+        self.verify_duration.record(perf_counter() - started, attributes)
+        self.verify_outcomes.add(1, attributes)
 
     def start_span(self, name: str) -> Span:
         """Start a meshauth span as a child of the current span (cheap when tracing is off)."""
@@ -84,6 +124,24 @@ def trace_id_of(traceparent: str) -> str | None:
     if match is None or match[1] == "0" * 32:
         return None
     return match[1]
+
+
+def fail_closed(exc: Exception) -> MeshAuthError:
+    """The meshauth error to report for ``exc`` raised while judging a token.
+
+    A meshauth error is itself; anything else is a defect or an unforeseen
+    input, reported as ``malformed`` (the request is refused) with the
+    original as ``__cause__`` and nothing of the token in the message. An
+    error without a cause also drops its suppressed context: a
+    ``JSONDecodeError`` or ``UnicodeDecodeError`` there holds the decoded token.
+    """
+    if isinstance(exc, MeshAuthError):
+        if exc.__cause__ is None:
+            exc.__context__ = None
+        return exc
+    wrapped = MalformedToken(f"token could not be processed ({type(exc).__name__})")
+    wrapped.__cause__ = exc
+    return wrapped
 
 
 def mark_rejected(span: Span, error: BaseException, reason: str, outcome: str = "rejected") -> None:

@@ -53,7 +53,7 @@ from ._keys import ALGORITHMS, KeyRecord
 from ._principal import Principal, make_principal
 from ._registry import KeySource
 from ._replay import ReplayCache
-from ._telemetry import AUDIT_LOGGER, Telemetry, audit, mark_rejected
+from ._telemetry import AUDIT_LOGGER, Telemetry, audit, fail_closed
 
 __all__ = ["RESPONSE_TOKEN_TYPE", "SERVICE_TOKEN_TYPE", "Verifier"]
 
@@ -69,7 +69,6 @@ MAX_JTI_LENGTH: Final = 256
 MAX_LEEWAY: Final = 300
 _HEADER_CACHE_SIZE: Final = 512
 _NO_SCOPES: Final[frozenset[str]] = frozenset()
-_ACCEPTED: Final = {"meshauth.outcome": "accepted", "meshauth.reason": "ok"}
 
 
 def decode_header(header_b64: str) -> dict[str, Any]:
@@ -345,17 +344,9 @@ class Verifier:
     # -- telemetry ---------------------------------------------------------------
 
     def _accepted(self, span: trace.Span, principal: Principal, started: float, write_audit: bool) -> None:
-        telemetry = self.telemetry
-        if span.is_recording():
-            span.set_attribute("meshauth.outcome", "accepted")
-            span.set_attribute("meshauth.caller", principal.caller)
-            span.set_attribute("meshauth.subject", principal.subject)
-            span.set_attribute("meshauth.audience", self.audience)
-            span.set_attribute("meshauth.kid", principal.kid)
-            span.set_attribute("meshauth.alg", principal.alg)
-        span.end()
-        telemetry.verify_duration.record(perf_counter() - started, _ACCEPTED)
-        telemetry.verify_outcomes.add(1, _ACCEPTED)
+        self.telemetry.accepted(
+            span, started, principal.caller, principal.subject, self.audience, principal.kid, principal.alg
+        )
         if write_audit and AUDIT_LOGGER.isEnabledFor(logging.INFO):
             audit(
                 "verify",
@@ -371,43 +362,24 @@ class Verifier:
             )
 
     def _rejected(self, span: trace.Span, exc: BaseException, started: float, write_audit: bool) -> MeshAuthError:
-        if not isinstance(exc, MeshAuthError):
-            if not isinstance(exc, Exception):
-                span.end()
-                raise exc  # KeyboardInterrupt, CancelledError: not ours to translate
-            # A defect or an unforeseen input: fail closed, and say nothing of the token.
-            wrapped: MeshAuthError = MalformedToken(f"token could not be processed ({type(exc).__name__})")
-            wrapped.__cause__ = exc
-            exc = wrapped
-        if exc.__cause__ is None:
-            # The suppressed context (a JSONDecodeError, a UnicodeDecodeError)
-            # holds the decoded token: do not let it travel with the error.
-            exc.__context__ = None
-        reason = exc.reason
-        mark_rejected(span, exc, reason)
-        caller = getattr(exc, "caller", None)
-        if span.is_recording():
-            span.set_attribute("meshauth.audience", self.audience)
-            if exc.kid:
-                span.set_attribute("meshauth.kid", exc.kid[:256])
-            if caller:
-                span.set_attribute("meshauth.caller", caller)
-        span.end()
-        attributes = {"meshauth.outcome": "rejected", "meshauth.reason": reason}
-        self.telemetry.verify_duration.record(perf_counter() - started, attributes)
-        self.telemetry.verify_outcomes.add(1, attributes)
+        if not isinstance(exc, Exception):
+            span.end()
+            raise exc  # KeyboardInterrupt, CancelledError: not ours to translate
+        error = fail_closed(exc)
+        caller = getattr(error, "caller", None)  # set only once the signature verified
+        self.telemetry.rejected(span, error, started, audience=self.audience, caller=caller)
         if write_audit:
             audit(
                 "verify",
                 "rejected",
-                reason,
+                error.reason,
                 span=span,
                 audience=self.audience,
-                kid=exc.kid[:256] if exc.kid else None,
+                kid=error.kid[:256] if error.kid else None,
                 caller=caller,
-                detail=exc.detail,
+                detail=error.detail,
             )
-        return exc
+        return error
 
     # -- the checks ----------------------------------------------------------------
 

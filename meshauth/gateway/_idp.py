@@ -64,7 +64,7 @@ from .._exceptions import (
 )
 from .._jws import b64url_decode, loads_object, raw_to_der, split_compact, strict_json_loads, token_too_large
 from .._registry import WatchedFile
-from .._telemetry import Telemetry, mark_rejected
+from .._telemetry import Telemetry, fail_closed
 from .._verify import RESPONSE_TOKEN_TYPE, SERVICE_TOKEN_TYPE, decode_header, header_alg, header_kid
 from ._config import IDP_ALGORITHMS, IssuerConfig, is_loopback_host
 
@@ -100,7 +100,6 @@ _PKCS1: Final = padding.PKCS1v15()
 # RFC 7518 section 3.5: the PSS salt is as long as the hash output.
 _PSS: Final = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 _ECDSA: Final = ec.ECDSA(hashes.SHA256())
-_ACCEPTED: Final = {"meshauth.outcome": "accepted", "meshauth.reason": "ok"}
 _MAX_AGE: Final = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d{1,9})")
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
@@ -606,44 +605,23 @@ class UserTokenVerifier:
     async def averify(self, token: str) -> UserPrincipal:
         """Verify ``token``; see the class docstring for the order of the checks."""
         started = perf_counter()
-        span = self.telemetry.tracer.start_span("meshauth.verify")
+        span = self.telemetry.start_span("meshauth.verify")
         try:
             principal = await self._verify(token)
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 span.end()
                 raise
-            error = exc if isinstance(exc, MeshAuthError) else None
-            if error is None:
-                # A defect or an unforeseen input: fail closed, say nothing of the token.
-                error = MalformedToken(f"token could not be processed ({type(exc).__name__})")
-                error.__cause__ = exc
-            self._rejected(span, error, started)
-            raise error from None
-        if span.is_recording():
-            span.set_attribute("meshauth.outcome", "accepted")
-            span.set_attribute("meshauth.caller", principal.issuer)
-            span.set_attribute("meshauth.subject", principal.subject)
-            span.set_attribute("meshauth.audience", principal.audience)
-            span.set_attribute("meshauth.kid", principal.kid)
-            span.set_attribute("meshauth.alg", principal.alg)
-        span.end()
-        self.telemetry.verify_duration.record(perf_counter() - started, _ACCEPTED)
-        self.telemetry.verify_outcomes.add(1, _ACCEPTED)
+            error = fail_closed(exc)
+            issuer = getattr(error, "issuer", None)  # the configured issuer the token was judged against
+            self.telemetry.rejected(
+                span, error, started, audience=None, caller=issuer if isinstance(issuer, str) else None
+            )
+            raise error from error.__cause__
+        self.telemetry.accepted(
+            span, started, principal.issuer, principal.subject, principal.audience, principal.kid, principal.alg
+        )
         return principal
-
-    def _rejected(self, span: trace.Span, error: MeshAuthError, started: float) -> None:
-        mark_rejected(span, error, error.reason)
-        if span.is_recording():
-            issuer = getattr(error, "issuer", None)
-            if isinstance(issuer, str):
-                span.set_attribute("meshauth.caller", issuer)
-            if error.kid:
-                span.set_attribute("meshauth.kid", error.kid[:256])
-        span.end()
-        attributes = {"meshauth.outcome": "rejected", "meshauth.reason": error.reason}
-        self.telemetry.verify_duration.record(perf_counter() - started, attributes)
-        self.telemetry.verify_outcomes.add(1, attributes)
 
     # -- the checks -----------------------------------------------------------------
 
