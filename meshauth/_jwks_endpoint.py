@@ -634,14 +634,9 @@ class JWKSEndpoint:
 
     def get_key(self, kid: str) -> KeyRecord | None:
         """The record for ``kid`` or ``None``; may fetch (blocking) when the cache is cold."""
-        snapshot = self._snapshot
-        if snapshot is not None:
-            now = self._monotonic()
-            # Fresh, or no refresh may start (backing off, closed) and still usable.
-            if now < snapshot.refresh_at or (now < self._retry_at and now < snapshot.usable_until):
-                record = snapshot.keys.get(kid)
-                if record is not None:
-                    return record
+        record = self._served(kid)
+        if record is not None:
+            return record
         flow = self._lookup_flow(kid)
         while True:
             try:
@@ -653,13 +648,9 @@ class JWKSEndpoint:
 
     async def aget_key(self, kid: str) -> KeyRecord | None:
         """Async :meth:`get_key`: fetches without blocking the event loop."""
-        snapshot = self._snapshot
-        if snapshot is not None:
-            now = self._monotonic()
-            if now < snapshot.refresh_at or (now < self._retry_at and now < snapshot.usable_until):
-                record = snapshot.keys.get(kid)
-                if record is not None:
-                    return record
+        record = self._served(kid)
+        if record is not None:
+            return record
         flow = self._lookup_flow(kid)
         while True:
             try:
@@ -668,6 +659,16 @@ class JWKSEndpoint:
                 result: KeyRecord | None = stop.value
                 return result
             await self._fetch_async(need)
+
+    def _served(self, kid: str) -> KeyRecord | None:
+        """The cached record for ``kid`` when no lookup flow is needed (the hot path), else None."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            now = self._monotonic()
+            # Fresh, or no refresh may start (backing off, closed) and still usable.
+            if now < snapshot.refresh_at or (now < self._retry_at and now < snapshot.usable_until):
+                return snapshot.keys.get(kid)
+        return None
 
     # -- the lookup policy (written once) -------------------------------------------------
 
