@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,7 +28,6 @@ from ._jws import b64url_decode, b64url_encode, der_to_raw, raw_to_der
 
 __all__ = ["ALGORITHMS", "KeyRecord", "SigningKey", "check_jwk", "jwk_thumbprint", "parse_jwk"]
 
-Algorithm = Literal["ES256", "EdDSA"]
 ALGORITHMS: Final = ("ES256", "EdDSA")
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
-from ._exceptions import ConfigurationError, KeysUnavailable
+from ._exceptions import ConfigurationError
 from ._jws import strict_json_loads
 from ._keys import KeyRecord, check_jwk, parse_jwk
 
@@ -377,8 +377,3 @@ class JWKSFile(WatchedFile[KeySet]):
             "loaded_at": self.loaded_at,
             "ready": True,
         }
-
-
-def unavailable(source: str, why: str) -> KeysUnavailable:
-    """Build the error a source raises when it has no usable key set at all."""
-    return KeysUnavailable(f"{source}: {why}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
 from time import perf_counter
 from typing import Any, Final
 
@@ -198,11 +197,3 @@ def audit(
         f"{key}={record[key]}" for key in ("caller", "subject", "audience", "method", "path") if record.get(key)
     )
     AUDIT_LOGGER.log(level, "%s %s: %s %s", event, outcome, reason, summary, extra={"meshauth": record})
-
-
-def set_attributes(span: Span, attributes: Mapping[str, str | int | bool | Sequence[str] | None]) -> None:
-    """Set the non-``None`` attributes on a recording span."""
-    if span.is_recording():
-        for key, value in attributes.items():
-            if value is not None:
-                span.set_attribute(key, value)
