@@ -19,9 +19,7 @@ The checks run in a fixed order, each on data the previous step vouched for:
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from time import perf_counter
@@ -30,6 +28,7 @@ from typing import Any, Final
 
 from opentelemetry import metrics, trace
 
+from ._cache import VerifiedTokens
 from ._exceptions import (
     BadSignature,
     InvalidClaim,
@@ -246,10 +245,10 @@ class Verifier:
         self.cache_size = cache_size
         self.telemetry = Telemetry(tracer_provider, meter_provider)
         # exact token string -> (principal, usable-until, key record it verified with)
-        self._verified: dict[str, tuple[Principal, float, KeyRecord]] = {}
+        self._cache: VerifiedTokens[tuple[Principal, float, KeyRecord]] = VerifiedTokens(cache_size, clock)
+        self._verified = self._cache.entries  # read directly on the hot path
         # header segment -> (alg, kid) for headers that passed the strict checks
         self._headers: dict[str, tuple[str, str]] = {}
-        self._lock = threading.Lock()
 
     # -- public API -------------------------------------------------------------
 
@@ -574,30 +573,9 @@ class Verifier:
             raise error
 
     def _remember(self, token: str, principal: Principal, usable_until: float, record: KeyRecord) -> None:
-        verified = self._verified
-        if len(verified) < self.cache_size:
-            verified[token] = (principal, usable_until, record)  # one atomic dict store: no lock
-            return
-        if self.cache_size <= 0:
-            return
-        with self._lock:  # one sweeper at a time; inserts by others may go on meanwhile
-            now = self.clock()
-            # list() copies the items in one C call, so concurrent inserts
-            # cannot break the iteration; pop() tolerates entries gone since.
-            for stale, entry in list(verified.items()):
-                if entry[1] <= now:
-                    verified.pop(stale, None)
-            # Full of live tokens: make room for an eighth at once (oldest
-            # first), so a busy verifier sweeps once per cache_size/8 inserts
-            # rather than on every insert.
-            room = max(1, self.cache_size // 8)
-            if len(verified) > self.cache_size - room:
-                for oldest in list(itertools.islice(iter(verified), room)):
-                    verified.pop(oldest, None)
-            verified[token] = (principal, usable_until, record)
+        self._cache.put(token, (principal, usable_until, record))
 
     def clear_cache(self) -> None:
         """Forget every verified token (e.g. after revoking a key out of band)."""
-        with self._lock:
-            self._verified.clear()
-            self._headers.clear()
+        self._cache.clear()
+        self._headers.clear()

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from opentelemetry import metrics, trace
 
+from .._cache import VerifiedTokens
 from .._exceptions import (
     BadSignature,
     ConfigurationError,
@@ -600,7 +601,8 @@ class UserTokenVerifier:
         self.cache_size = cache_size
         self._headers: dict[str, tuple[str, str]] = {}
         # exact token string -> (principal, usable until, the key it verified with)
-        self._verified: dict[str, tuple[UserPrincipal, float, IdPKey]] = {}
+        self._cache: VerifiedTokens[tuple[UserPrincipal, float, IdPKey]] = VerifiedTokens(cache_size, clock)
+        self._verified = self._cache.entries
 
     async def averify(self, token: str) -> UserPrincipal:
         """Verify ``token``; see the class docstring for the order of the checks."""
@@ -638,7 +640,7 @@ class UserTokenVerifier:
             principal, usable_until, key = entry
             if self.clock() < usable_until and await self._current_key(principal) is key:
                 return principal
-            self._verified.pop(token, None)
+            self._cache.discard(token)
         header_b64, payload_b64, signature_b64 = split_compact(token, self.max_token_bytes, _COMPACT)
         header = self._headers.get(header_b64)
         if header is None:
@@ -684,20 +686,11 @@ class UserTokenVerifier:
             return None  # the full path below reports the outage properly
 
     def _remember(self, token: str, principal: UserPrincipal, usable_until: float, key: IdPKey) -> None:
-        if self.cache_size <= 0:
-            return
-        verified = self._verified
-        if len(verified) >= self.cache_size:
-            now = self.clock()
-            for stale in [t for t, entry in verified.items() if entry[1] <= now]:
-                del verified[stale]
-            while len(verified) >= self.cache_size:
-                del verified[next(iter(verified))]
-        verified[token] = (principal, usable_until, key)
+        self._cache.put(token, (principal, usable_until, key))
 
     def clear_cache(self) -> None:
         """Forget every verified token (e.g. after revoking a key out of band)."""
-        self._verified.clear()
+        self._cache.clear()
         self._headers.clear()
 
     def _parse_header(self, header_b64: str) -> tuple[str, str]:
