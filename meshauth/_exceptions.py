@@ -26,7 +26,10 @@ key material.
     │   └── TokenReplayed               replayed
     ├── ResponseAuthError               missing_response, nonce_mismatch, ... (mutual auth)
     ├── AccessDenied                    access_denied (policy)
-    ├── KeysUnavailable                 keys_unavailable (registry unreadable, never a bad token)
+    ├── Unavailable                     (a dependency is down or full: HTTP 503, never a bad token)
+    │   ├── KeysUnavailable             keys_unavailable (registry unreadable, or an unknown kid
+    │   │                               could not be looked up because the registry is failing)
+    │   └── ReplayStoreUnavailable      replay_store_unavailable (replay store full or unreachable)
     └── ConfigurationError              invalid_key, invalid_registry, invalid_policy, ...
 """
 
@@ -45,6 +48,7 @@ __all__ = [
     "MalformedToken",
     "MeshAuthError",
     "MissingClaim",
+    "ReplayStoreUnavailable",
     "ResponseAuthError",
     "TokenError",
     "TokenExpired",
@@ -52,6 +56,7 @@ __all__ = [
     "TokenReplayed",
     "TokenTooLarge",
     "UnknownKey",
+    "Unavailable",
     "UnsupportedAlgorithm",
     "WrongAudience",
     "WrongTokenType",
@@ -213,10 +218,26 @@ class AccessDenied(MeshAuthError):
     reason = "access_denied"
 
 
-class KeysUnavailable(MeshAuthError):
+class Unavailable(MeshAuthError):
+    """Something the decision depends on is down or full; the token itself was not judged.
+
+    Never reported as a bad token: the HTTP integrations answer ``503`` with
+    ``Retry-After``, and clients may retry later.
+    """
+
+    reason = "unavailable"
+
+
+class KeysUnavailable(Unavailable):
     """The key registry cannot be read; the token itself was not judged."""
 
     reason = "keys_unavailable"
+
+
+class ReplayStoreUnavailable(Unavailable):
+    """The replay store is full or unreachable; the token was not judged a replay."""
+
+    reason = "replay_store_unavailable"
 
 
 class ConfigurationError(MeshAuthError, ValueError):

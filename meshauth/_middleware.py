@@ -33,6 +33,7 @@ from opentelemetry.trace import Span
 from ._exceptions import (
     AccessDenied,
     KeysUnavailable,
+    Unavailable,
     MalformedToken,
     MeshAuthError,
     TokenError,
@@ -149,7 +150,7 @@ def default_reply(exc: BaseException, realm: str, *, retry_after: int = 5) -> Re
                     f"error_description={quoted_string(exc.reason)}",
                 )
             )
-    elif isinstance(exc, KeysUnavailable):
+    elif isinstance(exc, Unavailable):
         status, error = 503, "temporarily_unavailable"
         headers.append(("Retry-After", str(retry_after)))
     elif isinstance(exc, AccessDenied):
