@@ -1,0 +1,233 @@
+"""Audit log files as the console reads them: followed forwards, scanned backwards.
+
+Nothing here keeps records in memory. A :class:`AuditLog` holds open file
+descriptors (the current file and, after a rotation, the one before it), the
+byte offset up to which the follower has counted lines, and counters. Pages of
+decisions are read on demand, newest first, with ``os.pread`` from the end of
+each file (never ``mmap``: a log truncated under a mapping would crash the
+process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["AuditLog", "Line", "Segment", "parse_record", "record_time"]
+
+BLOCK = 1 << 20
+MAX_LINE = 1 << 20  # a longer line is skipped as malformed
+KEEP_SEGMENTS = 2  # the current file and the one it replaced
+
+
+@dataclasses.dataclass(slots=True)
+class Segment:
+    """One file the log's path pointed to: its open descriptor and how far it is counted."""
+
+    serial: int
+    fd: int
+    identity: tuple[int, int]
+    counted: int = 0  # bytes the follower has read (always at a line boundary)
+    complete: int = 0  # end of the last complete line seen
+    skipping: bool = False  # inside an overlong line
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Line:
+    """One complete line of a segment: ``start`` is its offset, ``end`` the offset after its newline."""
+
+    serial: int
+    start: int
+    end: int
+    data: bytes
+
+
+def parse_record(data: bytes) -> dict[str, Any] | None:
+    """The audit record on one line, or ``None`` when the line is not a JSON object."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    nested = value.get("meshauth")
+    if isinstance(nested, dict):  # a formatter that keeps extra={"meshauth": {...}} nested
+        value = {**value, **nested}
+        del value["meshauth"]
+    return value
+
+
+def record_time(record: dict[str, Any]) -> float | None:
+    """The decision's time in POSIX seconds: ``time``, else the ISO ``timestamp``."""
+    value = record.get("time")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    stamp = record.get("timestamp")
+    if isinstance(stamp, str):
+        with contextlib.suppress(ValueError):
+            parsed = datetime.datetime.fromisoformat(stamp)
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=datetime.UTC)
+            return parsed.timestamp()
+    return None
+
+
+class AuditLog:
+    """One audit log path, followed across rotation, truncation and disappearance."""
+
+    def __init__(self, path: str, number: int) -> None:
+        self.path = path
+        self.number = number
+        self.state = "waiting"  # "ok", "missing", "unreadable: ..."
+        self.lines = 0
+        self.malformed = 0
+        self.rotations = 0
+        self._segments: list[Segment] = []
+        self._serial = 0
+        self._lock = threading.Lock()
+
+    # -- following -------------------------------------------------------------------------------
+
+    def segments(self) -> list[Segment]:
+        """The open segments, newest first."""
+        with self._lock:
+            return list(reversed(self._segments))
+
+    def sync(self) -> Segment | None:
+        """Notice a new, replaced, truncated or vanished file; return the segment to read."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            self.state = "missing"
+            return self._segments[-1] if self._segments else None
+        except OSError as exc:
+            self.state = f"unreadable: {exc.strerror or exc}"
+            return self._segments[-1] if self._segments else None
+        identity = (status.st_dev, status.st_ino)
+        current = self._segments[-1] if self._segments else None
+        if current is not None and current.identity == identity and status.st_size >= current.counted:
+            self.state = "ok"
+            return current
+        if current is not None and current.identity == identity:
+            self._forget(current)  # truncated in place: its old content is gone
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            self.state = f"unreadable: {exc.strerror or exc}"
+            return current
+        opened = os.fstat(fd)
+        if current is not None and current.identity != identity:
+            self.rotations += 1
+        with self._lock:
+            self._segments.append(Segment(self._serial, fd, (opened.st_dev, opened.st_ino)))
+            self._serial += 1
+            while len(self._segments) > KEEP_SEGMENTS:
+                os.close(self._segments.pop(0).fd)
+        self.state = "ok"
+        return self._segments[-1]
+
+    def _forget(self, segment: Segment) -> None:
+        with self._lock:
+            self._segments.remove(segment)
+        os.close(segment.fd)
+
+    def read_new(self, segment: Segment, limit: int) -> Iterator[bytes]:
+        """Complete lines appended since the last call (about ``limit`` bytes of them at most)."""
+        size = segment.size()
+        while segment.counted < size and limit > 0:
+            chunk = os.pread(segment.fd, min(BLOCK, size - segment.counted), segment.counted)
+            if not chunk:
+                return
+            cut = chunk.rfind(b"\n") + 1
+            if cut == 0:
+                if len(chunk) < BLOCK:
+                    return  # a line still being written
+                if not segment.skipping:  # an overlong line: counted once, skipped to its end
+                    self.malformed += 1
+                segment.skipping = True
+                segment.counted += len(chunk)
+                continue
+            lines = chunk[:cut].split(b"\n")[:-1]
+            if segment.skipping:
+                lines, segment.skipping = lines[1:], False
+            segment.counted += cut
+            segment.complete = max(segment.complete, segment.counted)
+            limit -= cut
+            yield from lines
+
+    def close(self) -> None:
+        """Close every descriptor."""
+        with self._lock:
+            segments, self._segments = self._segments, []
+        for segment in segments:
+            os.close(segment.fd)
+
+
+def complete_end(segment: Segment) -> int:
+    """The offset after the last newline of ``segment`` as it is now."""
+    size = segment.size()
+    if size <= segment.complete:
+        return min(size, segment.complete)
+    tail = os.pread(segment.fd, min(size - segment.complete, BLOCK), max(segment.complete, size - BLOCK))
+    cut = tail.rfind(b"\n")
+    return max(segment.complete, size - len(tail) + cut + 1) if cut >= 0 else segment.complete
+
+
+def lines_backward(segment: Segment, end: int, needles: tuple[tuple[bytes, ...], ...] = ()) -> Iterator[Line]:
+    """Complete lines of ``segment`` ending at or before ``end``, newest first.
+
+    With ``needles`` (groups of alternative byte strings), only lines holding one
+    alternative of every group are yielded; the search for the longest group runs
+    over whole blocks, so a selective filter skips most lines without parsing them.
+    """
+    lead = max(needles, key=lambda group: min(len(n) for n in group)) if needles else ()
+    position = end
+    carry = b""
+    while position > 0:
+        start = max(0, position - BLOCK)
+        chunk = os.pread(segment.fd, position - start, start)
+        if len(chunk) < position - start:
+            return  # truncated under us
+        buffer = chunk + carry
+        cut = 0 if start == 0 else buffer.find(b"\n") + 1
+        if cut == 0 and start > 0:
+            carry = buffer if len(buffer) <= MAX_LINE else b""
+            position = start
+            continue
+        base = start + cut
+        region = buffer[cut:]
+        yield from _region_lines(segment.serial, base, region, lead, needles)
+        carry = buffer[:cut]
+        position = start
+
+
+def _region_lines(
+    serial: int, base: int, region: bytes, lead: tuple[bytes, ...], needles: tuple[tuple[bytes, ...], ...]
+) -> Iterator[Line]:
+    """The lines of ``region`` (whole lines at file offset ``base``), last first."""
+    stop = len(region)
+    while stop > 0:
+        if lead:
+            hit = max(region.rfind(needle, 0, stop) for needle in lead)
+            if hit < 0:
+                return
+            first = region.rfind(b"\n", 0, hit) + 1
+            last = region.find(b"\n", hit)
+            if last < 0 or last >= stop:
+                last = stop - 1
+        else:
+            last = stop - 1
+            first = region.rfind(b"\n", 0, last) + 1
+        data = region[first:last]
+        stop = first
+        if data.strip() and all(any(needle in data for needle in group) for group in needles):
+            yield Line(serial, base + first, base + last + 1, data)

@@ -1,0 +1,108 @@
+"""The keys view: every key of the registry with its owner, age and time to expiry."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .._exceptions import ConfigurationError, MeshAuthError
+from .._jwks_endpoint import JWKSEndpoint
+from .._keys import KeyRecord
+from .._registry import JWKSFile, KeySet
+
+__all__ = ["RegistryView", "open_registry"]
+
+REFRESH_EVERY = 30.0  # seconds between fetches of a URL registry by the console
+
+
+class RegistryView:
+    """A registry (file or JWKS URL) read for display, never for verification."""
+
+    def __init__(
+        self,
+        source: str,
+        load: Callable[[], KeySet | None],
+        *,
+        expiry_warning: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self._load = load
+        self.expiry_warning = expiry_warning
+        self.clock = clock
+
+    def keys(self, callers: Mapping[str, int]) -> dict[str, Any]:
+        """The key rows, the services seen calling with no key, and the registry's state."""
+        error = None
+        try:
+            keyset = self._load()
+        except MeshAuthError as exc:
+            keyset, error = None, str(exc)
+        records: list[KeyRecord] = sorted(keyset or (), key=lambda record: (record.owner, record.kid))
+        now = self.clock()
+        owners = {record.owner for record in records}
+        return {
+            "source": self.source,
+            "error": error if keyset is None else None,
+            "expiry_warning": self.expiry_warning,
+            "keys": [self._row(record, now) for record in records],
+            "problems": list(keyset.problems) if keyset is not None else [],
+            "without_key": [
+                {"service": name, "decisions": count} for name, count in sorted(callers.items()) if name not in owners
+            ],
+        }
+
+    def _row(self, record: KeyRecord, now: float) -> dict[str, Any]:
+        issued = record.jwk.get("iat", record.not_before)
+        if not isinstance(issued, int | float) or isinstance(issued, bool):
+            issued = None
+        expires_in = None if record.expires is None else record.expires - now
+        if record.expires is not None and now > record.expires:
+            status = "expired"
+        elif record.not_before is not None and now < record.not_before:
+            status = "not yet valid"
+        elif expires_in is not None and expires_in < self.expiry_warning:
+            status = "expires soon"
+        else:
+            status = "valid"
+        return {
+            "kid": record.kid,
+            "owner": record.owner,
+            "alg": record.alg,
+            "not_before": record.not_before,
+            "expires": record.expires,
+            "age": None if issued is None else now - issued,
+            "expires_in": expires_in,
+            "status": status,
+        }
+
+
+def open_registry(source: str, *, expiry_warning: float, clock: Callable[[], float] = time.time) -> RegistryView:
+    """A view of the registry at ``source``: a JWKS file, an http(s) URL, or (refused) ``redis://``."""
+    if source.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(
+            "redis:// registries are not supported by this version of meshauth console; "
+            "export the registry to a file or serve it over https and pass that instead",
+            reason="unsupported_registry",
+            expected="a JWKS file or an https URL",
+            actual="redis://...",
+        )
+    if source.startswith(("https://", "http://")):
+        endpoint = JWKSEndpoint(source, clock=clock)
+        lock = threading.Lock()
+        fetched = [-REFRESH_EVERY]
+
+        def fetch() -> KeySet | None:
+            with lock:
+                if time.monotonic() - fetched[0] >= REFRESH_EVERY or endpoint.keyset is None:
+                    fetched[0] = time.monotonic()
+                    endpoint.refresh()
+            if endpoint.keyset is None:
+                raise ConfigurationError(f"{source}: the registry could not be fetched", reason="keys_unavailable")
+            return endpoint.keyset
+
+        return RegistryView(source, fetch, expiry_warning=expiry_warning, clock=clock)
+    watched = JWKSFile(source)
+    return RegistryView(source, lambda: watched.keyset, expiry_warning=expiry_warning, clock=clock)
