@@ -66,6 +66,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _json(document: Any) -> bytes:
+    """JSON with every non-ASCII character and ``<``, ``>``, ``&`` escaped (they occur only inside strings)."""
+    text = json.dumps(document, ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
 def _single(query: Mapping[str, list[str]], allowed: set[str]) -> dict[str, str]:
     """Each parameter once, known, and short; empty values are dropped."""
     unknown = sorted(set(query) - allowed)
@@ -201,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
         head: bool = False,
         extra: Mapping[str, str] | None = None,
     ) -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=True).encode()
+        data = body if isinstance(body, bytes) else _json(body)
         self.send_response(status)
         for name, value in {**SECURITY_HEADERS, **(extra or {})}.items():
             self.send_header(name, value)
@@ -252,7 +258,7 @@ class ConsoleServer(ThreadingHTTPServer):
     def start(self) -> ConsoleServer:
         """Follow the logs and serve requests in background threads; returns ``self``."""
         self._follower.start()
-        threading.Thread(target=self.serve_forever, name="meshauth-console", daemon=True).start()
+        threading.Thread(target=self.serve_forever, args=(0.05,), name="meshauth-console", daemon=True).start()
         return self
 
     def serve(self) -> None:

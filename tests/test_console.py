@@ -1,0 +1,387 @@
+"""The console's server and index, over real audit logs and a real loopback HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from console_logs import AuditFile, audit_files, decision, running_console
+from meshauth import ConfigurationError, SigningKey
+from meshauth.cli import main
+from meshauth.console import AuditIndex, open_registry
+from meshauth.testing import FakeClock
+
+NOW = 1_800_000_000.0
+
+
+def get(server: Any, path: str, **headers: str) -> httpx.Response:
+    return httpx.get(server.url.rstrip("/") + path, headers=headers, timeout=10)
+
+
+def page(server: Any, **params: str) -> dict[str, Any]:
+    response = httpx.get(server.url + "api/decisions", params=params, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def times(document: dict[str, Any]) -> list[float]:
+    return [item["time"] for item in document["decisions"]]
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> AuditFile:
+    file = AuditFile(tmp_path / "audit.jsonl").open()
+    yield file  # type: ignore[misc]
+    file.close()
+
+
+def test_decisions_newest_first_with_every_field(log: AuditFile) -> None:
+    log.write(
+        decision(NOW, caller="gateway", subject="alice", audience="orders", method="POST", path="/orders/1", rule=0),
+        decision(NOW + 1, outcome="rejected", reason="expired", caller="orders", trace_id="t" * 32, transaction="x1"),
+    )
+    with running_console([log.path]) as server:
+        document = page(server)
+    assert times(document) == [NOW + 1, NOW]
+    newest, oldest = (item["record"] for item in document["decisions"])
+    assert (newest["outcome"], newest["reason"], newest["trace_id"], newest["transaction"]) == (
+        "rejected",
+        "expired",
+        "t" * 32,
+        "x1",
+    )
+    assert (oldest["subject"], oldest["path"], oldest["rule"], oldest["logger"]) == (
+        "alice",
+        "/orders/1",
+        0,
+        "meshauth.audit",
+    )
+    assert document["next"] is None
+
+
+def test_filters_exact_outcome_and_substrings(log: AuditFile) -> None:
+    log.write(
+        decision(NOW, caller="gateway", path="/orders/1"),
+        decision(NOW + 1, outcome="rejected", reason="expired", caller="orders", path="/charges"),
+        decision(NOW + 2, outcome="denied", reason="no_rule", caller="orders", path="/orders/2", rule="r1"),
+        decision(NOW + 3, caller="billing", subject="b\u00e9atrice", path="/orders/3"),
+    )
+    with running_console([log.path]) as server:
+        assert times(page(server, outcome="rejected")) == [NOW + 1]
+        assert times(page(server, caller="orders")) == [NOW + 2, NOW + 1]
+        assert times(page(server, path="/orders/")) == [NOW + 3, NOW + 2, NOW]
+        assert times(page(server, path="/orders/", caller="ord")) == [NOW + 2]
+        assert times(page(server, rule="r1")) == [NOW + 2]
+        assert times(page(server, subject="\u00e9a")) == [NOW + 3]
+        assert times(page(server, reason="nothing-like-this")) == []
+
+
+def test_pages_follow_a_cursor_across_two_logs_without_gaps_or_repeats(tmp_path: Path) -> None:
+    with audit_files(tmp_path / "a.jsonl", tmp_path / "b.jsonl") as (first, second):
+        first.write(*(decision(NOW + 2 * i, caller="a") for i in range(60)))
+        second.write(*(decision(NOW + 2 * i + 1, caller="b") for i in range(60)))
+        with running_console([first.path, second.path]) as server:
+            seen: list[float] = []
+            document = page(server, limit="25")
+            while True:
+                seen += times(document)
+                if document["next"] is None:
+                    break
+                first.write(decision(NOW + 1000, caller="a"))  # new records do not shift older pages
+                document = page(server, limit="25", cursor=document["next"])
+    assert seen == [NOW + i for i in range(119, -1, -1)]
+
+
+def test_malformed_and_truncated_lines_are_skipped_and_counted(log: AuditFile) -> None:
+    log.write(decision(NOW, caller="one"))
+    with log.path.open("a", encoding="utf-8") as raw:
+        raw.write('{"outcome": "accepted", "caller": "cut off\n[1, 2]\n\nnot json at all\n')
+    log.write(decision(NOW + 1, caller="two"))
+    with log.path.open("a", encoding="utf-8") as raw:
+        raw.write('{"outcome": "accepted", "time": 1800000002, "caller": "still being wri')
+    with running_console([log.path]) as server:
+        status = get(server, "/api/status").json()["logs"][0]
+        assert (status["lines"], status["malformed"]) == (5, 3)
+        assert [item["record"]["caller"] for item in page(server)["decisions"]] == ["two", "one"]
+        with log.path.open("a", encoding="utf-8") as raw:
+            raw.write('tten"}\n')
+        server.wait_indexed()
+        assert [item["record"]["caller"] for item in page(server)["decisions"]][0] == "still being written"
+
+
+def wait_for(server: Any, predicate: Any) -> dict[str, Any]:
+    """The status once ``predicate(status)`` holds (the follower polls every 0.25 s)."""
+    for _ in range(200):
+        status = get(server, "/api/status").json()
+        if predicate(status):
+            return status  # type: ignore[no-any-return]
+        threading.Event().wait(0.05)
+    raise AssertionError(f"condition never held: {status}")
+
+
+def test_rotation_keeps_the_old_file_and_follows_the_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with audit_files(path) as (file,):
+        file.write(decision(NOW, caller="before"))
+        with running_console([path]) as server:
+            file.close()
+            path.rename(tmp_path / "audit.jsonl.1")
+            file.open().write(decision(NOW + 1, caller="after"))
+            wait_for(server, lambda s: s["logs"][0]["rotations"] == 1 and s["logs"][0]["lines"] == 2)
+            assert [item["record"]["caller"] for item in page(server)["decisions"]] == ["after", "before"]
+            transaction = get(server, "/api/transaction?id=after").json()
+            assert transaction["decisions"] == []  # ids only, not callers
+
+
+def test_a_log_that_disappears_is_shown_missing_and_its_records_stay(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with audit_files(path) as (file,):
+        file.write(decision(NOW, caller="kept"))
+        with running_console([path]) as server:
+            os.unlink(path)
+            wait_for(server, lambda s: s["logs"][0]["state"] == "missing")
+            assert [item["record"]["caller"] for item in page(server)["decisions"]] == ["kept"]
+
+
+def test_a_log_truncated_in_place_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with audit_files(path) as (file,):
+        file.write(*(decision(NOW + i, caller="old") for i in range(5)))
+        with running_console([path]) as server:
+            os.truncate(path, 0)
+            file.write(decision(NOW + 10, caller="new"))
+            wait_for(server, lambda s: s["logs"][0]["lines"] == 6)
+            assert [item["record"]["caller"] for item in page(server)["decisions"]] == ["new"]
+
+
+def test_a_missing_log_is_followed_once_it_appears(tmp_path: Path) -> None:
+    path = tmp_path / "later.jsonl"
+    index = AuditIndex([str(path)])
+    index.follow()
+    assert index.status()["logs"][0]["state"] == "missing"
+    with audit_files(path) as (file,):
+        file.write(decision(NOW, caller="late"))
+        index.follow()
+    assert [item["record"]["caller"] for item in index.decisions({}).decisions] == ["late"]
+    index.close()
+
+
+def test_chart_counts_outcomes_per_minute_by_reason_over_the_last_hour(log: AuditFile) -> None:
+    clock = FakeClock(NOW)
+    minute = int(NOW // 60) * 60
+    log.write(
+        decision(minute - 2 * 3600, reason="too_old"),  # outside the hour: not charted
+        decision(minute - 120 + 5),
+        decision(minute - 120 + 6, outcome="rejected", reason="expired"),
+        decision(minute - 120 + 7, outcome="rejected", reason="expired"),
+        decision(minute + 1, outcome="denied", reason="no_rule"),
+    )
+    with running_console([log.path], clock=clock) as server:
+        chart = get(server, "/api/chart").json()
+    assert len(chart["minutes"]) == 60 and chart["minutes"][-1]["minute"] == minute
+    counted = {m["minute"]: m["counts"] for m in chart["minutes"] if m["counts"]}
+    assert counted == {
+        minute - 120: [
+            {"outcome": "accepted", "reason": "allowed", "count": 1},
+            {"outcome": "rejected", "reason": "expired", "count": 2},
+        ],
+        minute: [{"outcome": "denied", "reason": "no_rule", "count": 1}],
+    }
+
+
+def test_transaction_joins_two_logs_in_time_order(tmp_path: Path) -> None:
+    with audit_files(tmp_path / "gateway.jsonl", tmp_path / "orders.jsonl") as (gateway, orders):
+        gateway.write(decision(NOW, event="gateway.request", subject="alice", transaction="txn-1", trace_id="tr-1"))
+        orders.write(decision(NOW + 0.5, event="verify", caller="gateway", transaction="txn-1"))
+        gateway.write(
+            decision(NOW + 0.2, event="txn.issue", transaction="txn-1"), decision(NOW + 1, transaction="other")
+        )
+        orders.write(decision(NOW + 0.7, event="request", caller="gateway", trace_id="tr-1"))
+        with running_console([gateway.path, orders.path]) as server:
+            by_transaction = get(server, "/api/transaction?id=txn-1").json()
+            by_trace = get(server, "/api/transaction?id=tr-1").json()
+    assert [(d["log"], d["record"]["event"]) for d in by_transaction["decisions"]] == [
+        (0, "gateway.request"),
+        (0, "txn.issue"),
+        (1, "verify"),
+    ]
+    assert [d["time"] for d in by_trace["decisions"]] == [NOW, NOW + 0.7]
+
+
+def registry_file(tmp_path: Path, clock: FakeClock) -> Path:
+    keys = [
+        SigningKey.generate().public_jwk("orders", nbf=int(clock() - 10 * 86400), exp=int(clock() + 2 * 86400)),
+        SigningKey.generate("EdDSA").public_jwk("payments", nbf=int(clock() - 3600)),
+        SigningKey.generate().public_jwk("old", exp=int(clock() - 60)),
+    ]
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"keys": keys}))
+    return path
+
+
+def test_keys_with_age_expiry_warning_and_services_without_a_key(tmp_path: Path, log: AuditFile) -> None:
+    clock = FakeClock(NOW)
+    registry = open_registry(str(registry_file(tmp_path, clock)), expiry_warning=3 * 86400, clock=clock)
+    log.write(decision(NOW, caller="orders"), decision(NOW, caller="ghost"), decision(NOW, caller="ghost"))
+    with running_console([log.path], registry, clock=clock) as server:
+        keys = get(server, "/api/keys").json()
+    rows = {row["owner"]: row for row in keys["keys"]}
+    assert (rows["orders"]["alg"], rows["orders"]["age"], rows["orders"]["expires_in"]) == ("ES256", 864000, 172800)
+    assert rows["orders"]["status"] == "expires soon"
+    assert (rows["payments"]["alg"], rows["payments"]["age"], rows["payments"]["status"]) == ("EdDSA", 3600, "valid")
+    assert rows["payments"]["expires_in"] is None
+    assert rows["old"]["status"] == "expired"
+    assert keys["without_key"] == [{"service": "ghost", "decisions": 2}]
+    assert all(
+        set(row) == {"kid", "owner", "alg", "not_before", "expires", "age", "expires_in", "status"}
+        for row in keys["keys"]
+    )
+
+
+def test_keys_from_a_jwks_url(tmp_path: Path) -> None:
+    from meshauth import JWKSFile
+    from meshauth._publish import jwks_app
+    from meshauth.testing import LoopbackServer
+
+    clock = FakeClock(NOW)
+    with LoopbackServer(jwks_app(JWKSFile(registry_file(tmp_path, clock)))) as jwks:
+        registry = open_registry(jwks.url + "/.well-known/jwks.json", expiry_warning=86400, clock=clock)
+        keys = registry.keys({"orders": 1, "gateway": 4})
+    assert sorted(row["owner"] for row in keys["keys"]) == ["old", "orders", "payments"]
+    assert keys["without_key"] == [{"service": "gateway", "decisions": 4}]
+
+
+def test_redis_registries_are_refused_with_a_clear_message() -> None:
+    with pytest.raises(ConfigurationError, match="redis:// registries are not supported") as caught:
+        open_registry("redis://127.0.0.1:6379/0", expiry_warning=60)
+    assert caught.value.reason == "unsupported_registry"
+
+
+# -- the HTTP surface ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/api/decisions?bogus=1",
+        "/api/decisions?caller=a&caller=b",
+        "/api/decisions?limit=0",
+        "/api/decisions?limit=501",
+        "/api/decisions?limit=%EF%BC%91",  # a full-width digit
+        "/api/decisions?cursor=0:0:1;drop",
+        "/api/decisions?outcome=maybe",
+        "/api/decisions?path=" + "x" * 257,
+        "/api/decisions?==",
+        "/api/status?x=1",
+        "/api/chart?refresh=1",
+        "/api/keys?all=1",
+        "/api/transaction",
+        "/api/transaction?id=a&other=b",
+        "/static/console.js?v=1",
+    ],
+)
+def test_queries_the_page_does_not_send_are_refused(log: AuditFile, query: str) -> None:
+    with running_console([log.path]) as server:
+        response = get(server, query)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]
+
+
+def test_security_headers_on_every_response_and_no_cors(log: AuditFile) -> None:
+    with running_console([log.path]) as server:
+        responses = [
+            get(server, path, Origin=server.url.rstrip("/"))
+            for path in ("/", "/static/console.js", "/static/console.css", "/api/status", "/api/nothing")
+        ]
+        responses.append(get(server, "/api/decisions?bogus=1"))
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 404, 400]
+    for response in responses:
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert not any(name.startswith("access-control-") for name in response.headers)
+    assert responses[1].headers["content-type"].startswith("text/javascript")
+    assert b"<script>" not in responses[0].content.replace(b'<script src="/static/console.js" defer>', b"")
+
+
+def test_other_hosts_origins_and_sites_are_refused(log: AuditFile) -> None:
+    with running_console([log.path]) as server:
+        port = server.server_address[1]
+        refused = [
+            get(server, "/api/status", Host=f"evil.example:{port}"),  # DNS rebinding
+            get(server, "/api/status", Host="127.0.0.1:1"),
+            get(server, "/api/status", Origin="http://evil.example"),
+            get(server, "/api/status", **{"Sec-Fetch-Site": "cross-site"}),
+        ]
+        allowed = [get(server, "/api/status", Host=f"localhost:{port}"), get(server, "/", **{"Sec-Fetch-Site": "none"})]
+        posted = httpx.post(server.url + "api/status", timeout=10)
+    assert [r.status_code for r in refused] == [403, 403, 403, 403]
+    assert [r.status_code for r in allowed] == [200, 200]
+    assert posted.status_code == 405
+
+
+def test_hostile_values_are_json_escaped(log: AuditFile) -> None:
+    hostile = "<script>alert(1)</script>\u2028\u2029\u202e\x1b[31m"
+    log.write(decision(NOW, subject=hostile, path="/a\u2028b"))
+    with running_console([log.path]) as server:
+        response = get(server, "/api/decisions")
+    assert b"<script>" not in response.content and "\u2028".encode() not in response.content
+    assert b"\\u2028" in response.content and b"\\u003cscript\\u003e" in response.content
+    assert response.json()["decisions"][0]["record"]["subject"] == hostile
+
+
+def test_many_concurrent_readers_while_the_log_grows(log: AuditFile) -> None:
+    log.write(*(decision(NOW + i, caller="seed") for i in range(200)))
+    failures: list[str] = []
+    with running_console([log.path]) as server:
+
+        def reader() -> None:
+            with httpx.Client(timeout=20) as client:
+                for _ in range(10):
+                    document = client.get(server.url + "api/decisions", params={"limit": "50"}).json()
+                    found = times(document)
+                    if found != sorted(found, reverse=True) or len(found) != 50:
+                        failures.append(f"{found[:3]}... ({len(found)})")
+
+        threads = [threading.Thread(target=reader) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for i in range(300):
+            log.write(decision(NOW + 200 + i, caller="live"))
+        for thread in threads:
+            thread.join()
+        status = wait_for(server, lambda s: s["logs"][0]["lines"] == 500)
+    assert failures == []
+    assert status["logs"][0]["malformed"] == 0
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def test_console_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["console", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--audit FILE" in out and "--registry" in out and "127.0.0.1:8090" in out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--listen", "0.0.0.0:8090"], "--allow-remote"),
+        (["--listen", "nonsense"], "HOST:PORT"),
+        (["--registry", "redis://127.0.0.1/0"], "redis:// registries are not supported"),
+        (["--expiry-warning", "soon"], "not a duration"),
+    ],
+)
+def test_console_refuses_bad_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], message: str
+) -> None:
+    assert main(["console", "--audit", str(tmp_path / "a.jsonl"), *arguments]) == 2
+    assert message in capsys.readouterr().err
