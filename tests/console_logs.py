@@ -11,10 +11,27 @@ from typing import Any
 import meshauth.audit
 from meshauth.console import AuditIndex, ConsoleServer, RegistryView
 
-FIELDS = (
-    "event outcome reason detail caller subject transaction txn_issuer audience kid jti method path client rule "
-    "policy_sha256 trace_id span_id time"
-).split()
+FIELDS = [
+    "event",
+    "outcome",
+    "reason",
+    "detail",
+    "caller",
+    "subject",
+    "transaction",
+    "txn_issuer",
+    "audience",
+    "kid",
+    "jti",
+    "method",
+    "path",
+    "client",
+    "rule",
+    "policy_sha256",
+    "trace_id",
+    "span_id",
+    "time",
+]
 
 
 def decision(time: float, **fields: Any) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from console_logs import AuditFile, audit_files, decision, running_console
+
 from meshauth import ConfigurationError, SigningKey
 from meshauth.cli import main
 from meshauth.console import AuditIndex, open_registry
@@ -112,7 +112,7 @@ def test_malformed_and_truncated_lines_are_skipped_and_counted(log: AuditFile) -
         with log.path.open("a", encoding="utf-8") as raw:
             raw.write('tten"}\n')
         server.wait_indexed()
-        assert [item["record"]["caller"] for item in page(server)["decisions"]][0] == "still being written"
+        assert next(item["record"]["caller"] for item in page(server)["decisions"]) == "still being written"
 
 
 def wait_for(server: Any, predicate: Any) -> dict[str, Any]:
