@@ -46,6 +46,7 @@ STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/console.js": ("console.js", "text/javascript; charset=utf-8"),
     "/static/console.css": ("console.css", "text/css; charset=utf-8"),
+    "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 MAX_VALUE = 256
 MAX_LIMIT = 500
