@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -414,7 +415,7 @@ def _span_tree(spans: list[Any]) -> list[str]:
     return lines
 
 
-def run(directory: Path, *, show_spans: bool, out: Callable[[str], None]) -> int:
+def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: bool = True) -> int:
     """Run the demo in ``directory``; returns the exit code."""
     started = time.monotonic()
     tracing = _Tracing()
@@ -500,6 +501,9 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None]) -> int
         out(
             f"audit log: {len(records)} records, one per decision of the gateway and the services, in {world.audit_log}"
         )
+        log, registry = shlex.quote(str(world.audit_log)), shlex.quote(str(world.registry_path))
+        browse = f"meshauth console --audit {log} --registry {registry}"
+        out(f"browse it: {browse}" if kept else f"to browse it, run the demo with --dir DIR, then: {browse}")
         if tracing.enabled and show_spans:
             tracing.settle()
             out("")
@@ -546,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.dir.mkdir(parents=True, exist_ok=True)
             return run(args.dir, show_spans=not args.no_spans, out=out)
         with tempfile.TemporaryDirectory(prefix="meshauth-demo-") as directory:
-            return run(Path(directory), show_spans=not args.no_spans, out=out)
+            return run(Path(directory), show_spans=not args.no_spans, out=out, kept=False)
     except ModuleNotFoundError as exc:
         print(f"meshauth demo needs {exc.name}: pip install 'meshauth[demo]'", file=sys.stderr)
         return 2
