@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,8 @@ def test_malformed_and_truncated_lines_are_skipped_and_counted(log: AuditFile) -
 
 def wait_for(server: Any, predicate: Any) -> dict[str, Any]:
     """The status once ``predicate(status)`` holds (the follower polls every 0.25 s)."""
-    for _ in range(200):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
         status = get(server, "/api/status").json()
         if predicate(status):
             return status  # type: ignore[no-any-return]
@@ -385,3 +387,26 @@ def test_console_refuses_bad_settings(
 ) -> None:
     assert main(["console", "--audit", str(tmp_path / "a.jsonl"), *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_long_search_stops_at_its_time_limit_and_resumes_where_it_stopped(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    lines = [json.dumps(decision(NOW + i, caller="common", path="/p/" + "x" * 400)) for i in range(8000)]
+    lines[10] = lines[10].replace('"common"', '"needle"')
+    lines[7000] = lines[7000].replace('"common"', '"needle"')
+    path.write_text("\n".join(lines) + "\n")  # about 3.5 MB: several blocks
+    index = AuditIndex([str(path)])
+    index.follow()
+    found: list[float] = []
+    cursor, rounds = None, 0
+    while True:
+        result = index.decisions({"caller": "needle"}, cursor=cursor, time_limit=0)
+        found += [item["time"] for item in result.decisions]
+        rounds += 1
+        if result.next is None:
+            break
+        assert result.partial
+        cursor = result.next
+    index.close()
+    assert found == [NOW + 7000, NOW + 10]
+    assert rounds >= 3

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from ._logs import BLOCK, AuditLog, Line, Segment, complete_end, lines_backward, parse_record, record_time
+from ._logs import AuditLog, Line, Segment, complete_end, lines_backward, parse_record, record_time
 
 __all__ = ["FILTERS", "AuditIndex", "Page"]
 
@@ -96,7 +96,13 @@ class _Scan:
 
     def lines(self, deadline: float, clock: Callable[[], float]) -> Iterator[Line]:
         for segment, end in self._plan:
-            for line in lines_backward(segment, end, self._needles):
+
+            def reached(offset: int, serial: int = segment.serial) -> None:
+                self.position = (serial, offset)
+                if clock() > deadline:
+                    raise TimeoutError
+
+            for line in lines_backward(segment, end, self._needles, reached):
                 self.position = (line.serial, line.end)
                 yield line
                 self.position = (line.serial, line.start)
@@ -175,7 +181,7 @@ class AuditIndex:
         for log in self.logs:
             segments = log.segments()
             size = sum(segment.size() for segment in segments)
-            counted = sum(segment.counted for segment in segments)
+            uncounted = sum(log.uncounted(segment) for segment in segments)
             logs.append(
                 {
                     "number": log.number,
@@ -184,8 +190,7 @@ class AuditIndex:
                     "lines": log.lines,
                     "malformed": log.malformed,
                     "rotations": log.rotations,
-                    # under a block left: every complete line is counted (the rest is a line being written)
-                    "indexed": 1.0 if size - counted < BLOCK else round(counted / size, 4),
+                    "indexed": 1.0 if uncounted == 0 else round(1 - uncounted / size, 4),
                 }
             )
         return {"version": self.version, "now": self.clock(), "logs": logs}

@@ -16,7 +16,7 @@ import datetime
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["AuditLog", "Line", "Segment", "parse_record", "record_time"]
@@ -164,6 +164,13 @@ class AuditLog:
             limit -= cut
             yield from lines
 
+    def uncounted(self, segment: Segment) -> int:
+        """Bytes of complete lines the follower has not counted yet (0 when only a partial line is left)."""
+        pending = segment.size() - segment.counted
+        if 0 < pending < BLOCK and b"\n" not in os.pread(segment.fd, pending, segment.counted):
+            return 0
+        return max(pending, 0)
+
     def close(self) -> None:
         """Close every descriptor."""
         with self._lock:
@@ -182,12 +189,19 @@ def complete_end(segment: Segment) -> int:
     return max(segment.complete, size - len(tail) + cut + 1) if cut >= 0 else segment.complete
 
 
-def lines_backward(segment: Segment, end: int, needles: tuple[tuple[bytes, ...], ...] = ()) -> Iterator[Line]:
+def lines_backward(
+    segment: Segment,
+    end: int,
+    needles: tuple[tuple[bytes, ...], ...] = (),
+    on_block: Callable[[int], None] | None = None,
+) -> Iterator[Line]:
     """Complete lines of ``segment`` ending at or before ``end``, newest first.
 
     With ``needles`` (groups of alternative byte strings), only lines holding one
     alternative of every group are yielded; the search for the longest group runs
     over whole blocks, so a selective filter skips most lines without parsing them.
+    ``on_block(offset)`` is called after each block with the line boundary reached
+    (it may raise to stop the scan).
     """
     lead = max(needles, key=lambda group: min(len(n) for n in group)) if needles else ()
     position = end
@@ -208,6 +222,8 @@ def lines_backward(segment: Segment, end: int, needles: tuple[tuple[bytes, ...],
         yield from _region_lines(segment.serial, base, region, lead, needles)
         carry = buffer[:cut]
         position = start
+        if on_block is not None:
+            on_block(base)
 
 
 def _region_lines(

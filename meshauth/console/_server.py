@@ -228,7 +228,7 @@ class ConsoleServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, index: AuditIndex, registry: RegistryView | None, host: str = "127.0.0.1", port: int = 0
+        self, index: AuditIndex, registry: RegistryView | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
         self.api = _Api(index, registry)
         self.index = index
