@@ -410,3 +410,19 @@ def test_a_long_search_stops_at_its_time_limit_and_resumes_where_it_stopped(tmp_
     index.close()
     assert found == [NOW + 7000, NOW + 10]
     assert rounds >= 3
+
+
+def test_after_several_rotations_the_two_newest_files_stay_readable(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    index = AuditIndex([str(path)])
+    for generation in range(4):
+        with audit_files(path) as (file,):
+            file.write(decision(NOW + generation, caller=f"generation-{generation}"))
+        index.follow()
+        os.replace(path, tmp_path / f"audit.jsonl.{generation}")
+    index.follow()
+    status = index.status()["logs"][0]
+    callers = [item["record"]["caller"] for item in index.decisions({}).decisions]
+    index.close()
+    assert callers == ["generation-3", "generation-2"]
+    assert (status["state"], status["lines"], status["rotations"]) == ("missing", 4, 3)

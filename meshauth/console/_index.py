@@ -190,7 +190,11 @@ class AuditIndex:
                     "lines": log.lines,
                     "malformed": log.malformed,
                     "rotations": log.rotations,
-                    "indexed": 1.0 if uncounted == 0 else round(1 - uncounted / size, 4),
+                    "indexed": 0.0
+                    if log.state == "waiting"
+                    else 1.0
+                    if uncounted == 0
+                    else round(1 - uncounted / size, 4),
                 }
             )
         return {"version": self.version, "now": self.clock(), "logs": logs}

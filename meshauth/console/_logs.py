@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = ["AuditLog", "Line", "Segment", "parse_record", "record_time"]
 BLOCK = 1 << 20
 MAX_LINE = 1 << 20  # a longer line is skipped as malformed
 KEEP_SEGMENTS = 2  # the current file and the one it replaced
+RETIRE_AFTER = 60.0  # seconds a dropped file stays open for the searches still reading it
 
 
 @dataclasses.dataclass(slots=True)
@@ -92,6 +94,7 @@ class AuditLog:
         self.malformed = 0
         self.rotations = 0
         self._segments: list[Segment] = []
+        self._retired: list[tuple[float, int]] = []  # (when, fd) of dropped segments, closed later
         self._serial = 0
         self._lock = threading.Lock()
 
@@ -131,14 +134,21 @@ class AuditLog:
             self._segments.append(Segment(self._serial, fd, (opened.st_dev, opened.st_ino)))
             self._serial += 1
             while len(self._segments) > KEEP_SEGMENTS:
-                os.close(self._segments.pop(0).fd)
+                self._retire(self._segments[0])
         self.state = "ok"
         return self._segments[-1]
 
     def _forget(self, segment: Segment) -> None:
         with self._lock:
-            self._segments.remove(segment)
-        os.close(segment.fd)
+            self._retire(segment)
+
+    def _retire(self, segment: Segment) -> None:
+        """Drop ``segment``; its descriptor is closed later, so a page being read from it stays valid."""
+        self._segments.remove(segment)
+        now = time.monotonic()
+        self._retired.append((now, segment.fd))
+        while self._retired and self._retired[0][0] < now - RETIRE_AFTER:
+            os.close(self._retired.pop(0)[1])
 
     def read_new(self, segment: Segment, limit: int) -> Iterator[bytes]:
         """Complete lines appended since the last call (about ``limit`` bytes of them at most)."""
@@ -174,9 +184,10 @@ class AuditLog:
     def close(self) -> None:
         """Close every descriptor."""
         with self._lock:
-            segments, self._segments = self._segments, []
-        for segment in segments:
-            os.close(segment.fd)
+            descriptors = [segment.fd for segment in self._segments] + [fd for _, fd in self._retired]
+            self._segments, self._retired = [], []
+        for fd in descriptors:
+            os.close(fd)
 
 
 def complete_end(segment: Segment) -> int:

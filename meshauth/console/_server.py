@@ -185,6 +185,10 @@ class _Handler(BaseHTTPRequestHandler):
         except (BadRequest, ValueError, UnicodeDecodeError) as exc:
             self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc) if isinstance(exc, BadRequest) else "bad query"})
             return
+        except OSError as exc:  # a log that vanished or was truncated mid-read: try again
+            logger.warning("meshauth console: reading an audit log failed: %s", exc)
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "an audit log could not be read; try again"})
+            return
         self._send(HTTPStatus.OK, document, head=head)
 
     def _refusal(self) -> str | None:
