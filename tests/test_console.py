@@ -426,3 +426,49 @@ def test_after_several_rotations_the_two_newest_files_stay_readable(tmp_path: Pa
     index.close()
     assert callers == ["generation-3", "generation-2"]
     assert (status["state"], status["lines"], status["rotations"]) == ("missing", 4, 3)
+
+
+def test_records_without_time_nested_fields_and_iso_timestamps(tmp_path: Path) -> None:
+    path = tmp_path / "other-writer.jsonl"
+    path.write_text(
+        '{"timestamp": "2027-01-15T08:00:00+00:00", "meshauth": {"outcome": "denied", "caller": "nested"}}\n'
+        '{"timestamp": "2027-01-15T08:00:01", "outcome": "accepted", "caller": "naive-utc"}\n'
+        '{"timestamp": "yesterday", "outcome": "accepted", "caller": "no-time"}\n'
+    )
+    index = AuditIndex([str(path)])
+    index.follow()
+    items = index.decisions({}).decisions
+    index.close()
+    assert [(item["record"]["caller"], item["time"]) for item in items] == [
+        ("no-time", None),  # one log: newest line first
+        ("naive-utc", 1_800_000_001.0),
+        ("nested", 1_800_000_000.0),
+    ]
+    assert items[2]["record"]["outcome"] == "denied" and "meshauth" not in items[2]["record"]
+
+
+def test_meshauth_console_serves_until_interrupted(tmp_path: Path, log: AuditFile) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    log.write(decision(NOW, caller="from-the-command"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "meshauth", "console", "--audit", str(log.path), "--listen", f"127.0.0.1:{port}"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            banner = process.stdout.readline()
+            assert banner.startswith(f"meshauth console on http://127.0.0.1:{port}/")
+            for _ in range(100):
+                if httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=5).json()["logs"][0]["lines"] == 1:
+                    break
+                threading.Event().wait(0.05)
+            document = httpx.get(f"http://127.0.0.1:{port}/api/decisions", timeout=5).json()
+            assert [item["record"]["caller"] for item in document["decisions"]] == ["from-the-command"]
+        finally:
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=10) == 0

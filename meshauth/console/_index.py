@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import json
+import math
 import re
 import threading
 import time
@@ -234,16 +235,17 @@ class AuditIndex:
         heads: list[tuple[float, int, dict[str, Any]]] = []
         streams = [self._records(scan, filters, deadline) for scan in scans]
         pending: dict[int, Line] = {}
+        last: dict[int, float] = {}  # each log's last time: a record without one keeps its place in its file
         decisions: list[dict[str, Any]] = []
         partial = False
         try:
             for number, stream in enumerate(streams):
-                self._advance(number, stream, heads, pending)
+                self._advance(number, stream, heads, pending, last)
             while heads and len(decisions) < limit:
                 _, number, item = heapq.heappop(heads)
                 del pending[number]
                 decisions.append(item)
-                self._advance(number, streams[number], heads, pending)
+                self._advance(number, streams[number], heads, pending, last)
         except TimeoutError:
             partial = True
         positions = []
@@ -260,12 +262,15 @@ class AuditIndex:
         stream: Iterator[tuple[Line, dict[str, Any]]],
         heads: list[tuple[float, int, dict[str, Any]]],
         pending: dict[int, Line],
+        last: dict[int, float],
     ) -> None:
         found = next(stream, None)
         if found is not None:
             line, item = found
             pending[number] = line
-            heapq.heappush(heads, (-(item["time"] or 0.0), number, item))
+            when = item["time"] if item["time"] is not None else last.get(number, math.inf)
+            last[number] = when
+            heapq.heappush(heads, (-when, number, item))
 
     def _records(
         self, scan: _Scan, filters: Mapping[str, str], deadline: float
