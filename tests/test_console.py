@@ -472,3 +472,15 @@ def test_meshauth_console_serves_until_interrupted(tmp_path: Path, log: AuditFil
         finally:
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=10) == 0
+
+
+def test_a_flood_of_invented_reasons_is_folded_into_one_bar(log: AuditFile) -> None:
+    clock = FakeClock(NOW)
+    log.write(*(decision(NOW - 1, outcome="rejected", reason=f"made-up-{i}") for i in range(100)))
+    index = AuditIndex([str(log.path)], clock=clock)
+    index.follow()
+    counts = next(m["counts"] for m in index.chart()["minutes"] if m["counts"])
+    index.close()
+    assert len(counts) == 49
+    assert {"outcome": "rejected", "reason": "(other reasons)", "count": 52} in counts
+    assert sum(c["count"] for c in counts) == 100

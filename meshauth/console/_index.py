@@ -40,6 +40,7 @@ FILTERS: Mapping[str, str] = {
 EXACT = frozenset({"outcome"})
 CHART_MINUTES = 60
 MAX_CALLERS = 10_000
+MAX_BARS_PER_MINUTE = 48
 MAX_TRANSACTION = 1000
 FOLLOW_BYTES = 8 << 20  # per log and call of follow(): a huge log is counted in slices
 CURSOR = re.compile(r"\A\d{1,4}:\d{1,9}:\d{1,15}(?:,\d{1,4}:\d{1,9}:\d{1,15})*\Z")
@@ -172,6 +173,8 @@ class AuditIndex:
                 return
             bucket = self._minutes.setdefault(int(when // 60), {})
             key = (_text(record.get("outcome")), _text(record.get("reason")))
+            if key not in bucket and len(bucket) >= MAX_BARS_PER_MINUTE:  # a flood of invented reasons
+                key = (key[0], "(other reasons)")
             bucket[key] = bucket.get(key, 0) + 1
 
     # -- views -----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ function pad(n) { return String(n).padStart(2, "0"); }
 function formatTime(seconds, withDate) {
   if (typeof seconds !== "number") return "";
   const d = new Date(seconds * 1000);
+  if (withDate === undefined) withDate = d.toDateString() !== new Date().toDateString();
   const time = pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds()) + "." + String(d.getMilliseconds()).padStart(3, "0");
   return withDate ? d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " + time : time;
 }
@@ -120,7 +121,8 @@ function decisionRow(item, highlight) {
   const row = document.createElement("tr");
   row.dataset.id = item.id;
   if (highlight) row.classList.add("new");
-  for (const key of COLUMNS) cell(row, key, key === "time" ? formatTime(item.time, false) : item.record[key]);
+  if (item.id === state.selected) row.classList.add("selected");
+  for (const key of COLUMNS) cell(row, key, key === "time" ? formatTime(item.time) : item.record[key]);
   row.addEventListener("click", () => showDetail(item, row));
   return row;
 }
@@ -154,6 +156,7 @@ function setPaging(page) {
 function showDetail(item, row) {
   document.querySelectorAll("#decisions tr.selected").forEach((r) => r.classList.remove("selected"));
   row.classList.add("selected");
+  state.selected = item.id;
   const log = state.logs.find((l) => l.number === item.log);
   document.getElementById("detail-source").textContent = shown((log ? log.path : "log " + item.log) + " at " + formatTime(item.time, true));
   const body = document.querySelector("#detail-fields tbody");
@@ -269,7 +272,7 @@ async function loadTransaction(id) {
     const log = state.logs.find((l) => l.number === item.log);
     for (const key of TXN_COLUMNS) {
       let value = item.record[key];
-      if (key === "time") value = formatTime(item.time, false);
+      if (key === "time") value = formatTime(item.time);
       if (key === "log") value = log ? log.path : item.log;
       const td = el("td", value);
       if (key === "outcome") td.className = "outcome-" + shown(value);
