@@ -484,3 +484,26 @@ def test_a_flood_of_invented_reasons_is_folded_into_one_bar(log: AuditFile) -> N
     assert len(counts) == 49
     assert {"outcome": "rejected", "reason": "(other reasons)", "count": 52} in counts
     assert sum(c["count"] for c in counts) == 100
+
+
+def test_before_jumps_back_in_time_by_bisection_and_pages_on(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(decision(NOW + i, path="/p/" + "x" * 400)) + "\n" for i in range(8000)))
+    index = AuditIndex([str(path)])
+    index.follow()
+    first = index.decisions({}, before=NOW + 5000.5, limit=3)
+    assert [item["time"] for item in first.decisions] == [NOW + 5000, NOW + 4999, NOW + 4998]
+    second = index.decisions({}, before=NOW + 5000.5, cursor=first.next, limit=2)
+    assert [item["time"] for item in second.decisions] == [NOW + 4997, NOW + 4996]
+    for second in range(0, 8000, 97):  # wherever the bisection lands, nothing is skipped
+        assert index.decisions({}, before=NOW + second, limit=1).decisions[0]["time"] == NOW + second
+    assert index.decisions({}, before=NOW - 1).decisions == []
+    assert [item["time"] for item in index.decisions({}, before=NOW + 10**6, limit=1).decisions] == [NOW + 7999]
+    index.close()
+
+
+def test_before_over_http(log: AuditFile) -> None:
+    log.write(*(decision(NOW + i) for i in range(5)))
+    with running_console([log.path]) as server:
+        assert times(page(server, before=str(int(NOW + 2)))) == [NOW + 2, NOW + 1, NOW]
+        assert get(server, "/api/decisions?before=yesterday").status_code == 400

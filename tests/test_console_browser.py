@@ -105,6 +105,11 @@ def test_decisions_appear_filter_and_update_live(page: Any, log: AuditFile) -> N
         assert column(page, "reason") == ["expired"]
         page.click("#filters button[type=reset]")
         wait_rows(page, 3)
+        page.fill("#filters input[name=before]", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now - 15)))
+        wait_rows(page, 2)
+        assert column(page, "reason") == ["expired", "allowed"]
+        page.click("#filters button[type=reset]")
+        wait_rows(page, 3)
 
         log.write(decision(time.time(), caller="billing", subject="bob", trace_id="f" * 32))
         wait_rows(page, 4)  # no reload: the page polls and redraws

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from ._logs import AuditLog, Line, Segment, complete_end, lines_backward, parse_record, record_time
+from ._logs import AuditLog, Line, Segment, complete_end, lines_backward, offset_before, parse_record, record_time
 
 __all__ = ["FILTERS", "AuditIndex", "Page"]
 
@@ -81,19 +81,29 @@ def matches(record: Mapping[str, Any], filters: Mapping[str, str]) -> bool:
 class _Scan:
     """One log read backwards from a position: the current segment first, then older ones."""
 
-    def __init__(self, log: AuditLog, start: tuple[int, int] | None, needles: tuple[tuple[bytes, ...], ...]) -> None:
+    def __init__(
+        self,
+        log: AuditLog,
+        start: tuple[int, int] | None,
+        needles: tuple[tuple[bytes, ...], ...],
+        before: float | None = None,
+    ) -> None:
         self.log = log
         segments = log.segments()
+
+        def end(segment: Segment) -> int:
+            last = complete_end(segment)
+            return last if before is None or start is not None else offset_before(segment, last, before)
+
         if start is None:
-            top = segments[0] if segments else None
-            start = (top.serial, complete_end(top)) if top is not None else (0, 0)
+            start = (segments[0].serial, end(segments[0])) if segments else (0, 0)
         self.position = start  # everything above it was returned or rejected
         self._plan: list[tuple[Segment, int]] = []
         for segment in segments:
             if segment.serial == start[0]:
                 self._plan.append((segment, start[1]))
             elif segment.serial < start[0]:
-                self._plan.append((segment, complete_end(segment)))
+                self._plan.append((segment, end(segment)))
         self._needles = needles
 
     def lines(self, deadline: float, clock: Callable[[], float]) -> Iterator[Line]:
@@ -228,15 +238,21 @@ class AuditIndex:
         return {"start": first * 60, "minutes": minutes}
 
     def decisions(
-        self, filters: Mapping[str, str], *, cursor: str | None = None, limit: int = 100, time_limit: float = 1.0
+        self,
+        filters: Mapping[str, str],
+        *,
+        before: float | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+        time_limit: float = 1.0,
     ) -> Page:
-        """A page of decisions passing ``filters``, newest first across every log."""
+        """A page of decisions passing ``filters`` (and at or before ``before``), newest first across every log."""
         needles = tuple(_needles(value) for value in filters.values() if value)
         starts = _parse_cursor(cursor, len(self.logs))
-        scans = [_Scan(log, start, needles) for log, start in zip(self.logs, starts, strict=True)]
+        scans = [_Scan(log, start, needles, before) for log, start in zip(self.logs, starts, strict=True)]
         deadline = time.monotonic() + time_limit
         heads: list[tuple[float, int, dict[str, Any]]] = []
-        streams = [self._records(scan, filters, deadline) for scan in scans]
+        streams = [self._records(scan, filters, deadline, before) for scan in scans]
         pending: dict[int, Line] = {}
         last: dict[int, float] = {}  # each log's last time: a record without one keeps its place in its file
         decisions: list[dict[str, Any]] = []
@@ -276,12 +292,15 @@ class AuditIndex:
             heapq.heappush(heads, (-when, number, item))
 
     def _records(
-        self, scan: _Scan, filters: Mapping[str, str], deadline: float
+        self, scan: _Scan, filters: Mapping[str, str], deadline: float, before: float | None
     ) -> Iterator[tuple[Line, dict[str, Any]]]:
         for line in scan.lines(deadline, time.monotonic):
             record = parse_record(line.data)
-            if record is not None and matches(record, filters):
-                yield line, self._item(scan.log, line, record)
+            if record is None or not matches(record, filters):
+                continue
+            item = self._item(scan.log, line, record)
+            if before is None or (item["time"] is not None and item["time"] <= before):
+                yield line, item
 
     @staticmethod
     def _item(log: AuditLog, line: Line, record: dict[str, Any]) -> dict[str, Any]:

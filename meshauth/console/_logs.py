@@ -258,3 +258,37 @@ def _region_lines(
         stop = first
         if data.strip() and all(any(needle in data for needle in group) for group in needles):
             yield Line(serial, base + first, base + last + 1, data)
+
+
+def _first_time(segment: Segment, start: int, stop: int) -> float | None:
+    """The time of the first complete, timed record starting at or after ``start`` (and before ``stop``)."""
+    data = os.pread(segment.fd, stop - start + 1, start - 1) if start > 0 else b"\n" + os.pread(segment.fd, stop, 0)
+    for line in data.split(b"\n")[1:-1]:
+        record = parse_record(line)
+        when = record_time(record) if record is not None else None
+        if when is not None:
+            return when
+    return None
+
+
+def offset_before(segment: Segment, end: int, before: float, probe: int = 1 << 16) -> int:
+    """A line boundary of ``segment`` after which the records are later than ``before``.
+
+    A bisection over the file, on the assumption that a log is written in time
+    order (a record out of order by more than ``probe`` bytes may be missed).
+    """
+    low, high = 0, end
+    while high - low > probe:
+        middle = (low + high) // 2
+        when = _first_time(segment, middle, min(middle + probe, high))
+        if when is None:
+            break
+        if when <= before:
+            low = middle
+        else:
+            high = middle
+    if high in (0, end):
+        return high
+    tail = os.pread(segment.fd, min(end - high + 1, BLOCK), high - 1)
+    newline = tail.find(b"\n")
+    return end if newline < 0 else high + newline

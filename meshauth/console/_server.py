@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -49,6 +50,7 @@ STATIC = {
     "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 MAX_VALUE = 256
+SECONDS = re.compile(r"\A\d{1,11}(?:\.\d{1,6})?\Z")
 MAX_LIMIT = 500
 FOLLOW_INTERVAL = 0.25
 
@@ -119,14 +121,19 @@ class _Api:
         return self.index.chart()
 
     def decisions(self, query: dict[str, list[str]]) -> Any:
-        values = _single(query, {*FILTERS, "limit", "cursor"})
+        values = _single(query, {*FILTERS, "limit", "cursor", "before"})
         limit = _limit(values)
         cursor = values.pop("cursor", None)
         if cursor is not None and not CURSOR.match(cursor):
             raise BadRequest("cursor is not one this console handed out")
+        before = values.pop("before", None)
+        if before is not None and not SECONDS.match(before):
+            raise BadRequest("before must be a time in POSIX seconds")
         if values.get("outcome", "accepted") not in ("accepted", "rejected", "denied", "unavailable"):
             raise BadRequest("outcome must be accepted, rejected, denied or unavailable")
-        page = self.index.decisions(values, cursor=cursor, limit=limit)
+        page = self.index.decisions(
+            values, before=None if before is None else float(before), cursor=cursor, limit=limit
+        )
         return {"decisions": page.decisions, "next": page.next, "partial": page.partial}
 
     def keys(self, query: dict[str, list[str]]) -> Any:
