@@ -507,3 +507,54 @@ def test_before_over_http(log: AuditFile) -> None:
     with running_console([log.path]) as server:
         assert times(page(server, before=str(int(NOW + 2)))) == [NOW + 2, NOW + 1, NOW]
         assert get(server, "/api/decisions?before=yesterday").status_code == 400
+
+
+@pytest.mark.parametrize("block", [1, 2, 7, 64, 1 << 20])
+def test_backward_reading_matches_a_plain_split_at_any_block_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from meshauth.console import _logs
+
+    monkeypatch.setattr(_logs, "BLOCK", block)
+    path = tmp_path / "lines.jsonl"
+    alphabet = st.sampled_from(["a", "b", "é", '"', "\\", " ", "\u2028", "{"])
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.text(alphabet, max_size=12), max_size=12), st.text(alphabet, max_size=3))
+    def check(lines: list[str], needle: str) -> None:
+        data = "".join(line + "\n" for line in lines).encode()
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            segment = _logs.Segment(0, fd, (0, 0))
+            found = [(line.start, line.end, line.data) for line in _logs.lines_backward(segment, len(data))]
+            wanted_needle = needle.encode()
+            filtered = [line.data for line in _logs.lines_backward(segment, len(data), ((wanted_needle,),))]
+        finally:
+            os.close(fd)
+        expected, offset = [], 0
+        for line in data.split(b"\n")[:-1]:
+            expected.append((offset, offset + len(line) + 1, line))
+            offset += len(line) + 1
+        expected = [entry for entry in reversed(expected) if entry[2].strip()]
+        assert found == expected
+        assert filtered == [entry[2] for entry in expected if wanted_needle in entry[2]]
+
+    check()
+
+
+def test_an_overlong_line_is_counted_once_and_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshauth.console import _logs
+
+    monkeypatch.setattr(_logs, "BLOCK", 32)
+    path = tmp_path / "long.jsonl"
+    overlong = '{"caller": "' + "x" * 100 + '"}'
+    path.write_text(f'{{"caller": "a", "time": 1}}\n{overlong}\n{{"caller": "b", "time": 2}}\n')
+    index = AuditIndex([str(path)])
+    index.follow()
+    status = index.status()["logs"][0]
+    index.close()
+    assert (status["lines"], status["malformed"], status["indexed"]) == (3, 1, 1.0)

@@ -162,6 +162,7 @@ class AuditLog:
                 if len(chunk) < BLOCK:
                     return  # a line still being written
                 if not segment.skipping:  # an overlong line: counted once, skipped to its end
+                    self.lines += 1
                     self.malformed += 1
                 segment.skipping = True
                 segment.counted += len(chunk)
@@ -247,6 +248,7 @@ def _region_lines(
             hit = max(region.rfind(needle, 0, stop) for needle in lead)
             if hit < 0:
                 return
+            hit = min(hit, stop - 1)  # an empty needle matches at ``stop`` itself
             first = region.rfind(b"\n", 0, hit) + 1
             last = region.find(b"\n", hit)
             if last < 0 or last >= stop:
