@@ -31,7 +31,6 @@ import hashlib
 import ipaddress
 import logging
 import math
-import re
 import ssl
 import threading
 import time
@@ -56,12 +55,12 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from ._exceptions import ConfigurationError, KeysUnavailable
-from ._jws import strict_json_loads
-from ._keys import _PRIVATE_MEMBERS, KeyRecord, parse_jwk
-from ._registry import DEFAULT_MAX_BYTES, KeySet, parse_registry_document
+from ._keys import KeyRecord
+from ._keyset import REGISTRY, KeySet, KeySetParser
+from ._registry import DEFAULT_MAX_BYTES
 from ._telemetry import Telemetry, audit
 
-__all__ = ["JWKSEndpoint", "RawKeySet", "load_keys"]
+__all__ = ["JWKSEndpoint"]
 
 logger = logging.getLogger("meshauth")
 
@@ -73,157 +72,6 @@ _NEVER: Final = float("-inf")
 _MAX_PROBLEMS_SHOWN: Final = 20
 _NEGATIVE_CACHE_SIZE: Final = 10_000
 _DETAIL_LIMIT: Final = 300
-
-
-# -- the key index ---------------------------------------------------------------
-
-_WS: Final = " \t\r\n"
-_HEAD: Final = re.compile(r'[ \t\r\n]*\{[ \t\r\n]*"keys"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*')
-# Matches every JSON string naming a private JWK member ("d", "p", "q", "dp",
-# "dq", "qi", "oth", "k") and a few harmless ones; a match only sends the
-# document down the exact (slower) path, which decides.
-_MAYBE_PRIVATE: Final = re.compile(r'"[dpqko][pqith]{0,2}"')
-
-
-class RawKeySet(KeySet):
-    """A registry document indexed by ``kid``, each key parsed from its text on first use.
-
-    Loading only locates each key object and its ``kid`` in the text, so a
-    10,000-key document is ready in a few milliseconds; lookup is one dict
-    access. On first use a key is strictly parsed as JSON, checked to carry
-    exactly the indexed ``kid``, validated and built (once, under a lock). A
-    key that fails is treated as absent and described in :attr:`problems`.
-    """
-
-    __slots__ = ()
-
-    def __init__(self, raw: dict[str, str], *, source: str = "registry") -> None:
-        super().__init__(source=source, _entries=raw)
-
-    def _build(self, kid: str, entry: Any, where: str) -> KeyRecord:
-        try:
-            jwk = strict_json_loads("{" + entry + "}")
-        except (ValueError, RecursionError):
-            raise ConfigurationError(f"{where} is not valid JSON", reason="invalid_registry") from None
-        if not isinstance(jwk, dict) or jwk.get("kid") != kid:
-            raise ConfigurationError(f"{where} is not a well-formed key object", reason="invalid_registry")
-        return parse_jwk(jwk, where)
-
-
-def _fast_index(text: str) -> dict[str, str] | None:
-    """Locate each key of a plainly laid out JWKS; ``None`` sends the text to the exact path.
-
-    Accepted layout: one top-level member ``keys``, an array of flat objects
-    (no ``{`` or ``}`` inside a key, even in strings) separated identically, no
-    backslash anywhere, each key with a ``"kid"`` string written ``"kid": "``
-    or ``"kid":"``, no duplicate or empty ``kid`` and no member name that may
-    be private. Anything else, valid or not, is left to the exact parser.
-    The one difference with it: malformed JSON *inside* a key object (a
-    duplicate member, a stray quote) makes that key bad, found on first use,
-    instead of refusing the whole document.
-
-    Returns ``kid -> the key object's text without its braces``. Every step is
-    a C-level string operation over the whole text, except one short loop per
-    key: this is what makes a 10,000-key document load in milliseconds.
-    """
-    if "\\" in text or _MAYBE_PRIVATE.search(text) is not None:
-        return None
-    head = _HEAD.match(text)
-    if head is None:
-        return None
-    begin = head.end()
-    end = len(text)
-    while end > begin and text[end - 1] in _WS:
-        end -= 1
-    if end <= begin or text[end - 1] != "}":
-        return None
-    end -= 1
-    while end > begin and text[end - 1] in _WS:
-        end -= 1
-    if end <= begin or text[end - 1] != "]":
-        return None
-    end -= 1
-    while end > begin and text[end - 1] in _WS:
-        end -= 1
-    inner = text[begin:end]
-    if not inner:
-        return {}
-    if inner[0] != "{" or inner[-1] != "}":
-        return None
-    first_close = inner.find("}")
-    next_open = inner.find("{", first_close)
-    if next_open < 0:
-        parts = [inner[1:-1]]
-    else:
-        gap = inner[first_close + 1 : next_open]
-        if gap.strip(_WS) != ",":
-            return None
-        parts = inner[1:-1].split("}" + gap + "{")
-    count = len(parts)
-    # inner is "{" + separator.join(parts) + "}": with exactly one "{" and one
-    # "}" per part, no part holds a brace, so each part is one whole key object.
-    if inner.count("{") != count or inner.count("}") != count:
-        return None
-    entries: dict[str, str] = {}
-    for part in parts:
-        at = part.find('"kid": "')
-        if at >= 0:
-            at += 8
-        else:
-            at = part.find('"kid":"')
-            if at < 0:
-                return None
-            at += 7
-        close = part.find('"', at)
-        if close < 0:
-            return None
-        entries[part[at:close]] = part
-    if len(entries) != count or "" in entries:
-        return None  # a duplicate or empty kid: the exact parser says which
-    return entries
-
-
-def _refuse_private_members(document: Mapping[str, Any], source: str) -> None:
-    for index, jwk in enumerate(document["keys"]):
-        if isinstance(jwk, Mapping):
-            private = sorted(_PRIVATE_MEMBERS.intersection(jwk))
-            if private:
-                kid = jwk.get("kid")
-                label = f" (kid {kid[:64]!r})" if isinstance(kid, str) else ""
-                raise ConfigurationError(
-                    f"{source}: keys[{index}]{label} carries private key members; the whole document is "
-                    "refused (treat that key as compromised and replace it)",
-                    reason="private_key_members",
-                    expected="public members only",
-                    actual=private,
-                )
-
-
-def load_keys(body: bytes | str, source: str = "registry") -> KeySet:
-    """Load a registry document the way :class:`JWKSEndpoint` does.
-
-    Returns a key index (``get(kid)``, ``problems``, ``kids()``, ``to_jwks()``).
-    Raises :class:`~meshauth.ConfigurationError` with reason
-    ``invalid_registry`` (not UTF-8, not JSON, not a JWKS, duplicate ``kid``)
-    or ``private_key_members`` (any key carries a private member: the whole
-    document is refused). Bad keys among good ones are skipped and reported.
-    """
-    if isinstance(body, bytes | bytearray):
-        try:
-            text = bytes(body).decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigurationError(f"{source}: the document is not UTF-8", reason="invalid_registry") from None
-    else:
-        text = body
-    entries = _fast_index(text)
-    if entries is not None:
-        return RawKeySet(entries, source=source)
-    document = parse_registry_document(text, source)
-    _refuse_private_members(document, source)
-    keyset = KeySet.from_jwks(document, source=source, strict=False, lazy=True)
-    for problem in keyset.problems:  # found at load; later ones are logged as they are found
-        logger.warning("meshauth registry: skipping a bad key: %s", problem)
-    return keyset
 
 
 # -- HTTP helpers -------------------------------------------------------------------
@@ -531,6 +379,7 @@ class JWKSEndpoint:
         monotonic: Callable[[], float] = time.monotonic,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        parser: KeySetParser = REGISTRY,
     ) -> None:
         try:
             parsed = httpx.URL(url)
@@ -583,6 +432,7 @@ class JWKSEndpoint:
         self.refresh_ahead = float(refresh_ahead)
         self.negative_ttl = float(negative_ttl)
         self.retries = int(retries)
+        self.parser = parser
         self._host = parsed.host
         self._port = parsed.port
         # A proxy cannot serve a loopback address; ignore proxy settings there.
@@ -1003,11 +853,11 @@ class JWKSEndpoint:
             # so that records, and the verifier's cache keyed on them, survive.
             return _NotModified(headers.get("etag") or snapshot.etag, _max_age(headers), status=200)
         try:
-            keys = load_keys(reply.body, self.source)
+            keys = self.parser.parse(reply.body, self.source, strict=False)
         except ConfigurationError as exc:
             # A leaked private key will not go away by asking again.
             raise _FetchFailed(
-                exc.reason, exc.detail, retryable=exc.reason == "invalid_registry", status=status
+                exc.reason, exc.detail, retryable=exc.reason == self.parser.reason, status=status
             ) from None
         return _Fetched(keys, headers.get("etag"), _max_age(headers), digest)
 

@@ -39,7 +39,8 @@ from meshauth import (
     UnknownKey,
     Verifier,
 )
-from meshauth._jwks_endpoint import JWKSEndpoint, RawKeySet, _max_age, load_keys
+from meshauth._jwks_endpoint import JWKSEndpoint, _max_age
+from meshauth._keyset import RawKeySet, load_keys
 from meshauth.testing import FakeClock
 
 PATH = "/.well-known/jwks.json"

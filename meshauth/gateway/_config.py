@@ -20,6 +20,7 @@ from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 from .._exceptions import ConfigurationError
+from .._idp_keys import IDP_ALGORITHMS, IdPKeyParser
 from .._keys import SigningKey
 from .._registry import JWKSFile
 
@@ -34,7 +35,6 @@ __all__ = [
     "parse_config",
 ]
 
-IDP_ALGORITHMS: Final = ("ES256", "EdDSA", "PS256", "RS256")
 REASON: Final = "invalid_config"
 DEFAULT_LISTEN: Final = "127.0.0.1:8080"
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192
@@ -199,6 +199,11 @@ def parse_config(
     """
     loader = _Loader(source, Path(base_dir).resolve())
     return loader.load(document, check_files=check_files)
+
+
+def issuer_key_parser(issuer: IssuerConfig) -> IdPKeyParser:
+    """How the issuer's JWKS is read: keys owned by the issuer, for its algorithms only."""
+    return IdPKeyParser(issuer.issuer, issuer.algorithms)
 
 
 def is_url(value: str) -> bool:
@@ -391,13 +396,11 @@ class _Loader:
             )
 
     def check_issuer_keys(self, issuer: IssuerConfig, where: str) -> None:
-        from ._idp import IdPKeyFile  # noqa: PLC0415 - _idp imports this module: a top-level import would be circular
-
         try:
-            keys = IdPKeyFile(issuer.jwks)
+            keys = JWKSFile(issuer.jwks, parser=issuer_key_parser(issuer))
         except ConfigurationError as exc:
             self.fail(where, exc.detail)
-        if not keys.usable_with(issuer.algorithms):
+        if not len(keys.keyset):
             self.fail(
                 where,
                 f"no key in {issuer.jwks!r} can verify the configured algorithms {list(issuer.algorithms)}",
