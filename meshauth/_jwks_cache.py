@@ -26,20 +26,32 @@ import dataclasses
 import math
 import random
 import threading
-from collections.abc import Callable, Generator
-from typing import Final
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import Final, TypeVar
 
 from ._exceptions import KeysUnavailable
 from ._jwks_http import Fetched, FetchFailed, NotModified, Reply
 from ._keys import KeyRecord
 from ._keyset import KeySet
 
-__all__ = ["Backoff", "Flight", "KeyCache", "Need", "Send", "Sleep", "Snapshot", "fetch_flow"]
+__all__ = [
+    "Backoff",
+    "Flight",
+    "KeyCache",
+    "Need",
+    "Send",
+    "Sleep",
+    "Snapshot",
+    "drive_async",
+    "drive_sync",
+    "fetch_flow",
+]
 
 NEVER: Final = float("-inf")
 _NEGATIVE_CACHE_SIZE: Final = 10_000
 
 Outcome = Fetched | NotModified | FetchFailed
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,9 +103,12 @@ def fetch_flow(
     headers: dict[str, str],
     retries: int,
     pause: Callable[[int], float],
-    judge: Callable[[Reply], Fetched | NotModified],
-) -> Generator[Send | Sleep, Reply | None, Outcome]:
-    """One fetch: up to ``retries`` attempts, pausing ``pause(attempt)`` after each retryable failure."""
+    judge: Callable[[Reply], _T],
+) -> Generator[Send | Sleep, Reply | None, _T | FetchFailed]:
+    """One fetch: up to ``retries`` attempts, pausing ``pause(attempt)`` after each retryable failure.
+
+    ``judge`` turns a reply into a result or raises :class:`FetchFailed`.
+    """
     attempt = 1
     while True:
         reply = yield Send(headers)
@@ -105,6 +120,41 @@ def fetch_flow(
                 return failure
         yield Sleep(pause(attempt))
         attempt += 1
+
+
+Flow = Generator[Send | Sleep, Reply | None, _T]
+
+
+def drive_sync(flow: Flow[_T], get: Callable[[Mapping[str, str]], Reply], sleep: Callable[[float], None]) -> _T:
+    """Run a fetch flow with blocking I/O."""
+    reply: Reply | None = None
+    while True:
+        try:
+            command = flow.send(reply)
+        except StopIteration as stop:
+            result: _T = stop.value
+            return result
+        if isinstance(command, Sleep):
+            sleep(max(command.seconds, 0.0))
+            reply = None
+        else:
+            reply = get(command.headers)
+
+
+async def drive_async(flow: Flow[_T], aget: Callable[[Mapping[str, str]], Awaitable[Reply]]) -> _T:
+    """Run a fetch flow on the event loop."""
+    reply: Reply | None = None
+    while True:
+        try:
+            command = flow.send(reply)
+        except StopIteration as stop:
+            result: _T = stop.value
+            return result
+        if isinstance(command, Sleep):
+            await asyncio.sleep(max(command.seconds, 0.0))
+            reply = None
+        else:
+            reply = await aget(command.headers)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

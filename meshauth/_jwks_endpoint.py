@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import httpx
@@ -24,19 +23,29 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span
 
 from ._exceptions import ConfigurationError, KeysUnavailable
-from ._jwks_cache import Backoff, Flight, Freshness, KeyCache, Need, Outcome, Sleep, Snapshot, fetch_flow
+from ._jwks_cache import (
+    Backoff,
+    Flight,
+    Flow,
+    Freshness,
+    KeyCache,
+    Need,
+    Outcome,
+    Snapshot,
+    drive_async,
+    drive_sync,
+    fetch_flow,
+)
 from ._jwks_http import (
     JWKS_MEDIA_TYPE,
     Fetched,
     FetchFailed,
+    Getter,
     NotModified,
     Reply,
     check_url,
     display_url,
-    is_loopback,
     judge_jwks,
-    send_async,
-    send_sync,
 )
 from ._jwks_telemetry import FetchTelemetry
 from ._keys import KeyRecord
@@ -178,17 +187,16 @@ class JWKSEndpoint:
         self._cache = KeyCache(self.source, policy, monotonic)
         self._host = parsed.host
         self._port = parsed.port
-        self._trust_env = not is_loopback(parsed.host)  # a proxy cannot serve a loopback address
         self._clock = clock
         self._monotonic = monotonic
-        self._client = client
-        self._async_client = async_client
+        self._http = Getter(
+            parsed, timeout=self.timeout, max_bytes=self.max_bytes, client=client, async_client=async_client
+        )
         backoff = Backoff()
         self._retry_wait: Callable[[int], float] = retry_wait if retry_wait is not None else backoff
         longest = backoff.cap + backoff.jitter if retry_wait is None else 10.0
         # How long a caller waits for somebody else's fetch before giving up on it.
         self._wait_limit = self.retries * (3 * self.timeout + longest) + 1.0
-        self._ssl_context: ssl.SSLContext | None = None
         telemetry = Telemetry(tracer_provider, meter_provider)
         self._telemetry = FetchTelemetry(self._cache, parsed, telemetry)
         # Read at collection time only: costs nothing on the verify path.
@@ -274,33 +282,8 @@ class JWKSEndpoint:
             with self._cache.lock:
                 self._threads.discard(threading.current_thread())
 
-    def _drive_sync(self, flow: Generator[Any, Reply | None, Outcome]) -> Outcome:
-        reply: Reply | None = None
-        while True:
-            try:
-                command = flow.send(reply)
-            except StopIteration as stop:
-                outcome: Outcome = stop.value
-                return outcome
-            if isinstance(command, Sleep):
-                time.sleep(max(command.seconds, 0.0))
-                reply = None
-                continue
-            client = self._client if self._client is not None else self._new_client()
-            try:
-                reply = send_sync(client, self.url, command.headers, self.timeout, self.max_bytes)
-            finally:
-                if client is not self._client:
-                    client.close()
-
-    def _new_client(self) -> httpx.Client:
-        return httpx.Client(verify=self._ssl(), trust_env=self._trust_env, timeout=self.timeout)
-
-    def _ssl(self) -> ssl.SSLContext:
-        # Loading the CA bundle takes milliseconds: once per endpoint, not per fetch.
-        if self._ssl_context is None:
-            self._ssl_context = httpx.create_ssl_context(trust_env=self._trust_env)
-        return self._ssl_context
+    def _drive_sync(self, flow: Flow[Outcome]) -> Outcome:
+        return drive_sync(flow, self._http.get, time.sleep)
 
     # -- running a fetch: tasks -------------------------------------------------------------
 
@@ -322,42 +305,21 @@ class JWKSEndpoint:
         task.add_done_callback(self._tasks.discard)
 
     async def _fly_async(self, flight: Flight) -> None:
-        if self._async_client is None and self._client is not None:
+        if self._http.async_client is None and self._http.client is not None:
             await asyncio.to_thread(self._fly, flight, self._drive_sync)
             return
         span, started = self._telemetry.begin(flight)
         result: Outcome | None = None  # None: cancelled, no verdict on the endpoint
         try:
-            result = await self._drive_async(self._new_flow())
+            result = await drive_async(self._new_flow(), self._http.aget)
         except Exception as exc:
             result = self._internal_error(exc)
         finally:
             self._complete(flight, result, span, started)
 
-    async def _drive_async(self, flow: Generator[Any, Reply | None, Outcome]) -> Outcome:
-        reply: Reply | None = None
-        while True:
-            try:
-                command = flow.send(reply)
-            except StopIteration as stop:
-                outcome: Outcome = stop.value
-                return outcome
-            if isinstance(command, Sleep):
-                await asyncio.sleep(max(command.seconds, 0.0))
-                reply = None
-                continue
-            client = self._async_client
-            if client is None:
-                client = httpx.AsyncClient(verify=self._ssl(), trust_env=self._trust_env, timeout=self.timeout)
-            try:
-                reply = await send_async(client, self.url, command.headers, self.timeout, self.max_bytes)
-            finally:
-                if client is not self._async_client:
-                    await client.aclose()
-
     # -- one fetch: its flow, its verdict applied --------------------------------------------
 
-    def _new_flow(self) -> Generator[Any, Reply | None, Outcome]:
+    def _new_flow(self) -> Flow[Outcome]:
         snapshot = self._cache.snapshot
         etag = snapshot.etag if snapshot is not None else None
         digest = snapshot.digest if snapshot is not None else None
@@ -370,7 +332,7 @@ class JWKSEndpoint:
 
         return fetch_flow(headers, self.retries, self._retry_wait, judge)
 
-    def _fly(self, flight: Flight, drive: Callable[[Generator[Any, Reply | None, Outcome]], Outcome]) -> None:
+    def _fly(self, flight: Flight, drive: Callable[[Flow[Outcome]], Outcome]) -> None:
         span, started = self._telemetry.begin(flight)
         result: Outcome | None = None
         try:

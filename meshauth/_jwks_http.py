@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import ssl
 import time
 import zlib
 from collections.abc import Collection, Iterable, Mapping
@@ -26,6 +27,7 @@ __all__ = [
     "JWKS_MEDIA_TYPE",
     "FetchFailed",
     "Fetched",
+    "Getter",
     "NotModified",
     "Reply",
     "check_url",
@@ -234,6 +236,57 @@ async def send_async(
             await response.aclose()
     except Exception as exc:
         return Reply(error=exc)
+
+
+class Getter:
+    """GETs one URL with the caller's clients, or with short-lived ones of its own.
+
+    Fetches are minutes apart, so nothing is lost by not pooling; a proxy from
+    the environment is ignored for loopback hosts (it could not reach them).
+    """
+
+    def __init__(
+        self,
+        url: httpx.URL,
+        *,
+        timeout: float,
+        max_bytes: int,
+        client: httpx.Client | None = None,
+        async_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = str(url)
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.client = client
+        self.async_client = async_client
+        self._trust_env = not is_loopback(url.host)
+        self._ssl_context: ssl.SSLContext | None = None
+
+    def _ssl(self) -> ssl.SSLContext:
+        # Loading the CA bundle takes milliseconds: once per URL, not per fetch.
+        if self._ssl_context is None:
+            self._ssl_context = httpx.create_ssl_context(trust_env=self._trust_env)
+        return self._ssl_context
+
+    def get(self, headers: Mapping[str, str]) -> Reply:
+        client = self.client
+        if client is None:
+            client = httpx.Client(verify=self._ssl(), trust_env=self._trust_env, timeout=self.timeout)
+        try:
+            return send_sync(client, self.url, headers, self.timeout, self.max_bytes)
+        finally:
+            if client is not self.client:
+                client.close()
+
+    async def aget(self, headers: Mapping[str, str]) -> Reply:
+        client = self.async_client
+        if client is None:
+            client = httpx.AsyncClient(verify=self._ssl(), trust_env=self._trust_env, timeout=self.timeout)
+        try:
+            return await send_async(client, self.url, headers, self.timeout, self.max_bytes)
+        finally:
+            if client is not self.async_client:
+                await client.aclose()
 
 
 def check_reply(reply: Reply, media_types: Collection[str], *, not_modified_ok: bool = False) -> int:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
+from .._discovery import discovery_url
 from .._exceptions import ConfigurationError
 from .._idp_keys import IDP_ALGORITHMS, IdPKeyParser
+from .._jwks_http import check_url
 from .._keys import SigningKey
 from .._names import service_name_problem
 from .._registry import JWKSFile
@@ -56,7 +58,7 @@ _TOP_LEVEL: Final = (
     "timeout",
     "trusted_proxies",
 )
-_ISSUER_KEYS: Final = ("algorithms", "audience", "issuer", "jwks", "leeway")
+_ISSUER_KEYS: Final = ("algorithms", "audience", "discovery", "issuer", "jwks", "leeway")
 _ROUTE_KEYS: Final = (
     "accept_service_tokens",
     "callers",
@@ -94,10 +96,12 @@ class IssuerConfig:
 
     issuer: str
     jwks: str
-    """An absolute file path or an http(s) URL."""
+    """An absolute file path or an http(s) URL; empty with ``discovery``."""
     audience: str
     algorithms: tuple[str, ...]
     leeway: float = 30.0
+    discovery: bool = False
+    """Find the key set's URL in ``<issuer>/.well-known/openid-configuration`` (OpenID Connect discovery)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -268,7 +272,7 @@ class _Loader:
             if not is_url(registry):
                 self.check_registry(registry, service, signing_key)
             for index, issuer in enumerate(issuers):
-                if not is_url(issuer.jwks):
+                if not issuer.discovery and not is_url(issuer.jwks):
                     self.check_issuer_keys(issuer, f"issuers[{index}].jwks")
         return GatewayConfig(
             service=service,
@@ -294,10 +298,12 @@ class _Loader:
         for index, table in enumerate(tables):
             where = f"issuers[{index}]"
             self.unknown_keys(table, _ISSUER_KEYS, where)
-            for required in ("issuer", "jwks", "audience", "algorithms"):
+            for required in ("issuer", "audience", "algorithms"):
                 if required not in table:
                     self.fail(f"{where}.{required}", "this key is required")
             name = self.string(table["issuer"], f"{where}.issuer")
+            discovery = self.boolean(table, "discovery", where)
+            jwks = self.issuer_keys(table, name, discovery, where)
             if name in seen:
                 self.fail(f"{where}.issuer", f"issuer {name!r} is configured twice")
             seen.add(name)
@@ -316,13 +322,28 @@ class _Loader:
             issuers.append(
                 IssuerConfig(
                     issuer=name,
-                    jwks=self.location(table["jwks"], f"{where}.jwks"),
+                    jwks=jwks,
                     audience=self.string(table["audience"], f"{where}.audience"),
                     algorithms=algorithms,
                     leeway=leeway,
+                    discovery=discovery,
                 )
             )
         return tuple(issuers)
+
+    def issuer_keys(self, table: Mapping[str, Any], issuer: str, discovery: bool, where: str) -> str:
+        """The ``jwks`` location, or ``""`` with ``discovery = true`` (exactly one of them)."""
+        if discovery:
+            if "jwks" in table:
+                self.fail(f"{where}.jwks", "give either jwks or discovery = true, not both")
+            try:
+                check_url(discovery_url(issuer), allow_http=False, what="issuer's discovery URL")
+            except ConfigurationError as exc:
+                self.fail(f"{where}.issuer", f"discovery needs an https issuer URL: {exc.detail}")
+            return ""
+        if "jwks" not in table:
+            self.fail(f"{where}.jwks", "this key is required (or discovery = true)")
+        return self.location(table["jwks"], f"{where}.jwks")
 
     def routes(self, value: object, issuers: Sequence[IssuerConfig]) -> tuple[RouteConfig, ...]:
         tables = self.tables(value, "routes")

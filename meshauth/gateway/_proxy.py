@@ -44,6 +44,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import audit as audit_log
+from .._discovery import DiscoveredKeys
 from .._exceptions import AccessDenied, BadPath, ConfigurationError, KeysUnavailable, MeshAuthError, TokenError
 from .._identity import ServiceIdentity
 from .._jwks_endpoint import JWKSEndpoint
@@ -337,7 +338,9 @@ class Gateway:
         # URL key sets are fetched now, so that /readyz turns ready before the
         # first request; a failure is logged by the source and retried later.
         fetches: list[Awaitable[Any]] = [
-            source.arefresh() for source in self.issuer_keys.values() if isinstance(source, JWKSEndpoint)
+            source.arefresh()
+            for source in self.issuer_keys.values()
+            if isinstance(source, JWKSEndpoint | DiscoveredKeys)
         ]
         refresh_registry = getattr(self.registry, "arefresh", None)
         if refresh_registry is not None:
@@ -351,7 +354,7 @@ class Gateway:
         """Close what :meth:`startup` opened (the upstream client, the audit handler, fetches)."""
         self._started = False
         for source in self.issuer_keys.values():
-            if isinstance(source, JWKSEndpoint):
+            if isinstance(source, JWKSEndpoint | DiscoveredKeys):
                 await source.aclose()
         close_registry = getattr(self.registry, "aclose", None) if self._owns_registry else None
         if close_registry is not None:
@@ -984,9 +987,11 @@ def open_registry(location: str, *, source: str = "<config>") -> KeySource:
 
 
 def open_issuer_keys(issuer: IssuerConfig, *, source: str = "<config>", where: str = "jwks") -> KeySource:
-    """An issuer's key set: a :class:`meshauth.JWKSFile` or a :class:`meshauth.JWKSEndpoint` for a URL."""
-    parser = issuer_key_parser(issuer)
+    """An issuer's key set: by OpenID Connect discovery, a :class:`meshauth.JWKSEndpoint` for a URL, or a file."""
     try:
+        if issuer.discovery:
+            return DiscoveredKeys(issuer.issuer, algorithms=issuer.algorithms)
+        parser = issuer_key_parser(issuer)
         if is_url(issuer.jwks):
             return JWKSEndpoint(issuer.jwks, parser=parser)
         return JWKSFile(issuer.jwks, parser=parser)
