@@ -14,12 +14,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final
 
 import httpx
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span
 
 from ._exceptions import ConfigurationError, KeysUnavailable
@@ -197,15 +196,7 @@ class JWKSEndpoint:
         longest = backoff.cap + backoff.jitter if retry_wait is None else 10.0
         # How long a caller waits for somebody else's fetch before giving up on it.
         self._wait_limit = self.retries * (3 * self.timeout + longest) + 1.0
-        telemetry = Telemetry(tracer_provider, meter_provider)
-        self._telemetry = FetchTelemetry(self._cache, parsed, telemetry)
-        # Read at collection time only: costs nothing on the verify path.
-        telemetry.meter.create_observable_gauge(
-            "meshauth.jwks.age",
-            callbacks=[self._observe_age],
-            unit="s",
-            description="Age of the key set in service (time since its last good fetch)",
-        )
+        self._telemetry = FetchTelemetry(self._cache, parsed, Telemetry(tracer_provider, meter_provider))
         self._document: tuple[KeySet, dict[str, Any]] | None = None
         self._threads: set[threading.Thread] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -470,11 +461,6 @@ class JWKSEndpoint:
             "fetches": cache.fetches,
             "problems": list(snapshot.keys.problems[:_MAX_PROBLEMS_SHOWN]) if snapshot is not None else [],
         }
-
-    def _observe_age(self, options: CallbackOptions) -> Iterable[Observation]:
-        snapshot = self._cache.snapshot
-        if snapshot is not None:
-            yield Observation(self._monotonic() - snapshot.good_at, {"server.address": self._host})
 
     def close(self) -> None:
         """Stop fetching (the set in service stays usable until it is too stale); wait for refresh threads."""

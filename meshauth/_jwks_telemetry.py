@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import httpx
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ._jwks_cache import Flight, KeyCache, Outcome
@@ -34,6 +36,18 @@ class FetchTelemetry:
             "meshauth.jwks.fetch.duration", unit="s", description="Time to fetch the JWKS, retries included"
         )
         self.logged_error: str | None = None
+        # Read at collection time only: costs nothing on the verify path.
+        telemetry.meter.create_observable_gauge(
+            "meshauth.jwks.age",
+            callbacks=[self._observe_age],
+            unit="s",
+            description="Age of the key set in service (time since its last good fetch)",
+        )
+
+    def _observe_age(self, options: CallbackOptions) -> Iterable[Observation]:
+        snapshot = self.cache.snapshot
+        if snapshot is not None:
+            yield Observation(self.cache.monotonic() - snapshot.good_at, {"server.address": self.host})
 
     def begin(self, flight: Flight) -> tuple[Span, float]:
         attributes: dict[str, str | int] = {"server.address": self.host, "meshauth.jwks.trigger": flight.trigger}

@@ -237,21 +237,13 @@ def _fast_index(text: str) -> dict[str, str] | None:
     head = _HEAD.match(text)
     if head is None:
         return None
-    begin = head.end()
-    end = len(text)
-    while end > begin and text[end - 1] in _WS:
-        end -= 1
-    if end <= begin or text[end - 1] != "}":
+    rest = text[head.end() :].rstrip(_WS)
+    if not rest.endswith("}"):
         return None
-    end -= 1
-    while end > begin and text[end - 1] in _WS:
-        end -= 1
-    if end <= begin or text[end - 1] != "]":
+    rest = rest[:-1].rstrip(_WS)
+    if not rest.endswith("]"):
         return None
-    end -= 1
-    while end > begin and text[end - 1] in _WS:
-        end -= 1
-    inner = text[begin:end]
+    inner = rest[:-1].rstrip(_WS)
     if not inner:
         return {}
     if inner[0] != "{" or inner[-1] != "}":
@@ -270,6 +262,11 @@ def _fast_index(text: str) -> dict[str, str] | None:
     # "}" per part, no part holds a brace, so each part is one whole key object.
     if inner.count("{") != count or inner.count("}") != count:
         return None
+    return _by_kid(parts)
+
+
+def _by_kid(parts: list[str]) -> dict[str, str] | None:
+    """``kid -> key text`` for flat key objects, or ``None`` (no kid, odd layout, duplicates)."""
     entries: dict[str, str] = {}
     for part in parts:
         at = part.find('"kid": "')
@@ -284,7 +281,7 @@ def _fast_index(text: str) -> dict[str, str] | None:
         if close < 0:
             return None
         entries[part[at:close]] = part
-    if len(entries) != count or "" in entries:
+    if len(entries) != len(parts) or "" in entries:
         return None  # a duplicate or empty kid: the exact parser says which
     return entries
 
