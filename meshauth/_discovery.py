@@ -29,6 +29,7 @@ from ._jwks_endpoint import JWKSEndpoint
 from ._jwks_http import FetchFailed, Getter, Reply, check_reply, check_url, display_url, max_age
 from ._jws import strict_json_loads
 from ._keys import KeyRecord
+from ._keyset import KeySet
 
 __all__ = ["DISCOVERY_PATH", "DiscoveredKeys", "discovery_url"]
 
@@ -239,6 +240,11 @@ class DiscoveredKeys:
     def warm(self) -> None:
         """Discover and fetch now; :class:`~meshauth.KeysUnavailable` naming the problem if either fails."""
         self._resolve().warm()
+
+    @property
+    def keyset(self) -> KeySet | None:
+        """The key set in service, without fetching (``None`` before the first fetch)."""
+        return self.endpoint.keyset if self.endpoint is not None else None
 
     def status(self) -> dict[str, Any]:
         """Readiness: the key set's status, with the discovery URL, ``jwks_uri`` and discovery error."""

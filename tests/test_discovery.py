@@ -76,8 +76,10 @@ def discovered(idp: IdP, clock: FakeClock, **options: Any) -> DiscoveredKeys:
 
 def test_discovery_finds_the_key_set_and_caches_both_documents(idp: IdP, clock: FakeClock) -> None:
     keys = discovered(idp, clock)
+    assert keys.keyset is None
     record = keys.get_key("k1")
     assert record is not None and (record.alg, record.owner) == ("RS256", idp.base)
+    assert keys.keyset is not None and keys.keyset.kids() == ["k1"]
     assert keys.get_key("k1") is record and keys.get_key("k2") is None
     assert idp.hits == {DISCOVERY_PATH: 1, "/keys": 1}
     status = keys.status()

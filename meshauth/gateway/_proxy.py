@@ -986,14 +986,19 @@ def open_registry(location: str, *, source: str = "<config>") -> KeySource:
     return keys
 
 
+# An IdP publishes a handful of keys: 1 MiB is plenty, and bounds what a bad answer costs.
+IDP_MAX_JWKS_BYTES: Final = 1 << 20
+
+
 def open_issuer_keys(issuer: IssuerConfig, *, source: str = "<config>", where: str = "jwks") -> KeySource:
     """An issuer's key set: by OpenID Connect discovery, a :class:`meshauth.JWKSEndpoint` for a URL, or a file."""
     try:
         if issuer.discovery:
-            return DiscoveredKeys(issuer.issuer, algorithms=issuer.algorithms)
+            limit = {"max_bytes": IDP_MAX_JWKS_BYTES}
+            return DiscoveredKeys(issuer.issuer, algorithms=issuer.algorithms, endpoint_options=limit)
         parser = issuer_key_parser(issuer)
         if is_url(issuer.jwks):
-            return JWKSEndpoint(issuer.jwks, parser=parser)
+            return JWKSEndpoint(issuer.jwks, parser=parser, max_bytes=IDP_MAX_JWKS_BYTES)
         return JWKSFile(issuer.jwks, parser=parser)
     except ConfigurationError as exc:
         raise ConfigurationError(f"{source}: {where}: {exc.detail}", reason="invalid_config") from None
