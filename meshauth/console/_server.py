@@ -200,7 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refusal(self) -> str | None:
         host = self.headers.get("Host", "")
-        if host.lower() not in self.server.allowed_hosts:
+        if not self.server.host_allowed(host):
             return "this console answers only to its own address (Host header refused)"
         site = self.headers.get("Sec-Fetch-Site")
         if site is not None and site not in ("same-origin", "none"):
@@ -247,10 +247,25 @@ class ConsoleServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((host.strip("[]"), port), _Handler)
         port = self.server_address[1]
-        names = {"127.0.0.1", "localhost", "[::1]", host.lower() if ":" not in host else f"[{host.strip('[]')}]"}
-        self.allowed_hosts = {f"{name}:{port}" for name in names}
+        self.port = port
+        # A rebinding attack reaches the console under the attacker's DNS name: only IP literals,
+        # localhost and (when serving beyond loopback) this machine's own names are answered.
+        self.host_names = {"localhost"} | ({socket.gethostname(), socket.getfqdn()} if not is_loopback(host) else set())
         self._stop = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="meshauth-console-follow", daemon=True)
+
+    def host_allowed(self, header: str) -> bool:
+        """Whether a request's ``Host`` header names this console (an IP literal or a known name, and its port)."""
+        name, _, port = header.lower().rpartition(":")
+        if port != str(self.port):
+            return False
+        if name.lower() in {n.lower() for n in self.host_names}:
+            return True
+        try:
+            ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+        except ValueError:
+            return False
+        return True
 
     @property
     def url(self) -> str:
