@@ -215,3 +215,12 @@ def test_keys_view(page: Any, log: AuditFile, tmp_path: Path) -> None:
         ("payments", "EdDSA", "—", "never", "valid"),
     ]
     assert without == ["<b>ghost</b> (1 decisions)"]
+
+
+def test_a_missing_browser_fails_under_ci_and_skips_locally(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="cannot run under CI: no chromium"):
+        _unavailable("no chromium")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no chromium"):
+        _unavailable("no chromium")
