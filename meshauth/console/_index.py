@@ -78,6 +78,22 @@ def matches(record: Mapping[str, Any], filters: Mapping[str, str]) -> bool:
     return True
 
 
+_Facts = tuple[str | None, float | None, tuple[str, str]]  # caller, time, (outcome, reason)
+
+
+def _facts(data: bytes) -> _Facts | None:
+    """What the counters need from one line (``None``: a malformed line)."""
+    record = parse_record(data)
+    if record is None:
+        return None
+    caller = record.get("caller")
+    return (
+        caller if isinstance(caller, str) else None,
+        record_time(record),
+        (_text(record.get("outcome")), _text(record.get("reason"))),
+    )
+
+
 class _Scan:
     """One log read backwards from a position: the current segment first, then older ones."""
 
@@ -158,34 +174,30 @@ class AuditIndex:
         for log in self.logs:
             log.sync()
             for segment in reversed(log.segments()):
-                counted = 0
-                for data in log.read_new(segment, budget):
-                    counted += len(data) + 1
-                    self._count(log, data)
-                more = more or counted >= budget
+                already = segment.counted
+                self._tally(log, [_facts(data) for data in log.read_new(segment, budget) if data.strip()])
+                more = more or segment.counted - already >= budget
         return more
 
-    def _count(self, log: AuditLog, data: bytes) -> None:
-        if not data.strip():
-            return
-        record = parse_record(data)
+    def _tally(self, log: AuditLog, batch: list[_Facts | None]) -> None:
+        """Add one batch of lines to the counters (one lock for the batch: the lines were parsed outside it)."""
+        oldest = self.clock() - (CHART_MINUTES + 1) * 60
         with self._lock:
-            self.version += 1
-            log.lines += 1
-            if record is None:
-                log.malformed += 1
-                return
-            caller = record.get("caller")
-            if isinstance(caller, str) and (caller in self._callers or len(self._callers) < MAX_CALLERS):
-                self._callers[caller] = self._callers.get(caller, 0) + 1
-            when = record_time(record)
-            if when is None or when < self.clock() - (CHART_MINUTES + 1) * 60:
-                return
-            bucket = self._minutes.setdefault(int(when // 60), {})
-            key = (_text(record.get("outcome")), _text(record.get("reason")))
-            if key not in bucket and len(bucket) >= MAX_BARS_PER_MINUTE:  # a flood of invented reasons
-                key = (key[0], "(other reasons)")
-            bucket[key] = bucket.get(key, 0) + 1
+            self.version += len(batch)
+            log.lines += len(batch)
+            for facts in batch:
+                if facts is None:
+                    log.malformed += 1
+                    continue
+                caller, when, key = facts
+                if caller is not None and (caller in self._callers or len(self._callers) < MAX_CALLERS):
+                    self._callers[caller] = self._callers.get(caller, 0) + 1
+                if when is None or when < oldest:
+                    continue
+                bucket = self._minutes.setdefault(int(when // 60), {})
+                if key not in bucket and len(bucket) >= MAX_BARS_PER_MINUTE:  # a flood of invented reasons
+                    key = (key[0], "(other reasons)")
+                bucket[key] = bucket.get(key, 0) + 1
 
     # -- views -----------------------------------------------------------------------------------
 
