@@ -9,6 +9,7 @@ a line is parsed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import json
@@ -41,8 +42,9 @@ EXACT = frozenset({"outcome"})
 CHART_MINUTES = 60
 MAX_CALLERS = 10_000
 MAX_BARS_PER_MINUTE = 48
+SEARCH_PRIORITY = 5.0  # seconds the follower waits at most for running searches
 MAX_TRANSACTION = 1000
-FOLLOW_BYTES = 8 << 20  # per log and call of follow(): a huge log is counted in slices
+FOLLOW_BYTES = 2 << 20  # per log and call of follow(): a huge log is counted in slices
 CURSOR = re.compile(r"\A\d{1,4}:\d{1,9}:\d{1,15}(?:,\d{1,4}:\d{1,9}:\d{1,15})*\Z")
 
 
@@ -160,6 +162,8 @@ class AuditIndex:
         self._minutes: dict[int, dict[tuple[str, str], int]] = {}
         self._callers: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._searches = 0
 
     def close(self) -> None:
         """Close every file."""
@@ -174,10 +178,27 @@ class AuditIndex:
         for log in self.logs:
             log.sync()
             for segment in reversed(log.segments()):
+                self._yield_to_searches()
                 already = segment.counted
                 self._tally(log, [_facts(data) for data in log.read_new(segment, budget) if data.strip()])
                 more = more or segment.counted - already >= budget
         return more
+
+    def _yield_to_searches(self) -> None:
+        """Wait while a page or transaction is being searched: a person waits for those, not for the counts."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._searches == 0, timeout=SEARCH_PRIORITY)
+
+    @contextlib.contextmanager
+    def _search(self) -> Iterator[None]:
+        with self._idle:
+            self._searches += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._searches -= 1
+                self._idle.notify_all()
 
     def _tally(self, log: AuditLog, batch: list[_Facts | None]) -> None:
         """Add one batch of lines to the counters (one lock for the batch: the lines were parsed outside it)."""
@@ -261,8 +282,14 @@ class AuditIndex:
         """A page of decisions passing ``filters`` (and at or before ``before``), newest first across every log."""
         needles = tuple(_needles(value) for value in filters.values() if value)
         starts = _parse_cursor(cursor, len(self.logs))
-        scans = [_Scan(log, start, needles, before) for log, start in zip(self.logs, starts, strict=True)]
-        deadline = time.monotonic() + time_limit
+        with self._search():
+            scans = [_Scan(log, start, needles, before) for log, start in zip(self.logs, starts, strict=True)]
+            return self._merge(scans, filters, before, limit, time.monotonic() + time_limit)
+
+    def _merge(
+        self, scans: list[_Scan], filters: Mapping[str, str], before: float | None, limit: int, deadline: float
+    ) -> Page:
+        """Take the newest of the logs' next decisions until the page is full, the logs end or time is up."""
         heads: list[tuple[float, int, dict[str, Any]]] = []
         streams = [self._records(scan, filters, deadline, before) for scan in scans]
         pending: dict[int, Line] = {}
@@ -329,17 +356,18 @@ class AuditIndex:
         found: list[dict[str, Any]] = []
         deadline = time.monotonic() + time_limit
         partial = False
-        for log in self.logs:
-            scan = _Scan(log, None, needles)
-            try:
-                for line in scan.lines(deadline, time.monotonic):
-                    record = parse_record(line.data)
-                    if record is not None and identifier in (record.get("transaction"), record.get("trace_id")):
-                        found.append(self._item(log, line, record))
-                        if len(found) >= MAX_TRANSACTION:
-                            raise TimeoutError
-            except TimeoutError:
-                partial = True
-                break
+        with self._search():
+            for log in self.logs:
+                scan = _Scan(log, None, needles)
+                try:
+                    for line in scan.lines(deadline, time.monotonic):
+                        record = parse_record(line.data)
+                        if record is not None and identifier in (record.get("transaction"), record.get("trace_id")):
+                            found.append(self._item(log, line, record))
+                            if len(found) >= MAX_TRANSACTION:
+                                raise TimeoutError
+                except TimeoutError:
+                    partial = True
+                    break
         found.sort(key=lambda item: (item["time"] or 0.0, item["log"]))
         return {"id": identifier, "decisions": found, "partial": partial}
