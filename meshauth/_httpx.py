@@ -18,13 +18,13 @@ blocks its event loop on another task's token refresh or a key fetch.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from typing import Final
 
 import httpx
 from opentelemetry import metrics, trace
 
+from ._challenge import read_challenge, warn_refused
 from ._exceptions import ConfigurationError
 from ._identity import ServiceIdentity
 from ._mutual import NONCE_HEADER, RESPONSE_HEADER, ResponseVerifier, new_nonce
@@ -35,8 +35,6 @@ __all__ = ["ServiceAuth"]
 
 AudienceSpec = str | Mapping[str, str] | Callable[[httpx.Request], str]
 
-# RFC 6750 section 3: the error code is an auth-param, a quoted string or a bare token.
-_INVALID_TOKEN: Final = re.compile(r'(?:^|[\s,])error\s*=\s*"?invalid_token"?(?:$|[\s,;])', re.IGNORECASE)
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 # Responses that by design carry no response token (DESIGN section 4): the
 # callee refused the caller's token, or could not read its registry.
@@ -55,9 +53,14 @@ class _ResponseCheck:
 _Step = str | httpx.Request | _ResponseCheck
 
 
-def _asks_for_new_token(response: httpx.Response) -> bool:
-    """Whether a 401 says the token itself was rejected (``error="invalid_token"``)."""
-    return any(_INVALID_TOKEN.search(value) for value in response.headers.get_list("www-authenticate"))
+def _asks_for_new_token(response: httpx.Response, caller: str, audience: str) -> bool:
+    """Whether a 401 rejected the token for a reason a new token cures; logs what to fix otherwise."""
+    challenge = read_challenge(response.headers.get_list("www-authenticate"))
+    if challenge.invalid_token and not challenge.curable:
+        url = response.request.url
+        target = url.host if url.port is None else f"{url.host}:{url.port}"
+        warn_refused(challenge, caller=caller, audience=audience, target=target)
+    return challenge.curable
 
 
 def _replayable(request: httpx.Request) -> bool:
@@ -110,10 +113,14 @@ class ServiceAuth(httpx.Auth):
     before anything is sent: a token for the wrong service is never guessed.
 
     On a ``401`` whose ``WWW-Authenticate`` carries ``error="invalid_token"``
-    (the callee rejected the token, e.g. after a key rotation), the cached token
-    is dropped and the request is retried once with a new one. A second ``401``
-    is returned to the caller, and a request whose body is a stream that cannot
-    be replayed is never retried.
+    with a reason a new token cures (``expired``, ``unknown_kid``,
+    ``key_expired``, ``replayed``, ``bad_signature``, or no reason given: e.g.
+    after a key rotation), the cached token is dropped and the request is
+    retried once with a new one. Other reasons (``wrong_audience``,
+    ``not_yet_valid``, ...) are not retried: the ``meshauth`` logger warns with
+    the realm that answered, the audience used and what to fix. A second
+    ``401`` is returned to the caller, and a request whose body is a stream
+    that cannot be replayed is never retried.
 
     With ``verify_responses`` (a key source, or a ready
     :class:`~meshauth.ResponseVerifier` for this service), every request also
@@ -202,7 +209,11 @@ class ServiceAuth(httpx.Auth):
         response = yield request
         assert isinstance(response, httpx.Response)
 
-        if response.status_code == 401 and _asks_for_new_token(response) and _replayable(request):
+        if (
+            response.status_code == 401
+            and _asks_for_new_token(response, self.identity.name, audience)
+            and _replayable(request)
+        ):
             if self.fresh_tokens:
                 token = self._fresh(audience)
             else:

@@ -37,7 +37,8 @@ def _present(token: str | None, service: str) -> str:
     """The response token, or ``missing_response`` when the response carried none."""
     if not token:
         raise ResponseAuthError(
-            f"no {RESPONSE_HEADER} header in the response",
+            f"no {RESPONSE_HEADER} header in the response from {service!r}: "
+            "did the callee's middleware get identity=? (it signs responses only with one)",
             reason="missing_response",
             expected=service,
             actual="nothing",
