@@ -170,7 +170,7 @@ class ServiceAuth(httpx.Auth):
         # A delegated token carries the inbound request's subject and chain: it
         # is minted per request, never shared through the identity's cache.
         self.fresh_tokens = bool(fresh_tokens) or on_behalf_of is not None
-        self.scope = _normalize_scope(scope)
+        self.scope = normalize_scope(scope)
         # Exactly one of these is set; a fixed name costs nothing per request.
         self._audience: str | None = None
         self._hosts: dict[str, str] | None = None
@@ -182,7 +182,7 @@ class ServiceAuth(httpx.Auth):
                 )
             self._audience = audience
         elif isinstance(audience, Mapping):
-            self._hosts = _host_table(audience)
+            self._hosts = host_table(audience)
         elif callable(audience):
             self._audience_of = audience
         else:
@@ -322,21 +322,7 @@ class ServiceAuth(httpx.Auth):
             return self._audience
         if self._hosts is not None:
             url = request.url
-            host = url.host
-            port = url.port if url.port is not None else _DEFAULT_PORTS.get(url.scheme)
-            if port is not None:
-                found = self._hosts.get(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-                if found is not None:
-                    return found
-            found = self._hosts.get(host)
-            if found is not None:
-                return found
-            raise ConfigurationError(
-                "no audience configured for the request's host",
-                reason="unknown_audience",
-                expected=sorted(self._hosts)[:8],
-                actual=host,
-            )
+            return audience_of_host(self._hosts, url.scheme, url.host, url.port)
         assert self._audience_of is not None
         try:
             audience = self._audience_of(request)
@@ -366,7 +352,7 @@ class ServiceAuth(httpx.Auth):
         )
 
 
-def _normalize_scope(scope: str | None) -> str | None:
+def normalize_scope(scope: str | None) -> str | None:
     if scope is None:
         return None
     if not isinstance(scope, str) or not scope.split():
@@ -376,7 +362,27 @@ def _normalize_scope(scope: str | None) -> str | None:
     return " ".join(scope.split())
 
 
-def _host_table(mapping: Mapping[str, str]) -> dict[str, str]:
+def audience_of_host(hosts: Mapping[str, str], scheme: str, host: str, port: int | None) -> str:
+    """The service name for a request to ``host`` (``host:port`` is tried first), or ``unknown_audience``."""
+    host = host.lower()
+    if port is None:
+        port = _DEFAULT_PORTS.get(scheme)
+    if port is not None:
+        found = hosts.get(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if found is not None:
+            return found
+    found = hosts.get(host)
+    if found is not None:
+        return found
+    raise ConfigurationError(
+        "no audience configured for the request's host",
+        reason="unknown_audience",
+        expected=sorted(hosts)[:8],
+        actual=host,
+    )
+
+
+def host_table(mapping: Mapping[str, str]) -> dict[str, str]:
     table: dict[str, str] = {}
     for host, service in mapping.items():
         if not isinstance(host, str) or not host or not isinstance(service, str) or not service:

@@ -17,6 +17,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import meshauth
 from meshauth.testing import FakeClock, LoopbackServer, Mesh
 
+# The installed pytest11 entry point is turned off in pyproject (it would import
+# meshauth before coverage starts); the same fixtures are loaded here.
+pytest_plugins = ("meshauth.pytest_plugin",)
+
 
 @pytest.fixture
 def clock() -> FakeClock:
