@@ -32,12 +32,11 @@ from opentelemetry.trace import Span
 
 from ._exceptions import (
     AccessDenied,
-    KeysUnavailable,
-    Unavailable,
     MalformedToken,
     MeshAuthError,
     TokenError,
     TokenTooLarge,
+    Unavailable,
 )
 from ._identity import ServiceIdentity
 from ._policy import Decision, Policy
@@ -46,6 +45,7 @@ from ._telemetry import AUDIT_LOGGER, audit, mark_rejected
 from ._verify import Verifier
 
 __all__ = [
+    "BAD_PATH",
     "DUPLICATE_AUTHORIZATION",
     "INVALID_NONCE",
     "MISSING_CREDENTIALS",
@@ -70,6 +70,7 @@ MISSING_CREDENTIALS: Final = "missing_credentials"
 WRONG_SCHEME: Final = "wrong_scheme"
 DUPLICATE_AUTHORIZATION: Final = "duplicate_authorization"
 INVALID_NONCE: Final = "invalid_nonce"
+BAD_PATH: Final = "bad_path"
 INSUFFICIENT_SCOPE: Final = "insufficient_scope"
 INTERNAL_ERROR: Final = "internal_error"
 
@@ -126,6 +127,7 @@ def default_reply(exc: BaseException, realm: str, *, retry_after: int = 5) -> Re
     no credentials               401     ``Bearer realm="svc"``
     bad header or token          401     ``Bearer realm="svc", error="invalid_token", ...``
     invalid ``Meshauth-Nonce``   400     none
+    path not in canonical form   400     none (reason ``bad_path``)
     policy: scopes missing       403     ``Bearer realm="svc", error="insufficient_scope"``
     policy: other denial         403     none
     registry unreadable          503     none (``Retry-After`` instead)
@@ -160,7 +162,7 @@ def default_reply(exc: BaseException, realm: str, *, retry_after: int = 5) -> Re
             headers.append(("WWW-Authenticate", f'Bearer realm={quoted_realm}, error="insufficient_scope"'))
         else:
             error = "forbidden"
-    elif isinstance(exc, MeshAuthError) and exc.reason == INVALID_NONCE:
+    elif isinstance(exc, MeshAuthError) and exc.reason in (INVALID_NONCE, BAD_PATH):
         status, error = 400, "invalid_request"
     else:
         status, error = 500, "server_error"
