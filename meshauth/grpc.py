@@ -105,15 +105,15 @@ def _refusal(reply: Reply) -> _Refusal:
 
 
 class _ServerGuard:
-    """The steps shared by the sync and asyncio server interceptors."""
+    """The steps shared by the sync and asyncio server interceptors (their base class)."""
 
     def __init__(
         self,
         verifier: Verifier,
         *,
-        policy: Policy | None,
-        exclude: Iterable[str],
-        tracer_provider: trace.TracerProvider | None,
+        policy: Policy | None = None,
+        exclude: Iterable[str] = (),
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.guard = RequestGuard(
             verifier,
@@ -133,6 +133,22 @@ class _ServerGuard:
             raise TokenError("more than one authorization metadata entry", reason=DUPLICATE_AUTHORIZATION, expected=1)
         value = values[0]
         return self.guard.bearer(value if isinstance(value, bytes) else value.encode("latin-1", "replace"))
+
+    def judge(self, method: str, context: Any) -> Principal | _Refusal:
+        """The verified caller of a sync call, or why it is refused."""
+        try:
+            caller = self.guard.verifier.verify(self.token(context), audit=False)
+        except Exception as exc:
+            return self.refuse(exc, method, context)
+        return self.admit(caller, method, context) or caller
+
+    async def ajudge(self, method: str, context: Any) -> Principal | _Refusal:
+        """The verified caller of an asyncio call, or why it is refused."""
+        try:
+            caller = await self.guard.verifier.averify(self.token(context), audit=False)
+        except Exception as exc:
+            return self.refuse(exc, method, context)
+        return self.admit(caller, method, context) or caller
 
     def admit(self, principal: Principal, method: str, context: Any) -> _Refusal | None:
         """The policy's verdict and the audit record for a verified call; None when admitted."""
@@ -186,23 +202,13 @@ def _replace_behavior(
     )
 
 
-class MeshAuthInterceptor(grpc.ServerInterceptor):
+class MeshAuthInterceptor(_ServerGuard, grpc.ServerInterceptor):
     """Verify every call of a sync ``grpc`` server; the principal is on the servicer context.
 
     ``exclude`` lists method paths (``/grpc.health.v1.Health/Check``, or a
     ``/pkg.Service/*`` prefix) that skip authentication. Verification runs in
     the server's worker threads, not in its event loop.
     """
-
-    def __init__(
-        self,
-        verifier: Verifier,
-        *,
-        policy: Policy | None = None,
-        exclude: Iterable[str] = (),
-        tracer_provider: trace.TracerProvider | None = None,
-    ) -> None:
-        self._server = _ServerGuard(verifier, policy=policy, exclude=exclude, tracer_provider=tracer_provider)
 
     def intercept_service(
         self,
@@ -211,55 +217,32 @@ class MeshAuthInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or self._server.guard.excluded(method):
+        if handler is None or self.guard.excluded(method):
             return handler
-        server = self._server
+        judge = self.judge
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    caller = server.guard.verifier.verify(server.token(context), audit=False)
-                except Exception as exc:
-                    refusal = server.refuse(exc, method, context)
-                else:
-                    refused = server.admit(caller, method, context)
-                    if refused is None:
-                        return behavior(request, AuthenticatedContext(context, caller))
-                    refusal = refused
-                context.set_trailing_metadata(refusal.trailers)
-                context.abort(refusal.code, refusal.details)
+                outcome = judge(method, context)
+                if isinstance(outcome, Principal):
+                    return behavior(request, AuthenticatedContext(context, outcome))
+                context.set_trailing_metadata(outcome.trailers)
+                context.abort(outcome.code, outcome.details)
 
             return guarded
 
         return _replace_behavior(handler, wrap)
 
 
-class AsyncMeshAuthInterceptor(grpc.aio.ServerInterceptor):
+class AsyncMeshAuthInterceptor(_ServerGuard, grpc.aio.ServerInterceptor):
     """:class:`MeshAuthInterceptor` for ``grpc.aio`` servers (key fetches never block the loop)."""
 
-    def __init__(
-        self,
-        verifier: Verifier,
-        *,
-        policy: Policy | None = None,
-        exclude: Iterable[str] = (),
-        tracer_provider: trace.TracerProvider | None = None,
-    ) -> None:
-        self._server = _ServerGuard(verifier, policy=policy, exclude=exclude, tracer_provider=tracer_provider)
-
-    async def _judge(self, method: str, context: Any) -> Principal:
-        server = self._server
-        try:
-            caller = await server.guard.verifier.averify(server.token(context), audit=False)
-        except Exception as exc:
-            refusal = server.refuse(exc, method, context)
-        else:
-            refused = server.admit(caller, method, context)
-            if refused is None:
-                return caller
-            refusal = refused
-        context.set_trailing_metadata(refusal.trailers)
-        await context.abort(refusal.code, refusal.details)
+    async def _caller(self, method: str, context: Any) -> Principal:
+        outcome = await self.ajudge(method, context)
+        if isinstance(outcome, Principal):
+            return outcome
+        context.set_trailing_metadata(outcome.trailers)
+        await context.abort(outcome.code, outcome.details)
         raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
     async def intercept_service(
@@ -269,9 +252,9 @@ class AsyncMeshAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or self._server.guard.excluded(method):
+        if handler is None or self.guard.excluded(method):
             return handler  # type: ignore[no-any-return]
-        judge = self._judge
+        judge = self._caller
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if inspect.isasyncgenfunction(behavior):

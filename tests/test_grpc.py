@@ -33,6 +33,19 @@ def _who(context: Any, tag: str) -> bytes:
     return json.dumps({"caller": caller.caller, "subject": caller.subject, "tag": tag}).encode()
 
 
+def _payments(charge: Any, stream: Any, upload: Any, chat: Any) -> Any:
+    """The test service: one method of each call kind, with raw bytes as messages."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Charge": grpc.unary_unary_rpc_method_handler(charge),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        },
+    )
+
+
 def _sync_handlers() -> list[Any]:
     def charge(request: bytes, context: Any) -> bytes:
         return _who(context, request.decode())
@@ -52,15 +65,7 @@ def _sync_handlers() -> list[Any]:
         return b"SERVING"
 
     return [
-        grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "Charge": grpc.unary_unary_rpc_method_handler(charge),
-                "Stream": grpc.unary_stream_rpc_method_handler(stream),
-                "Upload": grpc.stream_unary_rpc_method_handler(upload),
-                "Chat": grpc.stream_stream_rpc_method_handler(chat),
-            },
-        ),
+        _payments(charge, stream, upload, chat),
         grpc.method_handlers_generic_handler(
             "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(health)}
         ),
@@ -82,17 +87,7 @@ def _aio_handlers() -> list[Any]:
         async for item in requests:
             yield _who(context, item.decode())
 
-    return [
-        grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "Charge": grpc.unary_unary_rpc_method_handler(charge),
-                "Stream": grpc.unary_stream_rpc_method_handler(stream),
-                "Upload": grpc.stream_unary_rpc_method_handler(upload),
-                "Chat": grpc.stream_stream_rpc_method_handler(chat),
-            },
-        )
-    ]
+    return [_payments(charge, stream, upload, chat)]
 
 
 @pytest.fixture
