@@ -10,6 +10,7 @@ callable taking no arguments is called once to build it)::
         "POLICY": "payments.auth.policy",       # a meshauth.Policy (optional)
         "EXCLUDE": ["/healthz"],                # paths that skip authentication
         "IDENTITY": "payments.auth.identity",   # sign response tokens (mutual auth)
+        "MOUNT": "",                            # WSGI: the SCRIPT_NAME the app is mounted at
     }
 
 The middleware runs the same steps, statuses and JSON bodies as
@@ -25,21 +26,21 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
-from urllib.parse import unquote
 
 from ._exceptions import MeshAuthError, TokenError, Unavailable
 from ._identity import ServiceIdentity
 from ._middleware import (
-    BAD_PATH,
     MISSING_CREDENTIALS,
     Reply,
     RequestGuard,
+    asgi_judged_path,
     asgi_raw_path,
     default_reply,
+    wsgi_judged_path,
     wsgi_raw_path,
 )
 from ._mutual import NONCE_HEADER, RESPONSE_HEADER
-from ._policy import Decision, Policy, _raw_path_problem
+from ._policy import Decision, Policy
 from ._principal import Principal
 from ._telemetry import AUDIT_LOGGER
 from ._verify import Verifier
@@ -109,17 +110,12 @@ def _raw_path(request: HttpRequest) -> str:
     return wsgi_raw_path(request.META)
 
 
-def path_problem(raw_path: str) -> str | None:
-    """Why the app would route ``raw_path`` on another path than the one given, if it would."""
-    path = raw_path.partition("?")[0]
-    problem = _raw_path_problem(path)
-    if problem is not None:
-        return problem
-    if "//" in path:
-        return "has an empty segment ('//')"
-    if any(segment in (".", "..") for segment in unquote(path).split("/")):
-        return "has a dot-segment ('.' or '..', possibly percent-encoded)"
-    return None
+def _judged_path(request: HttpRequest, mount: str) -> str:
+    """The canonical path Django will route (:class:`~meshauth.BadPath` if the raw one is not)."""
+    scope = getattr(request, "scope", None)
+    if isinstance(scope, Mapping):
+        return asgi_judged_path(scope)
+    return wsgi_judged_path(request.META, mount)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,14 +124,21 @@ class _Admitted:
     nonce: str | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Credentials:
+    token: str
+    path: str
+
+
 class MeshAuthMiddleware:
     """Django middleware: authenticate (and optionally authorize) every request.
 
     Configured by ``settings.MESHAUTH`` (see the module docstring), read once
-    when Django builds its middleware chain. A request whose raw path would be
-    rewritten before routing (dot-segments, ``//``, encoded slashes) is refused
-    with 400 ``bad_path``, so the policy never judges a path other than the one
-    Django routes.
+    when Django builds its middleware chain. A request whose raw path is not in
+    canonical form (dot-segments, ``//``, encoded slashes or dots, ...) is
+    refused with 400 ``bad_path``, so the policy never judges a path other than
+    the one Django routes; under WSGI a ``SCRIPT_NAME`` other than ``MOUNT``
+    is refused too (:func:`meshauth.canonical_path` has the rules).
     """
 
     sync_capable = True
@@ -144,6 +147,7 @@ class MeshAuthMiddleware:
     def __init__(self, get_response: GetResponse) -> None:
         self.get_response = get_response
         self.guard = _guard_from_settings()
+        self.mount = str(_setting("MOUNT") or "")
         self._async = iscoroutinefunction(get_response)
         if self._async:
             markcoroutinefunction(self)
@@ -154,10 +158,11 @@ class MeshAuthMiddleware:
         if self.guard.excluded(request.path_info):
             return self.get_response(request)
         try:
-            principal = self.guard.verifier.verify(self._token(request), audit=False)
+            credentials = self._credentials(request)
+            principal = self.guard.verifier.verify(credentials.token, audit=False)
         except Exception as exc:
             return self._refuse(request, exc, None)
-        admitted = self._admit(request, principal)
+        admitted = self._admit(request, principal, credentials.path)
         if isinstance(admitted, HttpResponse):
             return admitted
         return self._prove(self.get_response(request), admitted)
@@ -167,24 +172,23 @@ class MeshAuthMiddleware:
         if self.guard.excluded(request.path_info):
             return await get_response(request)
         try:
-            principal = await self.guard.verifier.averify(self._token(request), audit=False)
+            credentials = self._credentials(request)
+            principal = await self.guard.verifier.averify(credentials.token, audit=False)
         except Exception as exc:
             return self._refuse(request, exc, None)
-        admitted = self._admit(request, principal)
+        admitted = self._admit(request, principal, credentials.path)
         if isinstance(admitted, HttpResponse):
             return admitted
         return self._prove(await get_response(request), admitted)
 
-    def _token(self, request: HttpRequest) -> str:
-        problem = path_problem(_raw_path(request))
-        if problem is not None:
-            raise MeshAuthError(f"the request path {problem}", reason=BAD_PATH)
+    def _credentials(self, request: HttpRequest) -> _Credentials:
+        path = _judged_path(request, self.mount)
         authorization = request.META.get("HTTP_AUTHORIZATION")
         if authorization is None:
             raise TokenError("the request has no bearer credentials", reason=MISSING_CREDENTIALS)
-        return self.guard.bearer(str(authorization).encode("latin-1", "replace"), folded=True)
+        return _Credentials(self.guard.bearer(str(authorization).encode("latin-1", "replace"), folded=True), path)
 
-    def _admit(self, request: HttpRequest, principal: Principal) -> _Admitted | HttpResponse:
+    def _admit(self, request: HttpRequest, principal: Principal, path: str) -> _Admitted | HttpResponse:
         """Nonce and policy for an authenticated request: what to send back, or a refusal."""
         guard = self.guard
         nonce: str | None = None
@@ -198,9 +202,7 @@ class MeshAuthMiddleware:
         decision: Decision | None = None
         span = None
         if guard.policy is not None:
-            decision, denied, span = guard.authorize(
-                guard.policy, principal, request.method or "GET", _raw_path(request)
-            )
+            decision, denied, span = guard.authorize(guard.policy, principal, request.method or "GET", path)
             if denied is not None:
                 return self._refuse(request, denied, principal, span=span, nonce=nonce)
         request.principal = principal

@@ -146,7 +146,7 @@ def test_paths_that_would_be_rewritten_are_refused(live: Mesh, configure: Any, r
     configure(POLICY=meshauth.Policy.from_dict(POLICY))
     response = Client().get(raw, **bearer(live.identity("orders").token_for("payments")))
     assert response.status_code == 400
-    assert response.json() == {"error": "invalid_request", "reason": "bad_path"}
+    assert response.json() == {"error": "bad_request", "reason": "bad_path"}
 
 
 def test_excluded_path_and_settings_by_dotted_path(live: Mesh, configure: Any) -> None:

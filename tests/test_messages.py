@@ -13,8 +13,8 @@ import pytest
 
 import meshauth
 from meshauth._challenge import read_challenge
-from meshauth._cli import main
 from meshauth.asgi import MeshAuthMiddleware
+from meshauth.cli import main
 from meshauth.testing import Mesh
 
 
