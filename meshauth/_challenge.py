@@ -18,7 +18,7 @@ from typing import Final
 __all__ = ["CURABLE_REASONS", "Challenge", "read_challenge", "refusal_message", "warn_refused"]
 
 CURABLE_REASONS: Final = frozenset({"expired", "unknown_kid", "key_expired", "replayed", "bad_signature"})
-"""Rejection reasons a freshly minted token can cure (DESIGN section 5): retried once."""
+"""Rejection reasons a freshly minted token can cure: retried once."""
 
 # RFC 7235 auth-params: name=token or name="quoted string".
 _PARAM: Final = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,;"]+))')
