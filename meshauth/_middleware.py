@@ -45,6 +45,7 @@ from ._identity import ServiceIdentity
 from ._paths import decoded_path, routed_path
 from ._policy import WEBSOCKET, Decision, Policy
 from ._principal import Principal
+from ._registry import KeySet
 from ._telemetry import AUDIT_LOGGER, audit, mark_rejected
 from ._verify import Verifier
 
@@ -394,6 +395,8 @@ class RequestGuard:
         self.audience = verifier.audience
         self.limit = verifier.max_token_bytes + _BEARER_PREFIX_LEN
         self._exact, self._prefixes = _compile_exclude(exclude)
+        if policy is not None:
+            _warn_unknown_callers(policy, verifier)
         self.tracer = (
             trace.get_tracer("meshauth", "0.1.0", tracer_provider=tracer_provider)
             if tracer_provider is not None
@@ -582,6 +585,20 @@ class RequestGuard:
             traceparent=traceparent,
             **fields,
         )
+
+
+def _warn_unknown_callers(policy: Policy, verifier: Verifier) -> None:
+    """Log, at start-up, callers the policy names that own no key in an already loaded registry."""
+    keys: object = verifier.keys
+    try:
+        # StaticKeys, JWKSFile and JWKSEndpoint show their current snapshot; a registry not
+        # loaded yet is not fetched for this (``meshauth doctor`` checks names against any registry).
+        snapshot = keys if isinstance(keys, KeySet) else getattr(keys, "keyset", None)
+    except Exception:  # an unreadable registry is reported when it is used, not here
+        return
+    if isinstance(snapshot, KeySet):
+        for problem in policy.unknown_callers(record.owner for record in snapshot):
+            logger.warning("meshauth policy %s: %s", policy.source, problem)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
