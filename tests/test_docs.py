@@ -61,9 +61,9 @@ def test_reference_covers_every_public_name() -> None:
 @pytest.mark.slow
 def test_mkdocs_builds_strict(tmp_path: Path) -> None:
     """The documentation site builds with every warning (a broken link, a page outside nav) an error."""
+    site = str(tmp_path / "site")
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f", str(ROOT / "mkdocs.yml")]
-        + ["-d", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f", str(ROOT / "mkdocs.yml"), "-d", site],
         capture_output=True,
         text=True,
         timeout=120,
