@@ -250,3 +250,27 @@ def test_aio_server_and_client(live: Mesh, down_keys: Any) -> None:
         grpc.StatusCode.PERMISSION_DENIED,
         {"error": "forbidden", "reason": "no_matching_rule"},
     )
+
+
+def test_concurrent_calls_each_see_their_own_caller(live: Mesh, serve: Any, audit_log: Any) -> None:
+    address = serve(MeshAuthInterceptor(live.verifier("payments")))
+    channels = {
+        name: grpc.intercept_channel(
+            grpc.insecure_channel(address), MeshAuthClientInterceptor(live.identity(name), "payments")
+        )
+        for name in ("orders", "billing")
+    }
+
+    def call(index: int) -> tuple[str, dict[str, str]]:
+        name = ("orders", "billing")[index % 2]
+        return name, _body(channels[name].unary_unary(CHARGE)(str(index).encode(), timeout=10))
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(call, range(40)))
+    finally:
+        for channel in channels.values():
+            channel.close()
+    assert all(answer["caller"] == name for name, answer in answers)
+    assert sorted(int(answer["tag"]) for _, answer in answers) == list(range(40))
+    assert len(audit_log.records()) == 40
