@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
-from typing import Final
+from typing import Any, Final
 
 import httpx
 from opentelemetry import metrics, trace
@@ -172,26 +172,7 @@ class ServiceAuth(httpx.Auth):
         self.fresh_tokens = bool(fresh_tokens) or on_behalf_of is not None
         self.scope = normalize_scope(scope)
         # Exactly one of these is set; a fixed name costs nothing per request.
-        self._audience: str | None = None
-        self._hosts: dict[str, str] | None = None
-        self._audience_of: Callable[[httpx.Request], str] | None = None
-        if isinstance(audience, str):
-            if not audience:
-                raise ConfigurationError(
-                    "audience must be a non-empty service name", reason="invalid_audience", actual=audience
-                )
-            self._audience = audience
-        elif isinstance(audience, Mapping):
-            self._hosts = host_table(audience)
-        elif callable(audience):
-            self._audience_of = audience
-        else:
-            raise ConfigurationError(
-                "audience must be a service name, a mapping from host to service name, or a callable",
-                reason="invalid_audience",
-                expected="str | Mapping[str, str] | Callable[[httpx.Request], str]",
-                actual=type(audience).__name__,
-            )
+        self._audience, self._hosts, self._audience_of = split_audience(audience)
         self.response_verifier = _response_verifier(
             identity,
             verify_responses,
@@ -360,6 +341,26 @@ def normalize_scope(scope: str | None) -> str | None:
             "scope must be a non-empty space-separated string", reason="invalid_scope", actual=type(scope).__name__
         )
     return " ".join(scope.split())
+
+
+def split_audience(audience: object) -> tuple[str | None, dict[str, str] | None, Callable[[Any], str] | None]:
+    """An audience argument as exactly one of (fixed name, host table, callable); shared by the clients."""
+    if isinstance(audience, str):
+        if not audience:
+            raise ConfigurationError(
+                "audience must be a non-empty service name", reason="invalid_audience", actual=audience
+            )
+        return audience, None, None
+    if isinstance(audience, Mapping):
+        return None, host_table(audience), None
+    if callable(audience):
+        return None, None, audience
+    raise ConfigurationError(
+        "audience must be a service name, a mapping from host to service name, or a callable",
+        reason="invalid_audience",
+        expected="str | Mapping[str, str] | Callable[[request], str]",
+        actual=type(audience).__name__,
+    )
 
 
 def audience_of_host(hosts: Mapping[str, str], scheme: str, host: str, port: int | None) -> str:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from ._challenge import read_challenge, warn_refused
 from ._exceptions import ConfigurationError
-from ._httpx import audience_of_host, host_table, normalize_scope
+from ._httpx import audience_of_host, normalize_scope, split_audience
 from ._identity import ServiceIdentity
 from ._principal import Principal
 
@@ -69,21 +69,7 @@ class ServiceAuth(AuthBase):
         self.scope = normalize_scope(scope)
         self.on_behalf_of = on_behalf_of
         self.fresh_tokens = bool(fresh_tokens) or on_behalf_of is not None
-        self._audience: str | None = None
-        self._hosts: dict[str, str] | None = None
-        self._audience_of: Callable[[requests.PreparedRequest], str] | None = None
-        if isinstance(audience, str) and audience:
-            self._audience = audience
-        elif isinstance(audience, Mapping):
-            self._hosts = host_table(audience)
-        elif callable(audience):
-            self._audience_of = audience
-        else:
-            raise ConfigurationError(
-                "audience must be a service name, a mapping from host to service name, or a callable",
-                reason="invalid_audience",
-                actual=repr(audience) if isinstance(audience, str) else type(audience).__name__,
-            )
+        self._audience, self._hosts, self._audience_of = split_audience(audience)
 
     def audience_for(self, request: requests.PreparedRequest) -> str:
         """The service name ``request`` is meant for (``unknown_audience`` if none)."""
