@@ -11,6 +11,7 @@ callable taking no arguments is called once to build it)::
         "EXCLUDE": ["/healthz"],                # paths that skip authentication
         "IDENTITY": "payments.auth.identity",   # sign response tokens (mutual auth)
         "MOUNT": "",                            # WSGI: the SCRIPT_NAME the app is mounted at
+        "ON_ERROR": "payments.auth.on_error",   # optional: replace the error replies (see meshauth.asgi)
     }
 
 The middleware runs the same steps, statuses and JSON bodies as
@@ -31,6 +32,7 @@ from ._exceptions import MeshAuthError, TokenError, Unavailable
 from ._identity import ServiceIdentity
 from ._middleware import (
     MISSING_CREDENTIALS,
+    ErrorHook,
     Reply,
     RequestGuard,
     asgi_judged_path,
@@ -96,9 +98,17 @@ def _guard_from_settings() -> RequestGuard:
         exclude=_setting("EXCLUDE") or (),
         identity=_setting("IDENTITY", ServiceIdentity),
         tracer_provider=None,
-        on_error=_setting("ON_ERROR"),
+        on_error=_hook(_setting("ON_ERROR")),
         retry_after=int(_setting("RETRY_AFTER") or 5),
     )
+
+
+def _hook(value: Any) -> ErrorHook | None:
+    """``MESHAUTH["ON_ERROR"]``: a callable, or the dotted path of one."""
+    hook = import_string(value) if isinstance(value, str) else value
+    if hook is not None and not callable(hook):
+        raise MeshAuthError(f"settings.{SETTING}['ON_ERROR'] is not callable", reason="invalid_configuration")
+    return hook  # type: ignore[no-any-return]
 
 
 def _raw_path(request: HttpRequest) -> str:

@@ -222,3 +222,16 @@ def test_drf_reuses_the_middlewares_principal(live: Mesh, configure: Any, audit_
     response = Client().get("/api/charges", **bearer(live.identity("orders").token_for("payments")))
     assert response.status_code == 200 and response.json() == {"user": "orders", "caller": "orders"}
     assert len(audit_log.records()) == 1, "verified once, by the middleware"
+
+
+def teapot(exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
+    return 418, [("Content-Type", "text/plain")], f"refused: {type(exc).__name__}".encode()
+
+
+def test_on_error_hook_by_dotted_path(live: Mesh, configure: Any) -> None:
+    configure(ON_ERROR=f"{__name__}.teapot")
+    response = Client().get("/charges")
+    assert (response.status_code, response.content) == (418, b"refused: TokenError")
+    configure(ON_ERROR=42)
+    with pytest.raises(meshauth.MeshAuthError, match="ON_ERROR"):
+        Client().get("/charges")
