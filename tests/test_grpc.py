@@ -64,11 +64,16 @@ def _sync_handlers() -> list[Any]:
     def health(request: bytes, context: Any) -> bytes:
         return b"SERVING"
 
+    def txn(request: bytes, context: Any) -> bytes:
+        metadata = dict(context.invocation_metadata())
+        return json.dumps({"caller": principal(context).caller, "txn-token": metadata.get("txn-token")}).encode()
+
     return [
         _payments(charge, stream, upload, chat),
         grpc.method_handlers_generic_handler(
             "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(health)}
         ),
+        grpc.method_handlers_generic_handler("meshauth.test.Txn", {"Echo": grpc.unary_unary_rpc_method_handler(txn)}),
     ]
 
 
@@ -274,3 +279,20 @@ def test_concurrent_calls_each_see_their_own_caller(live: Mesh, serve: Any, audi
     assert all(answer["caller"] == name for name, answer in answers)
     assert sorted(int(answer["tag"]) for _, answer in answers) == list(range(40))
     assert len(audit_log.records()) == 40
+
+
+def test_on_behalf_of_forwards_the_txn_token(live: Mesh, serve: Any) -> None:
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class InTransaction(meshauth.Principal):
+        txn_token: str = ""
+
+    address = serve(MeshAuthInterceptor(live.verifier("payments")))
+    inbound = live.verifier("orders").verify(live.identity("billing").token_for("orders"))
+    fields = {f.name: getattr(inbound, f.name) for f in dataclasses.fields(inbound)}
+    inside = InTransaction(**fields, txn_token="txn.token.value")
+    onward = MeshAuthClientInterceptor(live.identity("orders"), "payments", on_behalf_of=inside)
+    with grpc.intercept_channel(grpc.insecure_channel(address), onward) as channel:
+        answer = _body(channel.unary_unary("/meshauth.test.Txn/Echo")(b"", timeout=10))
+    assert answer == {"caller": "orders", "txn-token": "txn.token.value"}

@@ -102,3 +102,26 @@ def test_on_behalf_of_mints_per_request(live: Mesh, serve_asgi: Callable[..., st
 def test_bad_audience_argument() -> None:
     with pytest.raises(meshauth.ConfigurationError):
         ServiceAuth(Mesh(["orders"]).identity("orders"), audience="")
+
+
+def test_on_behalf_of_forwards_the_txn_token(live: Mesh, serve_asgi: Callable[..., str]) -> None:
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class InTransaction(meshauth.Principal):
+        txn_token: str = ""
+
+    seen: list[dict[bytes, bytes]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(dict(scope["headers"]))
+        await Recorder()(scope, receive, send)
+
+    url = serve_asgi(MeshAuthMiddleware(app, live.verifier("payments")), lifespan="off")
+    inbound = live.verifier("orders").verify(live.identity("billing").token_for("orders"))
+    fields = {f.name: getattr(inbound, f.name) for f in dataclasses.fields(inbound)}
+    inside = InTransaction(**fields, txn_token="txn.token.value")
+    auth = ServiceAuth(live.identity("orders"), "payments", on_behalf_of=inside)
+    response = requests.get(url + "/x", auth=auth, timeout=10)
+    assert response.status_code == 200
+    assert seen[0][b"txn-token"] == b"txn.token.value"
