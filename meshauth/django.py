@@ -88,12 +88,17 @@ def _setting(name: str, expected: type | None = None) -> Any:
     return value
 
 
-def _guard_from_settings() -> RequestGuard:
+def _verifier() -> Verifier:
     verifier = _setting("VERIFIER", Verifier)
     if verifier is None:
         raise MeshAuthError(f"settings.{SETTING}['VERIFIER'] is required", reason="invalid_configuration")
+    assert isinstance(verifier, Verifier)
+    return verifier
+
+
+def _guard_from_settings() -> RequestGuard:
     return RequestGuard(
-        verifier,
+        _verifier(),
         policy=_setting("POLICY", Policy),
         exclude=_setting("EXCLUDE") or (),
         identity=_setting("IDENTITY", ServiceIdentity),
@@ -112,12 +117,9 @@ def _hook(value: Any) -> ErrorHook | None:
 
 
 def _raw_path(request: HttpRequest) -> str:
+    """The still-encoded path, for the audit record."""
     scope = getattr(request, "scope", None)  # Django's ASGIRequest keeps the ASGI scope
-    if isinstance(scope, Mapping):
-        path = asgi_raw_path(scope)
-        query = scope.get("query_string")
-        return path + "?" + query.decode("latin-1") if isinstance(query, bytes) and query else path
-    return wsgi_raw_path(request.META)
+    return asgi_raw_path(scope) if isinstance(scope, Mapping) else wsgi_raw_path(request.META)
 
 
 def _judged_path(request: HttpRequest, mount: str) -> str:
@@ -302,21 +304,25 @@ class MeshAuthentication:
         authorization = request.META.get("HTTP_AUTHORIZATION")
         if authorization is None:
             return None
-        guard = _guard_from_settings()
+        # Only the header parsing and the verifier: policy and exclusions are the middleware's.
+        verifier = _verifier()
+        guard = RequestGuard(
+            verifier, policy=None, exclude=(), identity=None, tracer_provider=None, on_error=None, retry_after=5
+        )
         try:
             token = guard.bearer(str(authorization).encode("latin-1", "replace"), folded=True)
-            principal = guard.verifier.verify(token)
+            principal = verifier.verify(token)
         except TokenError as exc:
             request._meshauth_refusal = exc
-            raise _drf_error(exc, guard.audience) from None
+            raise _drf_error(exc, verifier.audience) from None
         except Unavailable as exc:
-            raise _drf_error(exc, guard.audience) from None
+            raise _drf_error(exc, verifier.audience) from None
         return ServiceUser(principal), principal
 
     def authenticate_header(self, request: Any) -> str:
         """The ``WWW-Authenticate`` value of a 401: the middleware's challenge for the same failure."""
         refusal = getattr(request, "_meshauth_refusal", None)
-        realm = _setting("VERIFIER", Verifier).audience
+        realm = _verifier().audience
         exc = refusal if refusal is not None else TokenError("no credentials", reason=MISSING_CREDENTIALS)
         return dict(default_reply(exc, realm).headers)["WWW-Authenticate"]
 
