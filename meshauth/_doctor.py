@@ -144,6 +144,13 @@ def _registry_check(location: str | None, clock: Callable[[], float]) -> tuple[_
         return None, Check("registry", FAIL, "no registry configured", "set MESHAUTH_REGISTRY (or --registry)")
     if location.startswith(("http://", "https://")):
         return _http_registry(location, clock)
+    if location.startswith(("redis://", "rediss://")):
+        return None, Check(
+            "registry",
+            SKIP,
+            "a Redis registry is not checked here",
+            f"list its keys with `meshauth registry --redis {_without_credentials(location)} list`",
+        )
     try:
         with open(location, "rb") as handle:
             data = handle.read(_MAX_REGISTRY_BYTES)
@@ -300,6 +307,11 @@ def _caller_names(path: str) -> list[str]:
         callers = rule.get("callers", ()) if isinstance(rule, Mapping) else ()
         names.extend(c for c in callers if isinstance(c, str) and c not in names)
     return names
+
+
+def _without_credentials(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 def _iso(timestamp: float) -> str:

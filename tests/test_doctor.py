@@ -233,3 +233,10 @@ def test_file_registry_and_help(setup: Setup, capsys: pytest.CaptureFixture[str]
     assert checks["registry freshness"]["message"].startswith(f"{registry} last changed ")
     assert main(["doctor", "--help"]) == 0
     assert "MESHAUTH_REGISTRY" in capsys.readouterr().out
+
+
+def test_redis_registry_is_skipped_with_a_pointer(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    code, checks = doctor(capsys, *setup.args(registry="redis://user:secret@127.0.0.1:6379/0", policy=None))
+    assert code == 0 and checks["registry"]["status"] == "skip"
+    assert checks["registry"]["fix"] == "list its keys with `meshauth registry --redis redis://127.0.0.1:6379/0 list`"
+    assert "secret" not in json.dumps(checks)
