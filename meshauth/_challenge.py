@@ -26,7 +26,8 @@ _PARAM: Final = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)
 _FIXES: Final = {
     "wrong_audience": (
         "the token was minted for audience {audience!r} but the service that answered is {realm!r}: "
-        "give ServiceAuth the callee's service name as audience (or fix the host mapping for this URL)"
+        "use the callee's service name as the audience (ServiceAuth's audience= or host mapping, "
+        "or the gRPC client interceptor's audience=)"
     ),
     "not_yet_valid": "the callee {realm!r} finds the token issued in the future: check this host's clock (NTP)",
     "lifetime_too_long": (

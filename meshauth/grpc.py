@@ -30,6 +30,7 @@ from typing import Any, Final, NamedTuple
 
 from opentelemetry import trace
 
+from ._challenge import read_challenge, warn_refused
 from ._exceptions import MeshAuthError, TokenError
 from ._identity import ServiceIdentity
 from ._middleware import DUPLICATE_AUTHORIZATION, MISSING_CREDENTIALS, Reply, RequestGuard
@@ -325,6 +326,22 @@ class _Credentials:
             return self.metadata(method)
         return self.with_token(await self.identity.atoken_for(self.audience_for(method), scope=self.scope))
 
+    def renew(self, method: str, code: grpc.StatusCode, trailers: Metadata | None) -> bool:
+        """After a finished call: True if it was refused for a reason a new token cures (the cached one is dropped).
+
+        For any other refusal of the token, the ``meshauth`` logger says what to fix.
+        """
+        if code != grpc.StatusCode.UNAUTHENTICATED:
+            return False
+        challenge = read_challenge(str(v) for k, v in trailers or () if k == "www-authenticate")
+        audience = self.audience_for(method)
+        if not challenge.curable:
+            if challenge.invalid_token:
+                warn_refused(challenge, caller=self.identity.name, audience=audience, target=method)
+            return False
+        self.identity.invalidate(audience)
+        return True
+
 
 def _method_name(method: str | bytes) -> str:
     return method.decode("ascii") if isinstance(method, bytes) else method
@@ -355,7 +372,10 @@ class MeshAuthClientInterceptor(
     ... )
 
     ``audience``: the callee's service name, or a callable taking the method
-    path. ``on_behalf_of`` (the inbound request's principal) makes every call a
+    path. A unary call refused ``UNAUTHENTICATED`` for a reason a new token
+    cures (``expired``, ``unknown_kid``, ``key_expired``, ``replayed``,
+    ``bad_signature``) is retried once with a new token; other refusals of the
+    token are logged with what to fix. ``on_behalf_of`` (the inbound request's principal) makes every call a
     delegated one (minted per call) and forwards its Txn-Token as ``txn-token``
     metadata when it carries one.
     """
@@ -382,7 +402,12 @@ class MeshAuthClientInterceptor(
         )
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return continuation(self._details(client_call_details), request)
+        # Retried once when a new token cures the refusal; this waits for the call to finish.
+        call = continuation(self._details(client_call_details), request)
+        method = _method_name(client_call_details.method)
+        if self._credentials.renew(method, call.code(), call.trailing_metadata()):
+            call = continuation(self._details(client_call_details), request)
+        return call
 
     def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return continuation(self._details(client_call_details), request)
@@ -411,7 +436,11 @@ class _AsyncClientInterceptor:
 
 class _AsyncUnaryUnary(_AsyncClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(await self._details(client_call_details), request)
+        call = await continuation(await self._details(client_call_details), request)
+        method = _method_name(client_call_details.method)
+        if self._credentials.renew(method, await call.code(), await call.trailing_metadata()):
+            call = await continuation(await self._details(client_call_details), request)
+        return call
 
 
 class _AsyncUnaryStream(_AsyncClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):

@@ -296,3 +296,46 @@ def test_on_behalf_of_forwards_the_txn_token(live: Mesh, serve: Any) -> None:
     with grpc.intercept_channel(grpc.insecure_channel(address), onward) as channel:
         answer = _body(channel.unary_unary("/meshauth.test.Txn/Echo")(b"", timeout=10))
     assert answer == {"caller": "orders", "txn-token": "txn.token.value"}
+
+
+def test_a_replayed_token_is_renewed_once_and_a_wrong_audience_is_logged(
+    live: Mesh, serve: Any, audit_log: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    verifier = live.verifier("payments", replay_cache=meshauth.MemoryReplayCache(clock=live.clock))
+    address = serve(MeshAuthInterceptor(verifier))
+    orders = MeshAuthClientInterceptor(live.identity("orders"), "payments")
+    with grpc.intercept_channel(grpc.insecure_channel(address), orders) as channel:
+        first = _body(channel.unary_unary(CHARGE)(b"1", timeout=10))
+        # The cached token was spent by the first call: "replayed", which a new token cures.
+        second = _body(channel.unary_unary(CHARGE)(b"2", timeout=10))
+    assert (first["tag"], second["tag"]) == ("1", "2")
+    assert [r.meshauth["reason"] for r in audit_log.records()][1] == "replayed"
+    assert len(audit_log.records()) == 3
+
+    wrong = MeshAuthClientInterceptor(live.identity("billing"), "billing")
+    with grpc.intercept_channel(grpc.insecure_channel(address), wrong) as channel:
+        code, body, _ = _refusal(lambda: channel.unary_unary(CHARGE)(b"", timeout=10))
+    assert (code, body["reason"]) == (grpc.StatusCode.UNAUTHENTICATED, "wrong_audience")
+    assert len(audit_log.records()) == 4, "not retried"
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "meshauth" and r.levelno == logging.WARNING]
+    assert "realm 'payments'" in warning and "audience 'billing'" in warning and CHARGE in warning
+
+
+def test_aio_client_renews_a_replayed_token(live: Mesh) -> None:
+    verifier = live.verifier("payments", replay_cache=meshauth.MemoryReplayCache(clock=live.clock))
+
+    async def run() -> list[str]:
+        server = grpc.aio.server(interceptors=[AsyncMeshAuthInterceptor(verifier)])
+        server.add_generic_rpc_handlers(_aio_handlers())
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            interceptors = async_client_interceptors(live.identity("orders"), "payments")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors) as channel:
+                return [_body(await channel.unary_unary(CHARGE)(tag, timeout=10))["tag"] for tag in (b"a", b"b")]
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(run()) == ["a", "b"]
