@@ -235,3 +235,19 @@ def test_on_error_hook_by_dotted_path(live: Mesh, configure: Any) -> None:
     configure(ON_ERROR=42)
     with pytest.raises(meshauth.MeshAuthError, match="ON_ERROR"):
         Client().get("/charges")
+
+
+def test_under_a_real_asgi_server(live: Mesh, configure: Any, serve_asgi: Any) -> None:
+    import httpx
+    from django.core.asgi import get_asgi_application
+
+    configure(POLICY=meshauth.Policy.from_dict(POLICY))
+    url = serve_asgi(get_asgi_application(), lifespan="off")
+    auth = meshauth.ServiceAuth(live.identity("orders"), audience="payments")
+    with httpx.Client(auth=auth, base_url=url) as client:
+        outside_policy = client.get("/async/charges")
+        sync_view = client.post("/charges/c_1")
+        climbing = client.get("/charges/%2e%2e/healthz")
+    assert outside_policy.status_code == 403  # the policy covers /charges only
+    assert sync_view.status_code == 200 and sync_view.json() == {"caller": "orders"}
+    assert climbing.status_code == 400 and climbing.json()["reason"] == "bad_path"
