@@ -125,3 +125,21 @@ def test_on_behalf_of_forwards_the_txn_token(live: Mesh, serve_asgi: Callable[..
     response = requests.get(url + "/x", auth=auth, timeout=10)
     assert response.status_code == 200
     assert seen[0][b"txn-token"] == b"txn.token.value"
+
+
+def test_audience_callable_fresh_tokens_and_streamed_bodies(live: Mesh, serve_asgi: Callable[..., str]) -> None:
+    verifier = live.verifier("payments", replay_cache=meshauth.MemoryReplayCache(clock=live.clock))
+    seen: list[str] = []
+    url = serve_asgi(_counting(MeshAuthMiddleware(Recorder(), verifier), seen), lifespan="off")
+    by_path = ServiceAuth(live.identity("orders"), audience=lambda request: "payments", fresh_tokens=True)
+    with requests.Session() as session:
+        assert [session.get(url + "/x", auth=by_path, timeout=10).status_code for _ in range(2)] == [200, 200]
+        cached = ServiceAuth(live.identity("orders"), audience="payments")
+        assert session.get(url + "/x", auth=cached, timeout=10).status_code == 200
+        # A generator body cannot be sent twice: the replayed cached token's 401 comes back as it is.
+        streamed = session.post(url + "/x", data=iter([b"a", b"b"]), auth=cached, timeout=10)
+    assert streamed.status_code == 401 and streamed.history == []
+    assert len(seen) == 4 and len(set(seen[:2])) == 2, "fresh_tokens: a new token per request"
+    with pytest.raises(meshauth.ConfigurationError) as caught:
+        requests.get(url, auth=ServiceAuth(live.identity("orders"), audience=lambda request: ""), timeout=10)
+    assert caught.value.reason == "unknown_audience"
