@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from .. import __version__
 from .._exceptions import ConfigurationError, KeysUnavailable
 from ..console._command import add_parser as _add_console
-from . import _gateway, _keygen, _registry, _tokens
+from . import _doctor, _gateway, _keygen, _registry, _tokens
 from ._common import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, _err, _UsageError
 from ._gateway import run_demo
 
@@ -47,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"meshauth {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (_keygen.add_parser, _registry.add_parser, _tokens.add_parser, _gateway.add_parser, _add_console):
+    for register in (
+        _keygen.add_parser,
+        _registry.add_parser,
+        _tokens.add_parser,
+        _gateway.add_parser,
+        _doctor.add_parser,
+        _add_console,
+    ):
         register(commands)
     return parser
 
