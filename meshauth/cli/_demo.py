@@ -503,7 +503,6 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: 
         )
         log, registry = shlex.quote(str(world.audit_log)), shlex.quote(str(world.registry_path))
         browse = f"meshauth console --audit {log} --registry {registry}"
-        out(f"browse it: {browse}" if kept else f"to browse it, run the demo with --dir DIR, then: {browse}")
         if tracing.enabled and show_spans:
             tracing.settle()
             out("")
@@ -520,6 +519,10 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: 
     passed = sum(o.passed for o in outcomes)
     out("")
     out(f"{passed} of {len(outcomes)} scenarios behaved as expected in {time.monotonic() - started:.1f} s")
+    if kept:
+        out(f"browse the audit log: {browse}")
+    else:  # the temporary directory is gone by now
+        out("browse an audit log: meshauth demo --dir demo; meshauth console --audit demo/audit.jsonl")
     return 0 if passed == len(outcomes) else 1
 
 
