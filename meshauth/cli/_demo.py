@@ -521,7 +521,7 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: 
     out(f"{passed} of {len(outcomes)} scenarios behaved as expected in {time.monotonic() - started:.1f} s")
     if kept:
         out(f"browse the audit log: {browse}")
-    else:  # the temporary directory is gone by now
+    else:  # the temporary directory is removed when the demo ends
         out("browse an audit log: meshauth demo --dir demo; meshauth console --audit demo/audit.jsonl")
     return 0 if passed == len(outcomes) else 1
 
