@@ -254,6 +254,10 @@ class ConsoleServer(ThreadingHTTPServer):
         self._stop = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="meshauth-console-follow", daemon=True)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser that went away mid-answer is not worth a traceback on the console's terminal."""
+        logger.debug("meshauth console: the connection from %s failed", client_address, exc_info=True)
+
     def host_allowed(self, header: str) -> bool:
         """Whether a request's ``Host`` header names this console (an IP literal or a known name, and its port)."""
         name, _, port = header.lower().rpartition(":")
