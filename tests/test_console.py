@@ -564,3 +564,18 @@ def test_an_overlong_line_is_counted_once_and_skipped(tmp_path: Path, monkeypatc
     status = index.status()["logs"][0]
     index.close()
     assert (status["lines"], status["malformed"], status["indexed"]) == (3, 1, 1.0)
+
+
+def test_the_console_benchmark_reports_its_figures(tmp_path: Path) -> None:
+    import importlib.util
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_console.py"
+    spec = importlib.util.spec_from_file_location("bench_console", bench)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figures = module.measure(2000, directory=str(tmp_path))
+    assert (figures["lines"], figures["lines_counted"], figures["malformed"]) == (2000, 2000, 0)
+    assert (figures["filtered_found"], figures["transaction_found"]) == (1, 4)
+    assert figures["peak_rss_mib"] >= figures["baseline_rss_mib"] > 0
+    assert isinstance(figures["open_within_budget"], bool)  # the timing itself is judged by the script, not here
