@@ -132,3 +132,24 @@ def serve_asgi() -> Iterator[Callable[..., str]]:
     for server in servers:
         server.stop()
     assert not any(server.running for server in servers), "a loopback server did not stop"
+
+
+@pytest.fixture
+def redis_namespace() -> Iterator[tuple[str, str]]:
+    """(URL of the shared Redis, a namespace of its own), dropped afterwards."""
+    from redis_support import SHARED_URL, drop_namespace, shared_client, unique_namespace
+
+    client = shared_client()
+    namespace = unique_namespace()
+    yield SHARED_URL, namespace
+    drop_namespace(client, namespace)
+    client.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A private redis-server this test may stop, restart or reconfigure."""
+    from redis_support import private_redis
+
+    with private_redis() as server:
+        yield server
