@@ -138,6 +138,7 @@ class RedisKeys:
         if record is None:
             raise KeysUnavailable(
                 f"kid not in the last key set read {age:.0f} s ago, and {self.where} is failing",
+                expected="a kid the registry could be asked about",
                 actual=self._failing,
                 kid=kid[:64],
             )
@@ -318,15 +319,16 @@ class RedisKeys:
         last = _stream_id(self._last_id)
         trimmed = info is None and last != (0, 0)
         if info is not None:
-            deleted = info.get("max-deleted-entry-id")
+            # Trimming moves the first entry past our position (XDEL raises max-deleted-entry-id);
+            # a last id below ours means the stream was recreated.
             first = info.get("first-entry")
-            if deleted is not None:
-                trimmed = _stream_id(deleted) > last
-            elif first:
-                trimmed = _stream_id(first[0]) > last
-            trimmed = trimmed or _stream_id(info.get("last-generated-id", "0-0")) < last
+            trimmed = (
+                (bool(first) and _stream_id(first[0]) > last)
+                or _stream_id(info.get("max-deleted-entry-id") or "0-0") > last
+                or _stream_id(info.get("last-generated-id") or "0-0") < last
+            )
         if trimmed:
-            self._reload()
+            self.reload()
         self._gap = False
 
     # -- building the key set -------------------------------------------------------------
