@@ -190,3 +190,19 @@ def test_unreachable_replay_store_is_503_not_replayed(mesh: Any) -> None:
     verifier = mesh.verifier("payments", replay_cache=cache)
     with pytest.raises(meshauth.ReplayStoreUnavailable, match="unreachable"):
         verifier.verify(mesh.identity("orders").mint("payments"))
+
+
+def test_the_guide_snippet_runs(redis_server: Any) -> None:
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "registry.md").read_text()
+    section = guide[guide.index("## Scaling out on Redis") :]
+    block = re.search(r"^```py\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    assert block is not None
+    code = block.group(1).replace("redis://orders:secret@redis.internal:6379/0", redis_server.url)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "registry.md", "exec"), namespace)  # noqa: S102 - the guide's own example
+    client = redis_server.client()
+    assert client.smembers("{meshauth}:services") == {b"orders"}  # it published
+    assert client.hgetall("{meshauth}:keys:orders") == {}  # and on close deleted its key
