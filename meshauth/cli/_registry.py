@@ -28,6 +28,7 @@ from ._common import (
     _bounded,
     _command,
     _err,
+    _exclusive,
     _iso,
     _load_signing_key,
     _optional_module,
@@ -106,10 +107,24 @@ def _cmd_registry_add(args: argparse.Namespace) -> int:
     if args.key is not None:
         key = _load_signing_key(args.key, args.password_env)
         candidates.append((args.key, key.public_jwk(iss=args.service)))
-    document = _read_registry(args.file, missing_ok=True)
-    present = {jwk.get("kid") for jwk in document["keys"] if isinstance(jwk, Mapping)}
     if args.nbf is not None and args.exp is not None and args.exp <= args.nbf:
         raise _UsageError(f"--exp ({_iso(args.exp)}) must be later than --nbf ({_iso(args.nbf)})")
+    with _exclusive(args.file):  # the whole read-modify-write: concurrent adds queue, none is lost
+        added, keyset = _add_entries(args, candidates)
+    now = time.time()
+    new_kids = {entry["kid"] for entry in added}
+    summaries = [_key_summary(record, now) for record in keyset if record.kid in new_kids]
+    if args.json:
+        _print_json({"file": args.file, "added": summaries})
+        return EXIT_OK
+    for summary in summaries:
+        _out(f"added {summary['kid']} ({summary['service']}, {summary['alg']}, {summary['status']}) to {args.file}")
+    return EXIT_OK
+
+
+def _add_entries(args: argparse.Namespace, candidates: list[tuple[str, Any]]) -> tuple[list[Any], KeySet]:
+    document = _read_registry(args.file, missing_ok=True)
+    present = {jwk.get("kid") for jwk in document["keys"] if isinstance(jwk, Mapping)}
     added: list[Mapping[str, Any]] = []
     window = {name: value for name, value in (("nbf", args.nbf), ("exp", args.exp)) if value is not None}
     for where, jwk in candidates:
@@ -122,19 +137,23 @@ def _cmd_registry_add(args: argparse.Namespace) -> int:
         present.add(kid)
         added.append(entry)
     document["keys"] = [*document["keys"], *added]
-    keyset = _write_registry(args.file, document)
-    now = time.time()
-    new_kids = {entry["kid"] for entry in added}
-    summaries = [_key_summary(record, now) for record in keyset if record.kid in new_kids]
-    if args.json:
-        _print_json({"file": args.file, "added": summaries})
-        return EXIT_OK
-    for summary in summaries:
-        _out(f"added {summary['kid']} ({summary['service']}, {summary['alg']}, {summary['status']}) to {args.file}")
-    return EXIT_OK
+    return added, _write_registry(args.file, document)
 
 
 def _cmd_registry_remove(args: argparse.Namespace) -> int:
+    with _exclusive(args.file):
+        removed = _remove_entries(args)
+    summaries = [{"kid": jwk.get("kid"), "service": jwk.get("iss")} for jwk in removed]
+    if args.json:
+        _print_json({"file": args.file, "removed": summaries})
+        return EXIT_OK
+    for summary in summaries:
+        _out(f"removed {summary['kid']} ({_safe(summary['service'])}) from {args.file}")
+    _out("tokens signed with a removed key stop verifying once services reload the registry")
+    return EXIT_OK
+
+
+def _remove_entries(args: argparse.Namespace) -> list[Any]:
     document = _read_registry(args.file)
     keys = document["keys"]
     kids = [jwk.get("kid") if isinstance(jwk, Mapping) else None for jwk in keys]
@@ -144,14 +163,7 @@ def _cmd_registry_remove(args: argparse.Namespace) -> int:
     removed = [jwk for jwk in keys if isinstance(jwk, Mapping) and jwk.get("kid") in args.kids]
     document["keys"] = [jwk for jwk in keys if not (isinstance(jwk, Mapping) and jwk.get("kid") in args.kids)]
     _write_registry(args.file, document)
-    summaries = [{"kid": jwk.get("kid"), "service": jwk.get("iss")} for jwk in removed]
-    if args.json:
-        _print_json({"file": args.file, "removed": summaries})
-        return EXIT_OK
-    for summary in summaries:
-        _out(f"removed {summary['kid']} ({_safe(summary['service'])}) from {args.file}")
-    _out("tokens signed with a removed key stop verifying once services reload the registry")
-    return EXIT_OK
+    return removed
 
 
 def _cmd_registry_list(args: argparse.Namespace) -> int:
