@@ -17,6 +17,7 @@ from .._registry import DEFAULT_MAX_BYTES, JWKSFile, KeySet, parse_registry_docu
 from .._verify import (
     MAX_LEEWAY,
 )
+from . import _redis
 from ._common import (
     _PUBLIC_FILE_MODE,
     DEFAULT_LEEWAY,
@@ -166,8 +167,16 @@ def _remove_entries(args: argparse.Namespace) -> list[Any]:
     return removed
 
 
+def _file(args: argparse.Namespace) -> str:
+    if args.file is None:
+        raise _UsageError(f"registry {args.action}: name the registry FILE, or give --redis URL before the action")
+    return str(args.file)
+
+
 def _cmd_registry_list(args: argparse.Namespace) -> int:
-    document = _read_registry(args.file)
+    if args.redis:
+        return _redis.cmd_list(args)
+    document = _read_registry(_file(args))
     # Not strict: a listing should still show the good keys of a broken file.
     keyset = KeySet.from_jwks(document, source=args.file, strict=False)
     now = time.time()
@@ -248,19 +257,37 @@ def _cmd_registry_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError:
         raise _UsageError("registry serve needs uvicorn: pip install 'meshauth[gateway]'") from None
     publish = _optional_module("meshauth._publish", "registry serve")
-    source = JWKSFile(args.file)  # fails now, not on the first request, if the file is bad
+    address = _listen_address(args)
+    # Either source fails now, not on the first request, if it cannot be read.
+    source, what = _redis.serve_source(args) if args.redis else (JWKSFile(_file(args)), _file(args))
     app = publish.jwks_app(source, max_age=args.max_age)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     # Binding here (not in uvicorn) gives the real port for --port 0 before serving starts.
-    listener = socket.create_server((args.host, args.port), family=family)
-    with listener:
-        port = listener.getsockname()[1]
-        host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
-        url = f"http://{host}:{port}{publish.DEFAULT_PATH}"
-        _out(f"serving {args.file} at {url} (max-age {args.max_age} s; Ctrl-C to stop)")
-        config = uvicorn.Config(app, log_level="warning", access_log=False, ws="none")
-        uvicorn.Server(config).run(sockets=[listener])
+    listener = socket.create_server(address, family=family)
+    try:
+        with listener:
+            port = listener.getsockname()[1]
+            host = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+            url = f"http://{host}:{port}{publish.DEFAULT_PATH}"
+            _out(f"serving {what} at {url} (max-age {args.max_age} s; Ctrl-C to stop)")
+            config = uvicorn.Config(app, log_level="warning", access_log=False, ws="none")
+            uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
     return EXIT_OK
+
+
+def _listen_address(args: argparse.Namespace) -> tuple[str, int]:
+    if args.listen is None:
+        if args.port is None:
+            raise _UsageError("registry serve: give --port N (or --listen HOST:PORT)")
+        return str(args.host), int(args.port)
+    host, sep, port = str(args.listen).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _UsageError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8900")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def add_parser(commands: Any) -> None:
@@ -268,11 +295,14 @@ def add_parser(commands: Any) -> None:
     registry = _command(
         commands,
         "registry",
-        "maintain, check and serve a registry JWKS file",
-        "Maintain the key registry: a JWKS file listing every service's public keys.",
-        "  meshauth registry add registry.json keys/orders.jwk.json\n  meshauth registry list registry.json",
+        "maintain, check and serve a registry JWKS file (or the Redis registry)",
+        "Maintain the key registry: a JWKS file listing every service's public keys,\n"
+        "or (with --redis URL) the registry that replicas keep on Redis.",
+        "  meshauth registry add registry.json keys/orders.jwk.json\n  meshauth registry list registry.json\n"
+        "  meshauth registry --redis redis://127.0.0.1:6379/0 list",
     )
     actions = registry.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _redis.add_actions(registry, actions)
 
     add = _command(
         actions,
@@ -315,7 +345,7 @@ def add_parser(commands: Any) -> None:
         "(valid, not-yet, expired) now.",
         "  meshauth registry list registry.json --json",
     )
-    listing.add_argument("file", metavar="FILE", help="the registry JWKS file")
+    listing.add_argument("file", nargs="?", metavar="FILE", help="the registry JWKS file (not with --redis)")
     _add_json(listing)
     listing.set_defaults(run=_cmd_registry_list)
 
@@ -368,12 +398,15 @@ def add_parser(commands: Any) -> None:
         actions,
         "serve",
         "serve the registry over HTTP",
-        "Serve a registry file as a JWKS endpoint (application/jwk-set+json, ETag,\n"
-        "Cache-Control). The file is re-read when it changes. Needs uvicorn (meshauth[gateway]).",
-        "  meshauth registry serve registry.json --port 8900",
+        "Serve a registry file, or the Redis registry (--redis URL), as a JWKS endpoint\n"
+        "(application/jwk-set+json, ETag, Cache-Control), following changes. Needs uvicorn\n"
+        "(meshauth[gateway]).",
+        "  meshauth registry serve registry.json --port 8900\n"
+        "  meshauth registry --redis redis://127.0.0.1:6379/0 serve --listen 127.0.0.1:8900 --max-age 30",
     )
-    serve.add_argument("file", metavar="FILE", help="the registry JWKS file")
-    serve.add_argument("--port", type=_bounded(int, 0, 65535), required=True, metavar="N", help="0: any free port")
+    serve.add_argument("file", nargs="?", metavar="FILE", help="the registry JWKS file (not with --redis)")
+    serve.add_argument("--port", type=_bounded(int, 0, 65535), metavar="N", help="0: any free port")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address and port to bind (instead of --host/--port)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument(
         "--max-age",
