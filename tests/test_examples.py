@@ -81,3 +81,22 @@ def test_otlp_example_exports_both_services_spans(collector: Collector) -> None:
     payload = b"".join(body for _, body in collector.bodies)
     for expected in (b"meshauth.verify", b"meshauth.outcome", b"rejected", b"wrong_audience", b"orders", b"payments"):
         assert expected in payload
+
+
+def test_three_replicas_on_redis_example(redis_namespace: tuple[str, str]) -> None:
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install 'meshauth[redis]')")
+    url, namespace = redis_namespace
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "replicas_redis.py"), "--redis", url, "--namespace", namespace],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("replica ")]
+    assert len(lines) == 9 and all("payments saw orders" in line for line in lines)
+    own = {line.split("(kid ")[1].split("...")[0] for line in lines}
+    seen = {line.rsplit("with kid ", 1)[1].split("...")[0] for line in lines}
+    assert len(own) == 3 and seen == own  # three replicas, three keys, each verified as orders
+    assert "replicas exited [0, 0, 0]; keys of orders left in the registry: 0" in result.stdout
