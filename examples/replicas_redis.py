@@ -47,9 +47,8 @@ def replica(number: int, redis_url: str, namespace: str, payments_url: str) -> N
         with httpx.Client(auth=auth, base_url=payments_url) as client:
             for _ in range(3):
                 answer = client.post("/charges").raise_for_status().json()
-                print(
-                    f"replica {number} (kid {me.key.kid[:8]}...): payments saw {answer['caller']} with kid {answer['kid'][:8]}..."
-                )
+                mine, seen = me.key.kid[:8], answer["kid"][:8]
+                print(f"replica {number} (kid {mine}...): payments saw {answer['caller']} with kid {seen}...")
 
 
 def main() -> None:
@@ -67,17 +66,9 @@ def main() -> None:
     server = make_server("127.0.0.1", 0, MeshAuthMiddleware(payments_app, verifier), handler_class=Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     payments_url = f"http://127.0.0.1:{server.server_port}"
-    command = [
-        sys.executable,
-        __file__,
-        "--redis",
-        args.redis,
-        "--namespace",
-        args.namespace,
-        "--payments",
-        payments_url,
-    ]
-    replicas = [subprocess.Popen([*command, "--replica", str(n)]) for n in (1, 2, 3)]
+    command = [sys.executable, __file__, "--redis", args.redis, "--namespace", args.namespace, "--payments"]
+    # The replicas are this very script run again: each its own process with its own key.
+    replicas = [subprocess.Popen([*command, payments_url, "--replica", str(n)]) for n in (1, 2, 3)]  # noqa: S603
     codes = [process.wait(60) for process in replicas]
     server.shutdown()
     left = RedisKeys(args.redis, args.namespace, follow=False)
