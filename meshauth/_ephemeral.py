@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import ConfigurationError, MeshAuthError, Unavailable
+from ._exceptions import MeshAuthError, Unavailable
 from ._identity import ServiceIdentity
 from ._keys import SigningKey
+from ._redis_common import wait_for_redis
 from ._redis_publish import RedisPublisher
 
 __all__ = ["EphemeralIdentity"]
@@ -100,25 +101,20 @@ class EphemeralIdentity(ServiceIdentity):
     # -- lifecycle ----------------------------------------------------------------------
 
     def _start(self, startup_timeout: float) -> None:
-        deadline = time.monotonic() + startup_timeout
-        delay = 0.05
-        while True:
-            try:
-                self._publish(self.key, "publish")
-                self._renewed_at = self._clock()
-                return
-            except ConfigurationError:
-                raise
-            except Unavailable as exc:
-                if time.monotonic() + delay > deadline:
-                    raise Unavailable(
-                        f"{self.name}: could not publish its key to {self.publisher.where} "
-                        f"within {startup_timeout:g} s: {exc.detail}",
-                        expected="a reachable Redis server",
-                        actual=exc.detail,
-                    ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        def publish() -> None:
+            self._publish(self.key, "publish")
+            self._renewed_at = self._clock()
+
+        wait_for_redis(
+            publish,
+            startup_timeout,
+            lambda exc: Unavailable(
+                f"{self.name}: could not publish its key to {self.publisher.where} "
+                f"within {startup_timeout:g} s: {exc.detail}",
+                expected="a reachable Redis server",
+                actual=exc.detail,
+            ),
+        )
 
     def close(self) -> None:
         """Stop maintenance and delete this replica's keys from the registry."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, Final
 
@@ -123,15 +124,9 @@ def redis_errors(client: Any, command: str, key: str) -> Iterator[None]:
         yield
     except MeshAuthError:
         raise
-    except (redis.exceptions.NoPermissionError, redis.exceptions.AuthenticationError) as exc:
-        raise ConfigurationError(
-            f"{describe(client)} refused {command} on {key}: {_first_line(exc)}",
-            reason="redis_permission",
-            expected=f"an ACL user allowed to run {command} on {key}",
-            actual=_first_line(exc),
-        ) from None
     except redis.exceptions.ResponseError as exc:
-        if "NOPERM" in str(exc) or "NOAUTH" in str(exc):
+        denied = isinstance(exc, redis.exceptions.NoPermissionError | redis.exceptions.AuthenticationError)
+        if denied or "NOPERM" in str(exc) or "NOAUTH" in str(exc):
             raise ConfigurationError(
                 f"{describe(client)} refused {command} on {key}: {_first_line(exc)}",
                 reason="redis_permission",
@@ -143,6 +138,27 @@ def redis_errors(client: Any, command: str, key: str) -> Iterator[None]:
         raise Unavailable(
             f"{describe(client)} unreachable during {command} on {key}: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc
+
+
+def wait_for_redis(
+    attempt: Callable[[], None], timeout: float, failure: Callable[[Unavailable], MeshAuthError]
+) -> None:
+    """Run ``attempt`` until it stops raising ``Unavailable``, for at most ``timeout`` seconds.
+
+    A :class:`ConfigurationError` (an ACL denial, a bad password) is final at
+    once; after the deadline, ``failure(last error)`` is raised.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            attempt()
+            return
+        except Unavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise failure(exc) from None
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def _first_line(exc: BaseException) -> str:

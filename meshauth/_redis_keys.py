@@ -12,10 +12,19 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
-from ._exceptions import ConfigurationError, KeysUnavailable, MeshAuthError, Unavailable
+from ._exceptions import ConfigurationError, KeysUnavailable, MeshAuthError
 from ._jws import strict_json_loads
 from ._keys import KeyRecord, jwk_thumbprint, parse_jwk
-from ._redis_common import EVENT_OPS, SERVICE_NAME, Namespace, connect, dedicated, describe, redis_errors
+from ._redis_common import (
+    EVENT_OPS,
+    SERVICE_NAME,
+    Namespace,
+    connect,
+    dedicated,
+    describe,
+    redis_errors,
+    wait_for_redis,
+)
 from ._registry import KeySet
 from ._telemetry import Telemetry
 
@@ -189,23 +198,15 @@ class RedisKeys:
     # -- reading Redis --------------------------------------------------------------------
 
     def _start(self, startup_timeout: float) -> None:
-        deadline = self._monotonic() + startup_timeout
-        delay = 0.05
-        while True:
-            try:
-                self.reload()
-                return
-            except ConfigurationError:
-                raise
-            except Unavailable as exc:
-                if self._monotonic() + delay > deadline:
-                    raise KeysUnavailable(
-                        f"cannot load the key registry from {self.where} within {startup_timeout:g} s: {exc.detail}",
-                        expected="a reachable Redis server",
-                        actual=exc.detail,
-                    ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        wait_for_redis(
+            self.reload,
+            startup_timeout,
+            lambda exc: KeysUnavailable(
+                f"cannot load the key registry from {self.where} within {startup_timeout:g} s: {exc.detail}",
+                expected="a reachable Redis server",
+                actual=exc.detail,
+            ),
+        )
 
     def reload(self) -> None:
         """Read every service's keys now (the background thread does this every ``resync`` s)."""

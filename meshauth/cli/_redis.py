@@ -137,33 +137,40 @@ def add_actions(registry: argparse.ArgumentParser, actions: Any) -> None:
     registry.add_argument("--redis", metavar="URL", help="work on the registry kept on Redis (redis://...)")
     registry.add_argument("--namespace", default="meshauth", help="the Redis registry's namespace (default meshauth)")
     registry.add_argument("--wait", type=float, default=5.0, metavar="S", help="how long to wait for Redis (default 5)")
-    revoke = _command(
-        actions,
-        "revoke",
-        "revoke a key for good (Redis)",
-        "Revoke a key on the Redis registry: remove it wherever it is published, record\n"
-        "a tombstone so it never comes back, and announce it (verifiers drop it at once).",
-        "  meshauth registry --redis redis://127.0.0.1:6379/0 revoke 3kQ0...kid",
+    # (action, summary, description, example, positional argument and its help, run)
+    table: tuple[tuple[str, str, str, str, tuple[str, str, str] | None, Any], ...] = (
+        (
+            "revoke",
+            "revoke a key for good (Redis)",
+            "Revoke a key on the Redis registry: remove it wherever it is published, record\n"
+            "a tombstone so it never comes back, and announce it (verifiers drop it at once).",
+            "revoke 3kQ0...kid",
+            ("kid", "KID", "the key id (see registry --redis URL list)"),
+            cmd_revoke,
+        ),
+        (
+            "revoke-service",
+            "revoke every key of a service (Redis)",
+            "Revoke every key of a service on the Redis registry (a compromised service:\n"
+            "also disable its Redis ACL user).",
+            "revoke-service orders",
+            ("service", "NAME", "the service"),
+            cmd_revoke_service,
+        ),
+        (
+            "export",
+            "print the registry as a JWKS (Redis)",
+            "Print the Redis registry as a standard JWKS document, for PyJWT, joserfc,\njose and other libraries.",
+            "export > registry.json",
+            None,
+            cmd_export,
+        ),
     )
-    revoke.add_argument("kid", metavar="KID", help="the key id (see registry --redis URL list)")
-    _add_json(revoke)
-    revoke.set_defaults(run=cmd_revoke)
-    revoke_service = _command(
-        actions,
-        "revoke-service",
-        "revoke every key of a service (Redis)",
-        "Revoke every key of a service on the Redis registry (a compromised service:\n"
-        "also disable its Redis ACL user).",
-        "  meshauth registry --redis redis://127.0.0.1:6379/0 revoke-service orders",
-    )
-    revoke_service.add_argument("service", metavar="NAME", help="the service")
-    _add_json(revoke_service)
-    revoke_service.set_defaults(run=cmd_revoke_service)
-    export = _command(
-        actions,
-        "export",
-        "print the registry as a JWKS (Redis)",
-        "Print the Redis registry as a standard JWKS document, for PyJWT, joserfc,\njose and other libraries.",
-        "  meshauth registry --redis redis://127.0.0.1:6379/0 export > registry.json",
-    )
-    export.set_defaults(run=cmd_export)
+    for name, summary, description, example, positional, run in table:
+        parser = _command(
+            actions, name, summary, description, f"  meshauth registry --redis redis://127.0.0.1:6379/0 {example}"
+        )
+        if positional is not None:
+            parser.add_argument(positional[0], metavar=positional[1], help=positional[2])
+            _add_json(parser)
+        parser.set_defaults(run=run)
