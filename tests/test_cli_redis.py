@@ -127,3 +127,14 @@ def test_serve_publishes_the_redis_registry_and_follows_changes(published: Any) 
     finally:
         server.terminate()
         server.communicate(timeout=10)
+
+
+def test_verify_reads_a_redis_registry(capsys: pytest.CaptureFixture[str], redis_server: Any) -> None:
+    key = meshauth.SigningKey.generate()
+    now = int(time.time())
+    RedisPublisher(redis_server.url).publish(key.record("orders", not_before=now, expires=now + 600))
+    token = meshauth.ServiceIdentity("orders", key).mint("payments")
+    code, stdout, _ = run(capsys, "verify", token, "--registry", redis_server.url, "--aud", "payments", "--json")
+    assert code == 0 and json.loads(stdout)["caller"] == "orders"
+    code, _, stderr = run(capsys, "verify", token, "--registry", redis_server.url, "--aud", "billing")
+    assert code == 1 and "wrong_audience" in stderr

@@ -22,7 +22,8 @@ from ._common import (
 )
 
 
-def _redis_module() -> Any:
+def redis_module() -> Any:
+    """``meshauth.redis``, or a usage error naming the extra to install."""
     try:
         return _optional_module("meshauth.redis", "the Redis registry")
     except ImportError as exc:  # meshauth.redis explains which extra to install
@@ -37,7 +38,7 @@ def _require_redis(args: argparse.Namespace) -> str:
 
 def _keys(args: argparse.Namespace, *, follow: bool = False) -> Any:
     try:
-        return _redis_module().RedisKeys(_require_redis(args), args.namespace, follow=follow, startup_timeout=args.wait)
+        return redis_module().RedisKeys(_require_redis(args), args.namespace, follow=follow, startup_timeout=args.wait)
     except Unavailable as exc:
         raise _UsageError(f"registry unavailable: {exc.detail}") from None
 
@@ -96,7 +97,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _publisher(args: argparse.Namespace) -> Any:
-    return _redis_module().RedisPublisher(_require_redis(args), args.namespace)
+    return redis_module().RedisPublisher(_require_redis(args), args.namespace)
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
