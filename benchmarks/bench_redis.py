@@ -67,10 +67,10 @@ def _verifier_process(url: str, namespace: str) -> None:
     for line in sys.stdin:
         kid = line.strip()
         while keys.keyset.get(kid) is None:
-            time.sleep(0.0005)
+            time.sleep(0.001)
         print("holding", flush=True)
         while keys.keyset.get(kid) is not None:
-            time.sleep(0.0002)
+            time.sleep(0.001)
         print(f"{time.time():.6f}", flush=True)
     keys.close()
 
