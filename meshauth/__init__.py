@@ -12,6 +12,7 @@ Integrations that pull optional dependencies are imported explicitly:
 from ._composite import CompositeKeys
 from ._exceptions import (
     AccessDenied,
+    BadPath,
     BadSignature,
     ConfigurationError,
     InvalidClaim,
@@ -39,6 +40,7 @@ from ._identity import ServiceIdentity
 from ._jwks_endpoint import JWKSEndpoint
 from ._keys import KeyRecord, SigningKey
 from ._mutual import ResponseVerifier
+from ._paths import canonical_path
 from ._policy import Decision, Policy
 from ._principal import Principal
 from ._publish import JWKSApp, jwks_app
@@ -51,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
+    "BadPath",
     "BadSignature",
     "CompositeKeys",
     "ConfigurationError",
@@ -93,6 +96,7 @@ __all__ = [
     "WrongAudience",
     "WrongTokenType",
     "__version__",
+    "canonical_path",
     "check_registry",
     "jwks_app",
     "plan_rotation",

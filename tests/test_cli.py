@@ -136,7 +136,7 @@ def test_keygen_usage_errors(cli: Run, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("NO_SUCH_PASSWORD_VAR", raising=False)
     code, _, stderr = cli("keygen", "--service", "../evil", "--out", str(tmp_path))
     assert code == 2
-    assert "cannot name a key file" in stderr
+    assert "a service name is" in stderr
     code, _, stderr = cli("keygen", "--service", "x", "--out", str(tmp_path), "--password-env", "NO_SUCH_PASSWORD_VAR")
     assert code == 2
     assert "NO_SUCH_PASSWORD_VAR" in stderr

@@ -541,7 +541,7 @@ def test_invalid_paths_are_refused(harness: Harness) -> None:
         ]
 
     assert harness.run(scenario) == [400, 400, 400, 400]
-    assert {r["reason"] for r in harness.audit()} == {"invalid_path"}
+    assert {r["reason"] for r in harness.audit()} == {"bad_path"}
     assert harness.upstream.seen == []
 
 
@@ -609,6 +609,14 @@ def test_forged_identity_and_hop_by_hop_headers_are_dropped(harness: Harness) ->
         ("TE", "trailers"),
         ("Upgrade", "websocket"),
         ("Proxy-Authorization", "Basic eA=="),
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("X-Forwarded-Prefix", "/admin"),
+        ("X-Forwarded-Port", "1"),
+        ("X-Client-IP", "10.9.9.9"),
+        ("True-Client-IP", "10.9.9.9"),
+        ("X-Meshauth-Principal", "ceo"),
+        ("Txn-Token", "forged"),
         ("X-Custom", "kept"),
     ]
     response = harness.get("/orders", headers=forged)
@@ -627,6 +635,14 @@ def test_forged_identity_and_hop_by_hop_headers_are_dropped(harness: Harness) ->
         "upgrade",
         "proxy-authorization",
         "x-forwarded-authorization",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-prefix",
+        "x-forwarded-port",
+        "x-client-ip",
+        "true-client-ip",
+        "x-meshauth-principal",
+        "txn-token",
     ):
         assert dropped not in names, dropped
     assert seen.header("x-custom") == ["kept"]
@@ -652,6 +668,41 @@ def test_trusted_proxy_forwarded_for_is_appended(tmp_path: Path, idp: IdPKeys) -
     assert seen.header("x-forwarded-host") == ["api.example.com"]
     (record,) = harness.audit()
     assert record["client"] == "198.51.100.1"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # a client's values first, the appending proxy's last: the proxy's win
+        (
+            {"X-Forwarded-Proto": "https, http", "X-Forwarded-Host": "evil.example, gw.example"},
+            ("http", "gw.example", None),
+        ),
+        ({"X-Forwarded-Proto": "javascript, http"}, ("http", None, None)),
+        ({"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "a b"}, ("http", "gateway.test", None)),
+        # the address forms a proxy may use, all in normal form
+        ({"X-Forwarded-For": "198.51.100.1, ::ffff:203.0.113.9"}, ("http", None, "198.51.100.1")),
+        ({"X-Forwarded-For": "198.51.100.1, [203.0.113.9]:443"}, ("http", None, "198.51.100.1")),
+        ({"X-Forwarded-For": "198.51.100.1, 203.0.113.9:443"}, ("http", None, "198.51.100.1")),
+        # no more than max_forwarded_hops entries are looked at
+        ({"X-Forwarded-For": ", ".join(["198.51.100.1"] + ["203.0.113.9"] * 6000)}, ("http", None, "203.0.113.9")),
+    ],
+)
+def test_trusted_proxy_values_are_the_rightmost_valid_ones(
+    tmp_path: Path, idp: IdPKeys, headers: dict[str, str], expected: tuple[str, str | None, str | None]
+) -> None:
+    proto, host, client = expected
+    harness = Harness(tmp_path, idp, top='trusted_proxies = ["203.0.113.0/24"]')
+    assert harness.get("/orders", harness.tokens.user(), headers=headers).status_code == 200
+    (seen,) = harness.upstream.seen
+    assert seen.header("x-forwarded-proto") == [proto]
+    if host is not None:
+        assert seen.header("x-forwarded-host") == [host]
+    (forwarded_for,) = seen.header("x-forwarded-for")
+    assert len(forwarded_for.split(",")) <= 11
+    if client is not None:
+        (record,) = harness.audit()
+        assert record["client"] == client
 
 
 # -- trace context ------------------------------------------------------------------------------------

@@ -33,8 +33,6 @@ DEFAULT_MAX_AGE: Final = 300
 # A token pasted or piped in is read up to this size; the verifier refuses far less.
 _MAX_INPUT_BYTES: Final = 1 << 20
 _PUBLIC_FILE_MODE: Final = 0o644
-# A service name becomes a file name in keygen: no separators, no dot files.
-_FILE_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RELATIVE_TIME = re.compile(r"\+(\d+)([smhd])")
 _UNITS: Final = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 _UNIT_SECONDS: Final = dict(_UNITS)

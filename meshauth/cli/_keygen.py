@@ -8,8 +8,8 @@ import os
 from typing import Any
 
 from .._keys import ALGORITHMS, SigningKey
+from .._names import service_name_problem
 from ._common import (
-    _FILE_SAFE_NAME,
     _PUBLIC_FILE_MODE,
     EXIT_OK,
     _add_json,
@@ -26,11 +26,9 @@ from ._common import (
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
     service: str = args.service
-    if not _FILE_SAFE_NAME.fullmatch(service):
-        raise _UsageError(
-            f"service name {service!r} cannot name a key file: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
+    problem = service_name_problem(service)
+    if problem is not None:
+        raise _UsageError(problem)
     password = _password(args.password_env)
     os.makedirs(args.out, mode=0o700, exist_ok=True)
     pem_path = os.path.join(args.out, f"{service}.pem")
