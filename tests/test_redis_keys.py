@@ -91,6 +91,7 @@ def test_revocation_is_final(registry: Any) -> None:
     key = publish(publisher, "orders")
     keys = open_keys()
     publisher.revoke(key.kid)
+    wait_for(lambda: keys.get_key(key.kid) is None, 1.0)  # this verifier has seen the tombstone
     with pytest.raises(meshauth.ConfigurationError, match="revoked") as info:
         publisher.publish(key.record("orders", not_before=NOW, expires=NOW + 3600))
     assert info.value.reason == "revoked_key"
