@@ -105,7 +105,10 @@ def dedicated(client: Any, *, timeout: float) -> Any:
 
 def describe(client: Any) -> str:
     """Where ``client`` connects, without credentials: ``redis 127.0.0.1:6379/0``."""
-    kwargs = client.connection_pool.connection_kwargs
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    if getattr(pool, "service_name", None):  # a Sentinel-managed pool
+        return f"redis sentinel service {pool.service_name}/{kwargs.get('db', 0)}"
     if "path" in kwargs:
         return f"redis unix:{kwargs['path']}"
     return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"

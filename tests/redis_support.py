@@ -115,3 +115,31 @@ def private_redis(*extra: str) -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_sentinel(master: RedisServer) -> Iterator[int]:
+    """A Redis Sentinel watching ``master`` as service ``mymaster``; yields its port."""
+    assert master.binary is not None
+    port = free_port()
+    config = os.path.join(master.dir, "sentinel.conf")
+    with open(config, "w", encoding="utf-8") as handle:
+        handle.write(f"port {port}\nbind 127.0.0.1\ndir {master.dir}\n")
+        handle.write(f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
+    process = subprocess.Popen(
+        [master.binary, config, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis sentinel did not start") from None
+                time.sleep(0.02)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)

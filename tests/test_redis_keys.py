@@ -346,3 +346,17 @@ def test_interop_pyjwt_and_joserfc_verify_with_the_exported_jwks(registry: Any) 
     assert claims["iss"] == "orders"
     decoded = jose_jwt.decode(signed, JoseKeySet.import_key_set(document), algorithms=["ES256"])
     assert decoded.claims["iss"] == "orders"
+
+
+def test_works_through_redis_sentinel(redis_server: Any) -> None:
+    from redis.sentinel import Sentinel
+
+    with redis_support.private_sentinel(redis_server) as port:
+        sentinel = Sentinel([("127.0.0.1", port)], socket_timeout=1)
+        keys = RedisKeys(sentinel.master_for("mymaster", socket_timeout=1), block=0.2)
+        publisher = RedisPublisher(sentinel.master_for("mymaster", socket_timeout=1))
+        me = meshauth.ServiceIdentity.ephemeral("orders", publisher, background=False)
+        wait_for(lambda: keys.get_key(me.key.kid) is not None)  # followed on the blocking connection
+        assert keys.status()["source"] == "redis sentinel service mymaster/0 namespace meshauth"
+        me.close()
+        keys.close()
