@@ -88,14 +88,24 @@ def connect(client_or_url: Any, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
             return redis.Redis.from_url(client_or_url, socket_timeout=timeout, socket_connect_timeout=timeout)
         except ValueError as exc:
             raise ConfigurationError(f"not a usable Redis URL: {exc}", expected="redis://host:port/db") from None
-    if not isinstance(client_or_url, redis.Redis):
-        raise TypeError("client_or_url is a redis.Redis client or a redis:// URL")
+    if not isinstance(client_or_url, redis.Redis | redis.cluster.RedisCluster):
+        raise TypeError("client_or_url is a redis.Redis or redis.cluster.RedisCluster client, or a redis:// URL")
     return client_or_url
 
 
-def dedicated(client: Any, *, timeout: float) -> Any:
-    """A new client on its own connection pool with the settings of ``client`` (for blocking reads)."""
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, load_redis().cluster.RedisCluster)
+
+
+def dedicated(client: Any, *, timeout: float, key: str) -> Any:
+    """A new client on its own connection, for blocking reads of ``key``, with the settings of ``client``.
+
+    For Redis Cluster it connects to the node that holds ``key``'s slot (the
+    whole namespace, thanks to the hash tag); ask again after a failover.
+    """
     redis = load_redis()
+    if is_cluster(client):
+        client = client.get_node_from_key(key).redis_connection
     pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)
     kwargs["socket_timeout"] = timeout
@@ -105,6 +115,9 @@ def dedicated(client: Any, *, timeout: float) -> Any:
 
 def describe(client: Any) -> str:
     """Where ``client`` connects, without credentials: ``redis 127.0.0.1:6379/0``."""
+    if is_cluster(client):
+        nodes = client.get_nodes()
+        return f"redis cluster {nodes[0].host}:{nodes[0].port} (+{len(nodes) - 1} nodes)" if nodes else "redis cluster"
     pool = client.connection_pool
     kwargs = pool.connection_kwargs
     if getattr(pool, "service_name", None):  # a Sentinel-managed pool
@@ -137,7 +150,7 @@ def redis_errors(client: Any, command: str, key: str) -> Iterator[None]:
                 actual=_first_line(exc),
             ) from None
         raise Unavailable(f"{describe(client)}: {command} on {key} failed: {_first_line(exc)}") from exc
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+    except (redis.exceptions.RedisError, OSError) as exc:  # connection, timeout, cluster down, ...
         raise Unavailable(
             f"{describe(client)} unreachable during {command} on {key}: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc

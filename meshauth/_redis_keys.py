@@ -22,6 +22,7 @@ from ._redis_common import (
     connect,
     dedicated,
     describe,
+    is_cluster,
     redis_errors,
     wait_for_redis,
 )
@@ -118,7 +119,8 @@ class RedisKeys:
         self.synced_at: float | None = None
         self._lock = threading.Lock()  # one writer at a time: the thread, or reload() from a caller
         self._stop = threading.Event()
-        self._blocking = dedicated(self.client, timeout=timeout + block)
+        self._timeout = timeout
+        self._blocking: Any = None  # the blocking read's own client, made on first use
         self._start(startup_timeout)
         self._thread: threading.Thread | None = None
         if follow:
@@ -184,10 +186,13 @@ class RedisKeys:
     def close(self) -> None:
         """Stop following the stream and close this source's connections."""
         self._stop.set()
-        self._blocking.connection_pool.disconnect()  # wakes the blocking read
+        blocking = self._blocking
+        if blocking is not None:
+            blocking.connection_pool.disconnect()  # wakes the blocking read
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(self.block + 5)
-        self._blocking.close()
+        if blocking is not None:
+            blocking.close()
 
     def __enter__(self) -> RedisKeys:
         return self
@@ -258,6 +263,8 @@ class RedisKeys:
             self._check_gap()
             if self._gap:
                 return
+        if self._blocking is None:
+            self._blocking = dedicated(self.client, timeout=self._timeout + self.block, key=ns.events)
         with redis_errors(self._blocking, "XREAD", ns.events):
             response = self._blocking.xread(
                 {ns.events: self._last_id}, count=self.max_events, block=max(1, int(self.block * 1000))
@@ -426,6 +433,13 @@ class RedisKeys:
     # -- the background thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._blocking is not None:
+                self._blocking.close()
+
+    def _loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
             try:
@@ -446,6 +460,9 @@ class RedisKeys:
             logger.warning("meshauth registry %s: serving the last key set: %s", self.where, detail)
         self._failing = detail
         self._gap = True
+        if is_cluster(self.client) and self._blocking is not None:
+            self._blocking.close()  # the slot may have moved to another node: ask again
+            self._blocking = None
         # Exponential backoff with jitter, so many verifiers do not reconnect in step.
         delay = min(10.0, 0.1 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter only
         self._stop.wait(delay)

@@ -143,3 +143,36 @@ def private_sentinel(master: RedisServer) -> Iterator[int]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@contextlib.contextmanager
+def private_cluster(nodes: int = 3) -> Iterator[list[RedisServer]]:
+    """A Redis Cluster of ``nodes`` masters on free loopback ports (no replicas)."""
+    servers: list[RedisServer] = []
+    try:
+        for _ in range(nodes):
+            server = RedisServer("--cluster-enabled", "yes")
+            server.extra = (*server.extra, "--cluster-config-file", os.path.join(server.dir, "nodes.conf"))
+            servers.append(server.start())
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            missing("redis-cli is not installed")
+        addresses = [f"127.0.0.1:{server.port}" for server in servers]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        probe = servers[0].client()
+        deadline = time.monotonic() + 10
+        while probe.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis cluster did not converge")
+            time.sleep(0.05)
+        probe.close()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+            shutil.rmtree(server.dir, ignore_errors=True)

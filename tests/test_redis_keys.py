@@ -360,3 +360,23 @@ def test_works_through_redis_sentinel(redis_server: Any) -> None:
         assert keys.status()["source"] == "redis sentinel service mymaster/0 namespace meshauth"
         me.close()
         keys.close()
+
+
+def test_works_on_redis_cluster_with_the_namespace_in_one_slot() -> None:
+    from redis.cluster import RedisCluster
+
+    with redis_support.private_cluster() as servers:
+        client = RedisCluster(host="127.0.0.1", port=servers[0].port, socket_timeout=2)
+        keys = RedisKeys(client, "shop", block=0.2)
+        publisher = RedisPublisher(RedisCluster(host="127.0.0.1", port=servers[1].port), "shop")
+        me = meshauth.ServiceIdentity.ephemeral("orders", publisher, background=False)
+        wait_for(lambda: keys.get_key(me.key.kid) is not None)
+        verifier = meshauth.Verifier("payments", keys)
+        assert verifier.verify(me.mint("payments")).caller == "orders"
+        assert publisher.revoke(me.key.kid) == ["orders"]
+        wait_for(lambda: keys.get_key(me.key.kid) is None)
+        slots = {client.keyslot(key) for key in client.keys("{shop}:*", target_nodes=RedisCluster.ALL_NODES)}
+        assert len(slots) == 1  # every key of the namespace in one slot: transactions work
+        assert keys.status()["source"].startswith("redis cluster 127.0.0.1:")
+        me.close()
+        keys.close()
