@@ -180,6 +180,8 @@ class EphemeralIdentity(ServiceIdentity):
                 entry.expires = int(now) + self.key_ttl
                 self._publish(entry.key, "renew", entry)
         self._renewed_at = now
+        # Keys of this service's replicas that died without closing: no token of theirs verifies any more.
+        self.publisher.prune_expired(self.name, now - self.leeway)
 
     def _rotate(self, now: float) -> None:
         if self._next is None and now >= self._current_since + self.rotate_every:

@@ -86,6 +86,17 @@ class RedisPublisher:
             self._announce(pipe, service, kid, "delete")
             pipe.execute()
 
+    def prune_expired(self, service: str, before: float) -> list[str]:
+        """Delete ``service``'s keys whose ``exp`` is before ``before`` (replicas that died without closing)."""
+        ns = self.ns
+        key = ns.keys(check_service(service))
+        with redis_errors(self.client, "HGETALL", key):
+            entries = self.client.hgetall(key)
+        dead = [_text(kid) for kid, value in entries.items() if self._expiry(value) < before]
+        for kid in dead:
+            self.delete(service, kid)
+        return dead
+
     def key_state(self, service: str, kids: Iterable[str]) -> tuple[set[str], set[str]]:
         """Which of ``kids`` are in ``service``'s hash, and which are revoked."""
         kids = list(kids)

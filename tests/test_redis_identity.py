@@ -206,3 +206,51 @@ def test_the_guide_snippet_runs(redis_server: Any) -> None:
     client = redis_server.client()
     assert client.smembers("{meshauth}:services") == {b"orders"}  # it published
     assert client.hgetall("{meshauth}:keys:orders") == {}  # and on close deleted its key
+
+
+def test_renewal_prunes_keys_of_replicas_that_died(publisher: RedisPublisher, wall: FakeClock) -> None:
+    dead = replica(publisher, wall)  # never closed: its process "died"
+    alive = replica(publisher, wall, rotate_every=10_000)
+    wall.advance(600 + 31)  # the dead replica's key expired, plus leeway
+    alive.maintain()
+    assert list(stored(publisher)) == [alive.key.kid]
+    del dead
+
+
+def test_many_threads_share_one_replay_decision(redis_namespace: tuple[str, str]) -> None:
+    import threading
+
+    url, namespace = redis_namespace
+    caches = [RedisReplayCache(url, namespace) for _ in range(4)]  # four replicas
+    barrier = threading.Barrier(32)
+    results: list[bool] = []
+
+    def add(n: int) -> None:
+        barrier.wait(5)
+        results.append(caches[n % 4].add("orders", "same-jti", time.time() + 60))
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results.count(True) == 1 and len(results) == 32
+
+
+def test_async_verifiers_on_redis_keys(redis_namespace: tuple[str, str]) -> None:
+    import asyncio
+
+    url, namespace = redis_namespace
+    publisher = RedisPublisher(url, namespace)
+    me = meshauth.ServiceIdentity.ephemeral("orders", publisher, background=False)
+    keys = RedisKeys(url, namespace)
+    verifier = meshauth.Verifier("payments", keys)
+
+    async def main() -> list[str]:
+        tokens = [me.mint("payments") for _ in range(200)]
+        principals = await asyncio.gather(*(verifier.averify(token) for token in tokens))
+        return [p.caller for p in principals]
+
+    assert asyncio.run(main()) == ["orders"] * 200
+    me.close()
+    keys.close()
