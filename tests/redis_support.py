@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -60,6 +61,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randint(20000, 45000)  # noqa: S311 - a port number, not a secret
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis cluster node")
 
 
 class RedisServer:
@@ -152,6 +171,7 @@ def private_cluster(nodes: int = 3) -> Iterator[list[RedisServer]]:
     try:
         for _ in range(nodes):
             server = RedisServer("--cluster-enabled", "yes")
+            server.port = free_cluster_port()
             server.extra = (*server.extra, "--cluster-config-file", os.path.join(server.dir, "nodes.conf"))
             servers.append(server.start())
         cli = shutil.which("redis-cli")
