@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import random
 import threading
 import time
@@ -26,6 +27,7 @@ from ._redis_common import (
     redis_errors,
     wait_for_redis,
 )
+from ._redis_snapshot import load_snapshot, save_snapshot
 from ._registry import KeySet
 from ._telemetry import Telemetry
 
@@ -71,7 +73,10 @@ class RedisKeys:
     Outage: the last good key set keeps serving for ``max_stale`` seconds;
     meanwhile an unknown ``kid`` raises :class:`~meshauth.KeysUnavailable`
     (it may be a key published during the outage), and after ``max_stale``
-    every lookup does.
+    every lookup does. With ``snapshot=PATH`` the key set in service (public
+    keys and tombstones) is also kept in a local file, and a verifier that
+    starts while Redis is down serves that file instead of failing (the file's
+    age counts towards ``max_stale``).
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class RedisKeys:
         startup_timeout: float = 10.0,
         timeout: float = 2.0,
         follow: bool = True,
+        snapshot: str | os.PathLike[str] | None = None,
         max_events: int = 1000,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -119,6 +125,8 @@ class RedisKeys:
         self.synced_at: float | None = None
         self._lock = threading.Lock()  # one writer at a time: the thread, or reload() from a caller
         self._stop = threading.Event()
+        self.snapshot = snapshot
+        self._saved: KeySet | None = None  # the index last written to the snapshot
         self._timeout = timeout
         self._blocking: Any = None  # the blocking read's own client, made on first use
         self._start(startup_timeout)
@@ -203,15 +211,50 @@ class RedisKeys:
     # -- reading Redis --------------------------------------------------------------------
 
     def _start(self, startup_timeout: float) -> None:
-        wait_for_redis(
-            self.reload,
-            startup_timeout,
-            lambda exc: KeysUnavailable(
-                f"cannot load the key registry from {self.where} within {startup_timeout:g} s: {exc.detail}",
-                expected="a reachable Redis server",
-                actual=exc.detail,
-            ),
+        try:
+            wait_for_redis(
+                self.reload,
+                startup_timeout,
+                lambda exc: KeysUnavailable(
+                    f"cannot load the key registry from {self.where} within {startup_timeout:g} s: {exc.detail}",
+                    expected="a reachable Redis server",
+                    actual=exc.detail,
+                ),
+            )
+        except KeysUnavailable as exc:
+            if self.snapshot is None or not os.path.exists(self.snapshot):
+                raise
+            self._start_from_snapshot(exc)
+        self._save_snapshot()
+
+    def _start_from_snapshot(self, error: KeysUnavailable) -> None:
+        """Serve the snapshot as the last good set (its age counts towards ``max_stale``)."""
+        assert self.snapshot is not None
+        self._index, self._revoked, saved_at = load_snapshot(self.snapshot, self.ns.name)
+        self._saved = self._index
+        for record in self._index:  # as if read from each service's hash: events update them one by one
+            self._services.setdefault(record.owner, {})[record.kid] = (b"", record)
+        self._last_good = self._monotonic() - max(0.0, self._clock() - saved_at)
+        self._failing = error.detail
+        self._gap = True
+        logger.warning(
+            "meshauth registry %s: %s; serving the snapshot %s (%d keys) until Redis answers",
+            self.where,
+            error.detail,
+            os.fspath(self.snapshot),
+            len(self._index),
         )
+
+    def _save_snapshot(self) -> None:
+        if self.snapshot is None or self._index is self._saved or self._failing is not None:
+            return
+        index = self._index
+        try:
+            save_snapshot(self.snapshot, index, self._revoked, self.ns.name, self._clock())
+        except OSError as exc:
+            self._report(f"cannot write the snapshot {os.fspath(self.snapshot)!r}: {exc.strerror}")
+            return
+        self._saved = index
 
     def reload(self) -> None:
         """Read every service's keys now (the background thread does this every ``resync`` s)."""
@@ -448,6 +491,7 @@ class RedisKeys:
                 else:
                     self._follow()
                 failures = 0
+                self._save_snapshot()
             except Exception as exc:
                 if self._stop.is_set():
                     return

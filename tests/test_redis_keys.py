@@ -380,3 +380,29 @@ def test_works_on_redis_cluster_with_the_namespace_in_one_slot() -> None:
         assert keys.status()["source"].startswith("redis cluster 127.0.0.1:")
         me.close()
         keys.close()
+
+
+def test_a_snapshot_lets_a_verifier_start_while_redis_is_down(redis_server: Any, tmp_path: Any) -> None:
+    snapshot = tmp_path / "registry-snapshot.json"
+    publisher = RedisPublisher(redis_server.url)
+    kept, revoked = publish(publisher, "orders"), publish(publisher, "billing")
+    first = RedisKeys(redis_server.url, snapshot=snapshot, block=0.2)
+    publisher.revoke(revoked.kid)
+    wait_for(lambda: revoked.kid in json.loads(snapshot.read_text())["revoked"])
+    saved = json.loads(snapshot.read_text())
+    assert [k["kid"] for k in saved["keys"]] == [kept.kid] and "d" not in saved["keys"][0]
+    first.close()
+    redis_server.stop()
+    keys = RedisKeys(redis_server.url, snapshot=snapshot, startup_timeout=0.3, timeout=0.2, block=0.2)
+    verifier = meshauth.Verifier("payments", keys)
+    assert verifier.verify(token("orders", kept)).caller == "orders"  # from the snapshot
+    with pytest.raises(meshauth.KeysUnavailable):
+        verifier.verify(token("billing", revoked))  # revoked stays out; unknown while Redis is down: 503
+    assert keys.status()["last_error"] is not None
+    redis_server.start()  # back, empty: the snapshot's keys stay until their services republish
+    wait_for(lambda: keys.status()["last_error"] is None, 10.0)
+    assert verifier.verify(token("orders", kept)).caller == "orders"
+    keys.close()
+    redis_server.stop()
+    with pytest.raises(meshauth.ConfigurationError, match="not a snapshot of namespace 'other'"):
+        RedisKeys(redis_server.url, "other", snapshot=snapshot, startup_timeout=0.2, timeout=0.2)

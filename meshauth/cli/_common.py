@@ -13,12 +13,12 @@ import os
 import re
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any, Final
 
+from .._files import write_atomic as _write_atomic
 from .._keys import SigningKey
 
 EXIT_OK: Final = 0
@@ -177,29 +177,6 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
     removes.
     """
     _write_atomic(path, data, mode, replace=False)
-
-
-def _write_atomic(path: str, data: bytes, mode: int, *, replace: bool = True) -> None:
-    """Replace ``path`` in one step: readers see the old file or the new one, never half of it.
-
-    The temporary file is created 0600 by ``mkstemp`` and only widened to ``mode``
-    before the rename, so a private key is never readable by others, even briefly.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        if replace:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
 
 
 @contextlib.contextmanager

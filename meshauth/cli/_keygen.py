@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from .._files import write_atomic as _write_atomic
 from .._keys import ALGORITHMS, SigningKey
 from .._names import service_name_problem
 from ._common import (
@@ -19,7 +20,6 @@ from ._common import (
     _print_fields,
     _print_json,
     _UsageError,
-    _write_atomic,
     _write_new,
 )
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from .._files import write_atomic as _write_atomic
 from .._jws import strict_json_loads
 from .._keys import KeyRecord, check_jwk
 from .._registry import DEFAULT_MAX_BYTES, JWKSFile, KeySet, parse_registry_document
@@ -40,7 +41,6 @@ from ._common import (
     _safe,
     _timestamp_arg,
     _UsageError,
-    _write_atomic,
 )
 
 
