@@ -83,6 +83,43 @@ def test_otlp_example_exports_both_services_spans(collector: Collector) -> None:
         assert expected in payload
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        (
+            "django_service.py",
+            [
+                "orders GET /charges: 200 {'view': 'django', 'caller': 'orders'}",
+                "orders GET /api/charges: 200 {'view': 'drf', 'user': 'orders', 'caller': 'orders'}",
+                "billing GET /charges: 403 {'error': 'forbidden', 'reason': 'no_matching_rule'}",
+                "anonymous GET /charges: 401 {'error': 'unauthorized', 'reason': 'missing_credentials'}",
+            ],
+        ),
+        (
+            "grpc_service.py",
+            [
+                "orders: OK {'charged_for': 'orders', 'amount': 42}",
+                'billing: PERMISSION_DENIED {"error":"forbidden","reason":"no_matching_rule"}',
+            ],
+        ),
+        (
+            "requests_client.py",
+            [
+                "orders -> payments: 200 {'charged_for': 'orders'}",
+                "no credentials: 401 {'error': 'unauthorized', 'reason': 'missing_credentials'}",
+            ],
+        ),
+    ],
+)
+def test_integration_examples(example: str, expected: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / example)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == expected
+
+
 def test_three_replicas_on_redis_example(redis_namespace: tuple[str, str]) -> None:
     pytest.importorskip("redis", reason="redis-py is not installed (pip install 'meshauth[redis]')")
     url, namespace = redis_namespace
