@@ -256,6 +256,10 @@ def _cmd_registry_check(args: argparse.Namespace) -> int:
     return EXIT_REJECTED if errors else EXIT_OK
 
 
+# What `registry --redis URL serve` tells HTTP clients to cache: revocation reaches them within it.
+REDIS_SERVE_MAX_AGE = 30
+
+
 def _cmd_registry_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: PLC0415 - optional dependency, only this command needs it
@@ -265,6 +269,8 @@ def _cmd_registry_serve(args: argparse.Namespace) -> int:
     address = _listen_address(args)
     # Either source fails now, not on the first request, if it cannot be read.
     source, what = _redis.serve_source(args) if args.redis else (JWKSFile(_file(args)), _file(args))
+    if args.max_age is None:  # HTTP clients keep a copy this long: short for the Redis registry's fast changes
+        args.max_age = REDIS_SERVE_MAX_AGE if args.redis else DEFAULT_MAX_AGE
     app = publish.jwks_app(source, max_age=args.max_age)
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     # Binding here (not in uvicorn) gives the real port for --port 0 before serving starts.
@@ -408,7 +414,7 @@ def add_parser(commands: Any) -> None:
         "(application/jwk-set+json, ETag, Cache-Control), following changes. Needs uvicorn\n"
         "(meshauth[gateway]).",
         "  meshauth registry serve registry.json --port 8900\n"
-        "  meshauth registry --redis redis://127.0.0.1:6379/0 serve --listen 127.0.0.1:8900 --max-age 30",
+        "  meshauth registry --redis redis://127.0.0.1:6379/0 serve --listen 127.0.0.1:8900",
     )
     serve.add_argument("file", nargs="?", metavar="FILE", help="the registry JWKS file (not with --redis)")
     serve.add_argument("--port", type=_bounded(int, 0, 65535), metavar="N", help="0: any free port")
@@ -417,8 +423,8 @@ def add_parser(commands: Any) -> None:
     serve.add_argument(
         "--max-age",
         type=_bounded(int, 0, 7 * 86400),
-        default=DEFAULT_MAX_AGE,
+        default=None,
         metavar="S",
-        help=f"Cache-Control max-age in seconds (default {DEFAULT_MAX_AGE})",
+        help=f"Cache-Control max-age in seconds (default {DEFAULT_MAX_AGE}; {REDIS_SERVE_MAX_AGE} with --redis)",
     )
     serve.set_defaults(run=_cmd_registry_serve)
