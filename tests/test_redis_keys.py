@@ -337,15 +337,16 @@ def test_interop_pyjwt_and_joserfc_verify_with_the_exported_jwks(registry: Any) 
     from joserfc.jwk import KeySet as JoseKeySet
 
     publisher, open_keys, _ = registry
-    key = publish(publisher, "orders")
+    me = meshauth.ServiceIdentity.ephemeral("orders", publisher, background=False)  # a key only in memory
     keys = open_keys()
     document = keys.to_jwks()
-    signed = token("orders", key)
-    pyjwt_key = jwt.PyJWKSet.from_dict(document)[key.kid]
+    signed = me.mint("payments")
+    pyjwt_key = jwt.PyJWKSet.from_dict(document)[me.key.kid]
     claims = jwt.decode(signed, pyjwt_key, algorithms=["ES256"], audience="payments")
     assert claims["iss"] == "orders"
     decoded = jose_jwt.decode(signed, JoseKeySet.import_key_set(document), algorithms=["ES256"])
     assert decoded.claims["iss"] == "orders"
+    me.close()
 
 
 def test_works_through_redis_sentinel(redis_server: Any) -> None:
