@@ -38,6 +38,7 @@ from ._exceptions import (
     MalformedToken,
     MeshAuthError,
     MissingClaim,
+    ReplayStoreUnavailable,
     TokenError,
     TokenExpired,
     TokenNotYetValid,
@@ -561,12 +562,13 @@ class Verifier:
 
     def _check_replay(self, principal: Principal) -> None:
         assert self.replay_cache is not None
-        key = f"{principal.caller}\x00{principal.token_id}"
         try:
-            first_use = self.replay_cache.add(key, principal.expires_at + self.leeway)
+            first_use = self.replay_cache.add(principal.caller, principal.token_id, principal.expires_at + self.leeway)
+        except ReplayStoreUnavailable:
+            raise
         except Exception as exc:
             # Cannot tell whether the token was used before: refuse, as an outage.
-            raise KeysUnavailable(f"replay cache failed: {type(exc).__name__}") from exc
+            raise ReplayStoreUnavailable(f"replay cache failed: {type(exc).__name__}") from exc
         if not first_use:
             error = TokenReplayed("this token id was already used", actual=principal.token_id[:64], kid=principal.kid)
             error.caller = principal.caller  # type: ignore[attr-defined]
