@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from console_logs import AuditFile, audit_files, decision, running_console
 
-from meshauth import ConfigurationError, SigningKey
+from meshauth import SigningKey
 from meshauth.cli import main
 from meshauth.console import AuditIndex, open_registry
 from meshauth.testing import FakeClock
@@ -259,10 +260,43 @@ def test_keys_from_a_jwks_url(tmp_path: Path) -> None:
     assert keys["without_key"] == [{"service": "gateway", "decisions": 4}]
 
 
-def test_redis_registries_are_refused_with_a_clear_message() -> None:
-    with pytest.raises(ConfigurationError, match="redis:// registries are not supported") as caught:
-        open_registry("redis://127.0.0.1:6379/0", expiry_warning=60)
-    assert caught.value.reason == "unsupported_registry"
+def test_keys_from_the_redis_registry_follow_its_changes(redis_namespace: tuple[str, str]) -> None:
+    from meshauth.redis import RedisPublisher
+
+    url, namespace = redis_namespace
+    publisher = RedisPublisher(url, namespace)
+    now = int(time.time())
+    orders, payments = SigningKey.generate(), SigningKey.generate("EdDSA")
+    publisher.publish(orders.record("orders", not_before=now - 7200, expires=now + 3600))
+    publisher.publish(payments.record("payments", not_before=now, expires=now + 30 * 86400))
+    registry = open_registry(url, expiry_warning=86400, namespace=namespace)
+    try:
+        keys = registry.keys({"orders": 3, "ghost": 1})
+        rows = {row["owner"]: row for row in keys["keys"]}
+        assert (rows["orders"]["alg"], rows["orders"]["status"]) == ("ES256", "expires soon")
+        assert rows["orders"]["age"] == pytest.approx(7200, abs=60)
+        assert (rows["payments"]["alg"], rows["payments"]["status"]) == ("EdDSA", "valid")
+        assert keys["without_key"] == [{"service": "ghost", "decisions": 1}]
+        assert namespace in keys["source"]
+        publisher.revoke_service("orders")
+        deadline = time.monotonic() + 10
+        while "orders" in {row["owner"] for row in registry.keys({})["keys"]}:
+            assert time.monotonic() < deadline, "the revocation never reached the console"
+            threading.Event().wait(0.05)
+        assert registry.keys({"orders": 3})["without_key"] == [{"service": "orders", "decisions": 3}]
+    finally:
+        registry.close()
+
+
+def test_an_unreachable_redis_registry_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install 'meshauth[redis]')")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    arguments = ["--audit", str(tmp_path / "a.jsonl"), "--registry", f"redis://127.0.0.1:{port}/0", "--wait", "0.2"]
+    code = main(["console", *arguments])
+    assert code == 2
+    assert "registry unavailable" in capsys.readouterr().err
 
 
 # -- the HTTP surface ---------------------------------------------------------------------------
@@ -384,7 +418,6 @@ def test_console_help(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["--listen", "0.0.0.0:8090"], "--allow-remote"),
         (["--listen", "nonsense"], "HOST:PORT"),
-        (["--registry", "redis://127.0.0.1/0"], "redis:// registries are not supported"),
         (["--expiry-warning", "soon"], "not a duration"),
     ],
 )
@@ -455,7 +488,6 @@ def test_records_without_time_nested_fields_and_iso_timestamps(tmp_path: Path) -
 
 def test_meshauth_console_serves_until_interrupted(tmp_path: Path, log: AuditFile) -> None:
     import signal
-    import socket
     import subprocess
     import sys
 

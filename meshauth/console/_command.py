@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+from .._exceptions import Unavailable
 from ..cli._common import _UNIT_SECONDS, EXIT_OK, _command, _err, _out, _UsageError
 from ._index import AuditIndex
 from ._registry_view import open_registry
@@ -47,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
             _err(f"warning: {path} does not exist yet; it is shown as missing until it appears")
     registry = None
     if args.registry is not None:
-        registry = open_registry(args.registry, expiry_warning=args.expiry_warning)
+        try:
+            registry = open_registry(
+                args.registry, expiry_warning=args.expiry_warning, namespace=args.namespace, wait=args.wait
+            )
+        except Unavailable as exc:
+            raise _UsageError(f"registry unavailable: {exc.detail}") from None
     server = ConsoleServer(AuditIndex(args.audit), registry, host, port)
     _out(f"meshauth console on {server.url}  (read-only; Ctrl-C to stop)")
     try:
@@ -57,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
         server.index.close()
+        if registry is not None:
+            registry.close()
     return EXIT_OK
 
 
@@ -75,7 +83,13 @@ def add_parser(commands: Any) -> None:
     console.add_argument(
         "--audit", action="append", required=True, metavar="FILE", help="an audit log (repeat for several)"
     )
-    console.add_argument("--registry", metavar="FILE|URL", help="the key registry: a JWKS file or an https URL")
+    console.add_argument(
+        "--registry", metavar="FILE|URL", help="the key registry: a JWKS file, an https URL or redis://HOST:PORT/DB"
+    )
+    console.add_argument("--namespace", default="meshauth", help="a Redis registry's namespace (default meshauth)")
+    console.add_argument(
+        "--wait", type=float, default=5.0, metavar="S", help="how long to wait for a Redis registry (default 5)"
+    )
     console.add_argument(
         "--listen",
         type=_listen_arg,

@@ -1,7 +1,8 @@
-"""The keys view: every key of the registry with its owner, age and time to expiry."""
+"""The keys view: every key of the registry (a file, a JWKS URL or Redis) with its owner, age and expiry."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,11 +28,15 @@ class RegistryView:
         *,
         expiry_warning: float,
         clock: Callable[[], float] = time.time,
+        problems: Callable[[], list[str]] = list,
+        close: Callable[[], None] = lambda: None,
     ) -> None:
         self.source = source
         self._load = load
+        self._problems = problems
         self.expiry_warning = expiry_warning
         self.clock = clock
+        self.close = close
 
     def keys(self, callers: Mapping[str, int]) -> dict[str, Any]:
         """The key rows, the services seen calling with no key, and the registry's state."""
@@ -48,7 +53,7 @@ class RegistryView:
             "error": error if keyset is None else None,
             "expiry_warning": self.expiry_warning,
             "keys": [self._row(record, now) for record in records],
-            "problems": list(keyset.problems) if keyset is not None else [],
+            "problems": (list(keyset.problems) if keyset is not None else []) + self._problems(),
             "without_key": [
                 {"service": name, "decisions": count} for name, count in sorted(callers.items()) if name not in owners
             ],
@@ -79,16 +84,20 @@ class RegistryView:
         }
 
 
-def open_registry(source: str, *, expiry_warning: float, clock: Callable[[], float] = time.time) -> RegistryView:
-    """A view of the registry at ``source``: a JWKS file, an http(s) URL, or (refused) ``redis://``."""
+def open_registry(
+    source: str,
+    *,
+    expiry_warning: float,
+    namespace: str = "meshauth",
+    wait: float = 5.0,
+    clock: Callable[[], float] = time.time,
+) -> RegistryView:
+    """A view of the registry at ``source``: a JWKS file, an http(s) URL, or ``redis://`` (``namespace``).
+
+    A Redis registry is waited for at most ``wait`` seconds, then ``KeysUnavailable`` is raised.
+    """
     if source.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigurationError(
-            "redis:// registries are not supported by this version of meshauth console; "
-            "export the registry to a file or serve it over https and pass that instead",
-            reason="unsupported_registry",
-            expected="a JWKS file or an https URL",
-            actual="redis://...",
-        )
+        return _redis_registry(source, namespace, wait, expiry_warning=expiry_warning, clock=clock)
     if source.startswith(("https://", "http://")):
         endpoint = JWKSEndpoint(source, clock=clock)
         lock = threading.Lock()
@@ -106,3 +115,23 @@ def open_registry(source: str, *, expiry_warning: float, clock: Callable[[], flo
         return RegistryView(source, fetch, expiry_warning=expiry_warning, clock=clock)
     watched = JWKSFile(source)
     return RegistryView(source, lambda: watched.keyset, expiry_warning=expiry_warning, clock=clock)
+
+
+def _redis_registry(
+    source: str, namespace: str, wait: float, *, expiry_warning: float, clock: Callable[[], float]
+) -> RegistryView:
+    """The Redis registry (``meshauth.redis.RedisKeys``, following its changes); needs the ``redis`` extra."""
+    try:
+        redis = importlib.import_module("meshauth.redis")
+    except ImportError as exc:  # the message names the extra to install
+        raise ConfigurationError(str(exc), reason="missing_extra", expected="pip install 'meshauth[redis]'") from None
+    keys = redis.RedisKeys(source, namespace, startup_timeout=wait, clock=clock)
+    where = f"{keys.where} namespace {namespace}"
+    return RegistryView(
+        where,
+        lambda: keys.keyset,
+        expiry_warning=expiry_warning,
+        clock=clock,
+        problems=lambda: list(keys.problems),
+        close=keys.close,
+    )

@@ -305,6 +305,8 @@ class ConsoleServer(ThreadingHTTPServer):
         if self._follower.is_alive():
             self._follower.join(timeout=5)
         self.index.close()
+        if self.api.registry is not None:
+            self.api.registry.close()
 
     def wait_indexed(self, timeout: float = 10.0) -> None:
         """Block until every log is counted to its end (for tests and benchmarks)."""
