@@ -611,3 +611,12 @@ def test_the_console_benchmark_reports_its_figures(tmp_path: Path) -> None:
     assert (figures["filtered_found"], figures["transaction_found"]) == (1, 4)
     assert figures["peak_rss_mib"] >= figures["baseline_rss_mib"] > 0
     assert isinstance(figures["open_within_budget"], bool)  # the timing itself is judged by the script, not here
+
+
+def test_the_first_page_is_served_before_the_logs_are_counted(log: AuditFile) -> None:
+    log.write(decision(NOW, caller="first"))
+    index = AuditIndex([str(log.path)])
+    index.open()  # what ConsoleServer.start() does before its follower counts anything
+    assert [item["record"]["caller"] for item in index.decisions({}).decisions] == ["first"]
+    assert index.status()["logs"][0]["lines"] == 0
+    index.close()

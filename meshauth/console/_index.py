@@ -165,6 +165,11 @@ class AuditIndex:
         self._idle = threading.Condition()
         self._searches = 0
 
+    def open(self) -> None:
+        """Open each log that exists (before following starts, so the first page already has them)."""
+        for log in self.logs:
+            log.sync()
+
     def close(self) -> None:
         """Close every file."""
         for log in self.logs:

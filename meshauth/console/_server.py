@@ -288,12 +288,14 @@ class ConsoleServer(ThreadingHTTPServer):
 
     def start(self) -> ConsoleServer:
         """Follow the logs and serve requests in background threads; returns ``self``."""
+        self.index.open()
         self._follower.start()
         threading.Thread(target=self.serve_forever, args=(0.05,), name="meshauth-console", daemon=True).start()
         return self
 
     def serve(self) -> None:
         """Follow the logs in the background and serve requests in this thread until :meth:`stop`."""
+        self.index.open()
         self._follower.start()
         self.serve_forever()
 
