@@ -13,25 +13,36 @@ from ._composite import CompositeKeys
 from ._exceptions import (
     AccessDenied,
     BadSignature,
+    BodyMismatch,
     ConfigurationError,
+    DuplicateAuthorization,
     InvalidClaim,
+    InvalidNonce,
     IssuerMismatch,
+    KeyExpired,
     KeysUnavailable,
     LifetimeTooLong,
     MalformedToken,
     MeshAuthError,
     MissingClaim,
+    MissingCredentials,
+    MissingResponse,
+    NonceMismatch,
     ReplayStoreUnavailable,
     ResponseAuthError,
+    StatusMismatch,
     TokenError,
     TokenExpired,
     TokenNotYetValid,
     TokenReplayed,
     TokenTooLarge,
     Unavailable,
+    UnboundBody,
     UnknownKey,
     UnsupportedAlgorithm,
     WrongAudience,
+    WrongResponder,
+    WrongScheme,
     WrongTokenType,
 )
 from ._httpx import ServiceAuth
@@ -52,15 +63,19 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "BadSignature",
+    "BodyMismatch",
     "CompositeKeys",
     "ConfigurationError",
     "Decision",
+    "DuplicateAuthorization",
     "Finding",
     "InvalidClaim",
+    "InvalidNonce",
     "IssuerMismatch",
     "JWKSApp",
     "JWKSEndpoint",
     "JWKSFile",
+    "KeyExpired",
     "KeyRecord",
     "KeySet",
     "KeySource",
@@ -70,6 +85,9 @@ __all__ = [
     "MemoryReplayCache",
     "MeshAuthError",
     "MissingClaim",
+    "MissingCredentials",
+    "MissingResponse",
+    "NonceMismatch",
     "Policy",
     "Principal",
     "ReplayCache",
@@ -81,19 +99,35 @@ __all__ = [
     "ServiceIdentity",
     "SigningKey",
     "StaticKeys",
+    "StatusMismatch",
     "TokenError",
     "TokenExpired",
     "TokenNotYetValid",
     "TokenReplayed",
     "TokenTooLarge",
     "Unavailable",
+    "UnboundBody",
     "UnknownKey",
     "UnsupportedAlgorithm",
     "Verifier",
     "WrongAudience",
+    "WrongResponder",
+    "WrongScheme",
     "WrongTokenType",
     "__version__",
     "check_registry",
     "jwks_app",
     "plan_rotation",
 ]
+
+
+def _show_as_public() -> None:
+    """Public classes show as ``meshauth.X`` in reprs and tracebacks, not ``meshauth._module.X``."""
+    namespace = globals()
+    for name in __all__:
+        value = namespace[name]
+        if isinstance(value, type) and value.__module__.startswith("meshauth._"):
+            value.__module__ = "meshauth"
+
+
+_show_as_public()

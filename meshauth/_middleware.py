@@ -32,12 +32,11 @@ from opentelemetry.trace import Span
 
 from ._exceptions import (
     AccessDenied,
-    KeysUnavailable,
-    Unavailable,
     MalformedToken,
     MeshAuthError,
     TokenError,
     TokenTooLarge,
+    Unavailable,
 )
 from ._identity import ServiceIdentity
 from ._policy import Decision, Policy

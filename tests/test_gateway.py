@@ -22,7 +22,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import meshauth
 from meshauth.gateway import Gateway, IssuerConfig, create_app, load_config, serve
-from meshauth.gateway._idp import IdPKeyEndpoint, IdPKeyFile, StaticIdPKeys, UserTokenVerifier, is_service_token
+from meshauth.gateway import UserTokenVerifier
+from meshauth.gateway._idp import IdPKeyEndpoint, IdPKeyFile, IdPRecords, StaticIdPKeys, is_service_token
 from meshauth.testing import FakeClock
 
 IDP = "https://idp.example.com"
@@ -41,6 +42,7 @@ class IdPKeys:
     ec: ec.EllipticCurvePrivateKey
     ed: ed25519.Ed25519PrivateKey
     other_rsa: rsa.RSAPrivateKey
+    ps: rsa.RSAPrivateKey
 
     def jwks(self) -> dict[str, Any]:
         return {
@@ -50,6 +52,11 @@ class IdPKeys:
                     **jwt.algorithms.RSAAlgorithm.to_jwk(self.other_rsa.public_key(), as_dict=True),
                     "kid": "rsa-pinned",
                     "alg": "RS256",
+                },
+                {
+                    **jwt.algorithms.RSAAlgorithm.to_jwk(self.ps.public_key(), as_dict=True),
+                    "kid": "rsa-ps",
+                    "alg": "PS256",
                 },
                 {**jwt.algorithms.ECAlgorithm.to_jwk(self.ec.public_key(), as_dict=True), "kid": "ec-1"},
                 {**jwt.algorithms.OKPAlgorithm.to_jwk(self.ed.public_key(), as_dict=True), "kid": "ed-1"},
@@ -64,6 +71,7 @@ def idp() -> IdPKeys:
         ec=ec.generate_private_key(ec.SECP256R1()),
         ed=ed25519.Ed25519PrivateKey.generate(),
         other_rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        ps=rsa.generate_private_key(public_exponent=65537, key_size=2048),
     )
 
 
@@ -94,8 +102,8 @@ class Tokens:
         return {k: v for k, v in claims.items() if v is not None}
 
     def user(self, subject: str = "alice", *, alg: str = "RS256", kid: str | None = None, **claims: Any) -> str:
-        key: Any = {"RS256": self.idp.rsa, "PS256": self.idp.rsa, "ES256": self.idp.ec, "EdDSA": self.idp.ed}[alg]
-        default_kid = {"RS256": "rsa-1", "PS256": "rsa-1", "ES256": "ec-1", "EdDSA": "ed-1"}[alg]
+        key: Any = {"RS256": self.idp.rsa, "PS256": self.idp.ps, "ES256": self.idp.ec, "EdDSA": self.idp.ed}[alg]
+        default_kid = {"RS256": "rsa-1", "PS256": "rsa-ps", "ES256": "ec-1", "EdDSA": "ed-1"}[alg]
         return jwt.encode(
             self.claims(subject, **claims), key, algorithm=alg, headers={"kid": kid or default_kid, "typ": "JWT"}
         )
@@ -429,7 +437,7 @@ def _bad_tokens(t: Tokens) -> dict[str, tuple[str, str]]:
         "wrong audience": (t.user(aud="someone-else"), "wrong_audience"),
         "unsigned": (t.unsigned(), "unsupported_alg"),
         "hs256 with the public key": (t.hs256_with_public_key(), "unsupported_alg"),
-        "oversized": (t.user(padding="x" * 9000), "too_large"),
+        "oversized": (t.user(padding="x" * 17000), "too_large"),  # IdP tokens: 16 KiB by default
         "not a jwt": ("abc.def", "malformed"),
         "unknown kid": (t.user(kid="nope"), "unknown_kid"),
         "pinned key, other alg": (t.user(alg="PS256", kid="rsa-pinned"), "unsupported_alg"),
@@ -871,7 +879,8 @@ def test_serve_returns_2_on_a_configuration_error(tmp_path: Path, capsys: pytest
 
 def _verifier(idp: IdPKeys, clock: FakeClock, **issuer: Any) -> UserTokenVerifier:
     config = IssuerConfig(IDP, "unused", AUDIENCE, tuple(issuer.pop("algorithms", ("RS256", "ES256"))), **issuer)
-    return UserTokenVerifier([config], {IDP: StaticIdPKeys(idp.jwks())}, clock=clock)
+    records = IdPRecords(StaticIdPKeys(idp.jwks()), IDP, config.algorithms)
+    return UserTokenVerifier([config], {IDP: records}, clock=clock)
 
 
 def test_user_token_claims(idp: IdPKeys) -> None:
@@ -903,7 +912,8 @@ def test_user_token_claims(idp: IdPKeys) -> None:
         reason(tokens.raw({"alg": "RS256", "kid": "rsa-1", "typ": "meshauth+jwt"}, tokens.claims(), b"s"))
         == "wrong_type"
     )
-    assert reason(tokens.raw({"alg": "RS256", "typ": "JWT"}, tokens.claims(), b"s")) == "malformed"
+    # No kid, and the issuer's key set holds several keys: which one is meant is unknown.
+    assert reason(tokens.raw({"alg": "RS256", "typ": "JWT"}, tokens.claims(), b"s")) == "unknown_kid"
     assert reason(tokens.raw({"alg": "RS256", "kid": "rsa-1", "crit": ["exp"]}, tokens.claims(), b"s")) == "malformed"
     assert reason(tokens.raw({"alg": "RS256", "kid": "rsa-1"}, tokens.claims())) == "malformed"
     # The leeway applies: 20 s after exp is still fine with 30 s of leeway.
@@ -940,7 +950,7 @@ def test_idp_jwks_skips_bad_keys_and_duplicates(idp: IdPKeys) -> None:
         ]
     }
     keys = StaticIdPKeys(document)
-    assert set(keys.keys) == {"rsa-1", "rsa-pinned", "ec-1", "ed-1"}
+    assert set(keys.keys) == {"rsa-1", "rsa-pinned", "rsa-ps", "ec-1", "ed-1"}
     assert len(keys.problems) == 5
 
 
@@ -1011,7 +1021,9 @@ def test_verified_user_tokens_are_cached_until_expiry_or_key_removal(tmp_path: P
     path.write_text(json.dumps(idp.jwks()))
     ticks = [0.0]
     keys = IdPKeyFile(path, monotonic=lambda: ticks[0])
-    verifier = UserTokenVerifier([IssuerConfig(IDP, str(path), AUDIENCE, ("RS256",))], {IDP: keys}, clock=clock)
+    verifier = UserTokenVerifier(
+        [IssuerConfig(IDP, str(path), AUDIENCE, ("RS256",))], {IDP: IdPRecords(keys, IDP, ("RS256",))}, clock=clock
+    )
 
     def verify(token: str) -> Any:
         try:

@@ -62,14 +62,8 @@ from .._registry import JWKSFile, KeySource
 from .._telemetry import AUDIT_LOGGER, Telemetry, audit, mark_rejected
 from .._verify import Verifier
 from ._config import GatewayConfig, RouteConfig, Timeout, is_url, load_config
-from ._idp import (
-    IdPKeyEndpoint,
-    IdPKeyFile,
-    IdPKeySource,
-    UserPrincipal,
-    UserTokenVerifier,
-    is_service_token,
-)
+from .._idp_tokens import UserPrincipal, UserTokenVerifier
+from ._idp import IdPKeyEndpoint, IdPKeyFile, IdPKeySource, IdPRecords, is_service_token
 from ._tracing import RequestTrace, inject, is_sdk_span, start_trace
 
 __all__ = ["Gateway", "create_app"]
@@ -295,8 +289,11 @@ class Gateway:
         self.issuer_keys = dict(issuer_keys)
         self.user_verifier = UserTokenVerifier(
             config.issuers,
-            self.issuer_keys,
-            max_token_bytes=config.max_token_bytes,
+            {
+                issuer.issuer: IdPRecords(self.issuer_keys[issuer.issuer], issuer.issuer, issuer.algorithms)
+                for issuer in config.issuers
+                if issuer.issuer in self.issuer_keys
+            },
             clock=clock,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
@@ -304,7 +301,8 @@ class Gateway:
         self.clock = clock
         self.telemetry = Telemetry(tracer_provider, meter_provider)
         self.realm = config.service
-        self.max_token_bytes = config.max_token_bytes
+        # The bearer header's limit: the largest token any verifier here accepts.
+        self.max_token_bytes = max(config.max_token_bytes, self.user_verifier.max_token_bytes)
         self._routes = sorted(
             (_compile(route, config.timeout) for route in config.routes), key=lambda r: len(r.prefix), reverse=True
         )
@@ -529,8 +527,7 @@ class Gateway:
                 try:
                     user = await self.user_verifier.averify(token)
                 except TokenError as exc:
-                    issuer = getattr(exc, "issuer", None)
-                    ex.issuer = issuer if isinstance(issuer, str) else None
+                    ex.issuer = exc.issuer
                     raise
                 ex.issuer, ex.subject, ex.kid, ex.jti = user.issuer, user.subject, user.kid, user.token_id
             self._authorize(ex, route, method, user, service_principal)
