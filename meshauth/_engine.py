@@ -124,7 +124,7 @@ def _source_summary(source: KeySource, clock: Callable[[], float]) -> str:
     except Exception:  # a summary for a message: never let it replace the real error
         return "a key set"
     keys = status.get("keys")
-    words = f"{keys} keys" if isinstance(keys, int) else "a key set"
+    words = f"{keys} key{'' if keys == 1 else 's'}" if isinstance(keys, int) else "a key set"
     age = status.get("age")
     loaded_at = status.get("loaded_at")
     if isinstance(age, int | float):
@@ -301,7 +301,7 @@ def check_audience(profile: Profile[Any], claims: Mapping[str, Any]) -> str:
             return value  # type: ignore[no-any-return]
     shown = repr(_clip(values[0])) if len(values) == 1 else f"{len(values)} audiences"
     raise WrongAudience(
-        f"the token is for {shown}, not for {expected}: the caller asked for a token for another audience",
+        f"the token is for {shown}, not for {expected}: the caller must ask for a token for {expected}",
         expected=expected_value,
         actual=_clip(values[0]) if len(values) == 1 else f"{len(values)} audiences",
     )
@@ -315,6 +315,10 @@ def check_dates(profile: Profile[Any], claims: Mapping[str, Any], now: float) ->
     nbf = numeric_date(claims, "nbf", integer) if "nbf" in claims else None
     leeway = profile.leeway
     if iat is not None:
+        if exp < iat:
+            raise InvalidClaim(
+                f"'exp' ({iso(exp)}) is before 'iat' ({iso(iat)})", expected=f">= {iat:.0f}", actual=f"{exp:.0f}"
+            )
         if profile.max_lifetime is not None and exp - iat > profile.max_lifetime:
             raise LifetimeTooLong(
                 f"the token lives {exp - iat:.0f} s, more than the {profile.max_lifetime} s this verifier allows: "
@@ -341,10 +345,6 @@ def check_dates(profile: Profile[Any], claims: Mapping[str, Any], now: float) ->
             "the caller's clock is ahead of this host or the token is not meant for use yet",
             expected=f"nbf before {iso(now + leeway)}",
             actual=f"nbf {iso(nbf)}",
-        )
-    if iat is not None and exp < iat:
-        raise InvalidClaim(
-            f"'exp' ({iso(exp)}) is before 'iat' ({iso(iat)})", expected=f">= {iat:.0f}", actual=f"{exp:.0f}"
         )
     return exp, iat
 

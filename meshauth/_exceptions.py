@@ -35,7 +35,7 @@ key material.
     │   ├── StatusMismatch              status_mismatch
     │   ├── BodyMismatch                body_mismatch
     │   └── UnboundBody                 unbound_body
-    ├── InvalidNonce                    invalid_nonce (the request's Meshauth-Nonce header: HTTP 400)
+    ├── InvalidNonce                    invalid_nonce (a bad Meshauth-Nonce request header: HTTP 400)
     ├── AccessDenied                    access_denied (policy)
     ├── Unavailable                     (a dependency is down or full: HTTP 503, never a bad token)
     │   ├── KeysUnavailable             keys_unavailable (registry unreadable, or an unknown kid
@@ -324,7 +324,7 @@ class UnboundBody(ResponseAuthError):
 
 
 class InvalidNonce(MeshAuthError):
-    """The request's ``Meshauth-Nonce`` header is not 22-64 base64url characters (HTTP 400)."""
+    """The request's ``Meshauth-Nonce`` header is repeated or not a valid nonce (HTTP 400)."""
 
     reason = "invalid_nonce"
 

@@ -32,11 +32,14 @@ from opentelemetry.trace import Span
 
 from ._exceptions import (
     AccessDenied,
+    DuplicateAuthorization,
+    InvalidNonce,
     MalformedToken,
     MeshAuthError,
     TokenError,
     TokenTooLarge,
     Unavailable,
+    WrongScheme,
 )
 from ._identity import ServiceIdentity
 from ._policy import Decision, Policy
@@ -159,7 +162,7 @@ def default_reply(exc: BaseException, realm: str, *, retry_after: int = 5) -> Re
             headers.append(("WWW-Authenticate", f'Bearer realm={quoted_realm}, error="insufficient_scope"'))
         else:
             error = "forbidden"
-    elif isinstance(exc, MeshAuthError) and exc.reason == INVALID_NONCE:
+    elif isinstance(exc, InvalidNonce):
         status, error = 400, "invalid_request"
     else:
         status, error = 500, "server_error"
@@ -183,13 +186,13 @@ def credentials_error(value: bytes, limit: int, *, folded: bool = False) -> Toke
             "the Authorization header exceeds the size limit", expected=f"<= {limit} bytes", actual=len(value)
         )
     if folded and b"," in value:
-        return TokenError("more than one Authorization header", reason=DUPLICATE_AUTHORIZATION, expected=1)
+        return DuplicateAuthorization("more than one Authorization header", expected=1)
     if not value.isascii():
         return MalformedToken("the Authorization header is not ASCII")
     scheme, _, credentials = value.partition(b" ")
     if scheme.lower() != b"bearer":
         # The scheme is not quoted back: a bare token would land in logs.
-        return TokenError("the Authorization scheme is not Bearer", reason=WRONG_SCHEME, expected="Bearer")
+        return WrongScheme("the Authorization scheme is not Bearer", expected="Bearer")
     if not credentials.strip():
         return MalformedToken("the bearer token is empty")
     if _TOKEN68.fullmatch(credentials) is None:
@@ -345,10 +348,7 @@ class RequestGuard:
     def nonce(value: bytes, *, repeated: bool = False) -> str:
         """A validated ``Meshauth-Nonce``: 1 to 256 token68 characters, sent once."""
         if repeated or len(value) > _MAX_NONCE or _TOKEN68.fullmatch(value) is None:
-            raise MeshAuthError(
-                "the Meshauth-Nonce header must be sent once, as 1 to 256 base64url/token68 characters",
-                reason=INVALID_NONCE,
-            )
+            raise InvalidNonce("the Meshauth-Nonce header must be sent once, as 1 to 256 base64url/token68 characters")
         return value.decode("ascii")
 
     def authorize(

@@ -120,7 +120,8 @@ class ResponseVerifier(Verifier):
 
     >>> from meshauth.testing import Mesh
     >>> mesh = Mesh(["orders", "payments"])
-    >>> nonce = new_nonce()
+    >>> import secrets
+    >>> nonce = secrets.token_urlsafe(16)  # what new_nonce() sends
     >>> answer = mesh.identity("payments").mint_response("orders", nonce)
     >>> checker = ResponseVerifier("orders", mesh.keys, clock=mesh.clock)
     >>> checker.verify_response(answer, service="payments", nonce=nonce).caller

@@ -21,8 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from opentelemetry.trace import SpanKind, StatusCode
 
 import meshauth
-from meshauth.gateway import Gateway, IssuerConfig, create_app, load_config, serve
-from meshauth.gateway import UserTokenVerifier
+from meshauth.gateway import Gateway, IssuerConfig, UserTokenVerifier, create_app, load_config, serve
 from meshauth.gateway._idp import IdPKeyEndpoint, IdPKeyFile, IdPRecords, StaticIdPKeys, is_service_token
 from meshauth.testing import FakeClock
 
@@ -846,18 +845,24 @@ def test_lifespan_protocol_and_websocket_refusal(harness: Harness) -> None:
 
 def test_audit_is_one_json_line_per_request_without_tokens(harness: Harness) -> None:
     good = harness.tokens.user()
-    expired = harness.tokens.user(exp=int(harness.clock()) - 100)
+    now = int(harness.clock())
+    expired = harness.tokens.user(iat=now - 700, exp=now - 100)
+    elsewhere = harness.tokens.user(aud="billing-api")
 
     async def scenario(client: httpx.AsyncClient) -> None:
-        for token in (good, expired, good, harness.tokens.tampered()):
+        for token in (good, expired, good, harness.tokens.tampered(), elsewhere):
             await client.get("/orders?access_token=secret-in-query", headers={"Authorization": f"Bearer {token}"})
 
     harness.run(scenario)
     text = (harness.dir / "audit.jsonl").read_text()
     lines = text.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
     records = [json.loads(line) for line in lines]
-    assert [r["reason"] for r in records] == ["ok", "expired", "ok", "bad_signature"]
+    assert [r["reason"] for r in records] == ["ok", "expired", "ok", "bad_signature", "wrong_audience"]
+    # The detail keeps what was expected and what was found, in words.
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 100))
+    assert f"the token expired {when}, 100 s ago" in records[1]["detail"] and "leeway 30 s" in records[1]["detail"]
+    assert "the token is for 'billing-api', not for 'api-gateway'" in records[4]["detail"]
     assert all(r["trace_id"] and r["event"] == "gateway.request" for r in records)
     assert "secret-in-query" not in text
     assert_no_token_leak(text, good, expired, harness.tokens.tampered())
@@ -907,7 +912,7 @@ def test_user_token_claims(idp: IdPKeys) -> None:
     assert reason(tokens.user(aud=[1])) == "invalid_claim"
     assert reason(tokens.user(sub="")) == "invalid_claim"
     assert reason(tokens.user(iss=None)) == "missing_claim"
-    assert reason(tokens.user(iat=now + 3600)) == "not_yet_valid"
+    assert reason(tokens.user(iat=now + 3600, exp=now + 4000)) == "not_yet_valid"
     assert (
         reason(tokens.raw({"alg": "RS256", "kid": "rsa-1", "typ": "meshauth+jwt"}, tokens.claims(), b"s"))
         == "wrong_type"
@@ -917,7 +922,7 @@ def test_user_token_claims(idp: IdPKeys) -> None:
     assert reason(tokens.raw({"alg": "RS256", "kid": "rsa-1", "crit": ["exp"]}, tokens.claims(), b"s")) == "malformed"
     assert reason(tokens.raw({"alg": "RS256", "kid": "rsa-1"}, tokens.claims())) == "malformed"
     # The leeway applies: 20 s after exp is still fine with 30 s of leeway.
-    assert asyncio.run(verifier.averify(tokens.user(exp=now - 20))).subject == "alice"
+    assert asyncio.run(verifier.averify(tokens.user(iat=now - 300, exp=now - 20))).subject == "alice"
     assert is_service_token(tokens.user()) is False
 
 

@@ -20,8 +20,8 @@ See ``docs/gateway.md`` for the configuration reference.
 
 from __future__ import annotations
 
-from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
 from .._idp_tokens import UserPrincipal, UserTokenVerifier
+from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
 from ._proxy import Gateway, create_app
 from ._serve import serve
 

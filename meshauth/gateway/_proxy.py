@@ -45,13 +45,20 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import audit as audit_log
-from .._exceptions import AccessDenied, ConfigurationError, KeysUnavailable, MeshAuthError, TokenError
+from .._exceptions import (
+    AccessDenied,
+    ConfigurationError,
+    DuplicateAuthorization,
+    KeysUnavailable,
+    MeshAuthError,
+    MissingCredentials,
+    TokenError,
+)
 from .._identity import ServiceIdentity
+from .._idp_tokens import UserPrincipal, UserTokenVerifier
 from .._keys import SigningKey
 from .._middleware import (
-    DUPLICATE_AUTHORIZATION,
     INSUFFICIENT_SCOPE,
-    MISSING_CREDENTIALS,
     asgi_raw_path,
     credentials_error,
     default_reply,
@@ -62,7 +69,6 @@ from .._registry import JWKSFile, KeySource
 from .._telemetry import AUDIT_LOGGER, Telemetry, audit, mark_rejected
 from .._verify import Verifier
 from ._config import GatewayConfig, RouteConfig, Timeout, is_url, load_config
-from .._idp_tokens import UserPrincipal, UserTokenVerifier
 from ._idp import IdPKeyEndpoint, IdPKeyFile, IdPKeySource, IdPRecords, is_service_token
 from ._tracing import RequestTrace, inject, is_sdk_span, start_trace
 
@@ -491,10 +497,10 @@ class Gateway:
         for name, header_value in headers:
             if name.lower() == b"authorization":
                 if value is not None:
-                    raise TokenError("more than one Authorization header", reason=DUPLICATE_AUTHORIZATION, expected=1)
+                    raise DuplicateAuthorization("more than one Authorization header", expected=1)
                 value = header_value
         if value is None:
-            raise TokenError("no bearer credentials", reason=MISSING_CREDENTIALS)
+            raise MissingCredentials("no bearer credentials")
         limit = self.max_token_bytes + len(_BEARER)
         if len(value) <= limit and value[: len(_BEARER)].lower() == _BEARER:
             token = value[len(_BEARER) :]
