@@ -12,6 +12,7 @@ Integrations that pull optional dependencies are imported explicitly:
 from ._composite import CompositeKeys
 from ._exceptions import (
     AccessDenied,
+    BadPath,
     BadSignature,
     BodyMismatch,
     ConfigurationError,
@@ -50,6 +51,7 @@ from ._identity import ServiceIdentity
 from ._jwks_endpoint import JWKSEndpoint
 from ._keys import KeyRecord, SigningKey
 from ._mutual import ResponseVerifier
+from ._paths import canonical_path
 from ._policy import Decision, Policy
 from ._principal import Principal
 from ._publish import JWKSApp, jwks_app
@@ -62,6 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
+    "BadPath",
     "BadSignature",
     "BodyMismatch",
     "CompositeKeys",
@@ -115,6 +118,7 @@ __all__ = [
     "WrongScheme",
     "WrongTokenType",
     "__version__",
+    "canonical_path",
     "check_registry",
     "jwks_app",
     "plan_rotation",

@@ -1,14 +1,14 @@
 """``python -m meshauth`` and the ``meshauth`` console script.
 
 The console script entry point is ``meshauth.__main__:main``; see
-:mod:`meshauth._cli` for the commands and their exit codes.
+:mod:`meshauth.cli` for the commands and their exit codes.
 """
 
 from __future__ import annotations
 
 import sys
 
-from ._cli import main
+from .cli import main
 
 __all__ = ["main"]
 

@@ -99,7 +99,7 @@ def iso(timestamp: float) -> str:
 
 def ago(seconds: float) -> str:
     """A duration in whole seconds, for messages."""
-    return f"{abs(seconds):.0f} s"
+    return f"{int(abs(seconds))} s"  # whole seconds elapsed, never rounded up
 
 
 def typ_of(value: Any) -> str | None:

@@ -37,6 +37,7 @@ key material.
     │   └── UnboundBody                 unbound_body
     ├── InvalidNonce                    invalid_nonce (a bad Meshauth-Nonce request header: HTTP 400)
     ├── AccessDenied                    access_denied (policy)
+    ├── BadPath                         bad_path (a request path that cannot be judged: HTTP 400)
     ├── Unavailable                     (a dependency is down or full: HTTP 503, never a bad token)
     │   ├── KeysUnavailable             keys_unavailable (registry unreadable, or an unknown kid
     │   │                               could not be looked up because the registry is failing)
@@ -50,6 +51,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AccessDenied",
+    "BadPath",
     "BadSignature",
     "BodyMismatch",
     "ConfigurationError",
@@ -333,6 +335,15 @@ class AccessDenied(MeshAuthError):
     """The authenticated caller is not allowed to do this (policy decision)."""
 
     reason = "access_denied"
+
+
+class BadPath(MeshAuthError):
+    """The request path cannot be judged without guessing how the app will route it (HTTP 400).
+
+    See :func:`meshauth.canonical_path` for the rules and the reason for each.
+    """
+
+    reason = "bad_path"
 
 
 class Unavailable(MeshAuthError):

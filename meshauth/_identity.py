@@ -15,6 +15,7 @@ from opentelemetry import trace
 from ._exceptions import ConfigurationError
 from ._jws import b64url_encode, dumps
 from ._keys import SigningKey
+from ._names import service_name_problem
 from ._principal import Principal
 from ._telemetry import Telemetry
 from ._verify import RESPONSE_TOKEN_TYPE, SERVICE_TOKEN_TYPE
@@ -64,8 +65,9 @@ class ServiceIdentity:
         refresh_margin: float | None = None,
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError("a service name is a non-empty string")
+        problem = service_name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
         if not isinstance(key, SigningKey):
             raise TypeError("key must be a meshauth.SigningKey")
         if not isinstance(ttl, int) or ttl <= _MIN_REMAINING:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ._exceptions import ConfigurationError
 from ._jws import b64url_decode, b64url_encode, der_to_raw, raw_to_der
+from ._names import service_name_problem
 
 __all__ = ["ALGORITHMS", "KeyRecord", "SigningKey", "check_jwk", "jwk_thumbprint", "parse_jwk"]
 
@@ -188,13 +189,10 @@ def check_jwk(jwk: Any, where: str) -> tuple[str, str, str]:
             actual=f"kty={jwk.get('kty')!r} crv={jwk.get('crv')!r}",
         )
     owner = jwk.get("iss")
-    if not isinstance(owner, str) or not owner:
-        raise ConfigurationError(
-            f"{where}: 'iss' (owning service) must be a non-empty string",
-            reason="invalid_registry",
-            expected="string",
-            actual=type(owner).__name__,
-        )
+    problem = service_name_problem(owner)
+    if problem is not None or not isinstance(owner, str):
+        # A name with glob characters could match other services in a policy.
+        raise ConfigurationError(f"{where}: 'iss' (owning service): {problem}", reason="invalid_registry")
     if jwk.get("use", "sig") != "sig":
         raise ConfigurationError(
             f"{where}: 'use' must be 'sig'", reason="invalid_registry", expected="sig", actual=jwk.get("use")

@@ -7,7 +7,9 @@ excluded, in this order, and call the app only when all of them pass:
    (case-insensitive), one space, a token68 token, within the size limit;
 2. the token: :meth:`Verifier.verify` / :meth:`Verifier.averify`;
 3. the ``Meshauth-Nonce`` header, when mutual authentication is on;
-4. the policy: :meth:`Policy.decide` on the raw, still-encoded path.
+0. the path: the raw path must already be canonical (:func:`meshauth.canonical_path`),
+   so the policy judges exactly the path the app routes; else ``400 bad_path``;
+4. the policy: :meth:`Policy.decide` on that path.
 
 A failure becomes a small JSON response (see :func:`default_reply`, or the
 ``on_error`` hook) and one audit record; so does a success. This module holds
@@ -25,13 +27,14 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from ._exceptions import (
     AccessDenied,
+    BadPath,
     DuplicateAuthorization,
     InvalidNonce,
     MalformedToken,
@@ -42,7 +45,8 @@ from ._exceptions import (
     WrongScheme,
 )
 from ._identity import ServiceIdentity
-from ._policy import Decision, Policy
+from ._paths import decoded_path, routed_path
+from ._policy import WEBSOCKET, Decision, Policy
 from ._principal import Principal
 from ._telemetry import AUDIT_LOGGER, audit, mark_rejected
 from ._verify import Verifier
@@ -58,9 +62,12 @@ __all__ = [
     "Reply",
     "RequestGuard",
     "Requirement",
+    "asgi_judged_path",
+    "asgi_method",
     "asgi_raw_path",
     "default_reply",
     "quoted_string",
+    "wsgi_judged_path",
     "wsgi_raw_path",
 ]
 
@@ -128,6 +135,7 @@ def default_reply(exc: BaseException, realm: str, *, retry_after: int = 5) -> Re
     no credentials               401     ``Bearer realm="svc"``
     bad header or token          401     ``Bearer realm="svc", error="invalid_token", ...``
     invalid ``Meshauth-Nonce``   400     none
+    non-canonical path           400     none (reason ``bad_path``)
     policy: scopes missing       403     ``Bearer realm="svc", error="insufficient_scope"``
     policy: other denial         403     none
     registry unreadable          503     none (``Retry-After`` instead)
@@ -164,6 +172,8 @@ def default_reply(exc: BaseException, realm: str, *, retry_after: int = 5) -> Re
             error = "forbidden"
     elif isinstance(exc, InvalidNonce):
         status, error = 400, "invalid_request"
+    elif isinstance(exc, BadPath):
+        status, error = 400, "bad_request"
     else:
         status, error = 500, "server_error"
     reason = exc.reason if isinstance(exc, MeshAuthError) else INTERNAL_ERROR
@@ -223,6 +233,86 @@ def wsgi_raw_path(environ: Mapping[str, Any]) -> str:
         # Not PEP 3333 form: encode as UTF-8 so the policy still sees every byte.
         raw = decoded.encode("utf-8", "surrogateescape")
     return quote(raw, safe=_PATH_SAFE) or "/"
+
+
+def _without_query(target: str) -> str:
+    query = target.find("?")
+    return target if query < 0 else target[:query]
+
+
+def _agree(raw: str, decoded: str) -> None:
+    """Refuse a raw target that does not decode to the path the app will route."""
+    if unquote(raw, errors="surrogateescape") != decoded:
+        raise BadPath(
+            "the raw request target and the decoded path the app routes disagree",
+            expected=raw[:80],
+            actual=decoded[:80],
+        )
+
+
+def asgi_judged_path(scope: Mapping[str, Any]) -> str:
+    """The path an ASGI app will route, in canonical form; :class:`BadPath` if it is not canonical.
+
+    ``raw_path`` is judged when the server gives it (and must decode to
+    ``path``), else ``path`` encoded again.
+    """
+    raw = scope.get("raw_path")
+    path = scope.get("path", "")
+    decoded = path if isinstance(path, str) else ""
+    if isinstance(raw, bytes) and raw:
+        # latin-1 keeps every byte; non-ASCII then makes the check refuse the path.
+        target = _without_query(raw.decode("latin-1"))
+        judged = routed_path(target)
+        _agree(target, decoded)
+        return judged
+    return decoded_path(decoded or "/")
+
+
+def wsgi_judged_path(environ: Mapping[str, Any], mount: str = "") -> str:
+    """The path a WSGI app will route: ``mount + PATH_INFO``, canonical, or :class:`BadPath`.
+
+    ``SCRIPT_NAME`` must equal ``mount``: some servers (gunicorn) take it from
+    a request header, and an app routes on ``PATH_INFO`` alone, so a request
+    could otherwise be judged on one path and routed on another. Where the
+    server gives the raw target (``RAW_URI``, ``REQUEST_URI``), it must be
+    canonical and decode to ``mount + PATH_INFO``.
+    """
+    script = environ.get("SCRIPT_NAME") or ""
+    if script != mount:
+        raise BadPath(
+            f"SCRIPT_NAME {script[:80]!r} is not this middleware's mount {mount!r} "
+            "(set mount= to where the app is mounted)",
+            expected=mount,
+            actual=script[:80],
+        )
+    info = environ.get("PATH_INFO") or ""
+    decoded = _pep3333_text(mount + (info if isinstance(info, str) else "")) or "/"
+    for name in ("RAW_URI", "REQUEST_URI"):
+        target = environ.get(name)
+        if isinstance(target, str) and target:
+            if target[0] != "/" and "://" in target[:16]:
+                target = urlsplit(target).path or "/"  # absolute-form (RFC 9112 section 3.2.2)
+            target = _without_query(target)
+            judged = routed_path(target)
+            _agree(target, decoded)
+            return judged
+    return decoded_path(decoded)
+
+
+def _pep3333_text(value: str) -> str:
+    """A PEP 3333 "bytes as latin-1" string as the text the app sees (UTF-8)."""
+    try:
+        return value.encode("latin-1").decode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value  # already text (not PEP 3333 form)
+
+
+def asgi_method(scope: Mapping[str, Any]) -> str:
+    """The method the policy judges: a websocket handshake is ``WEBSOCKET``."""
+    if scope["type"] == "websocket":
+        return WEBSOCKET
+    method = scope.get("method", "GET")
+    return method if isinstance(method, str) else "GET"
 
 
 def asgi_raw_path(scope: Mapping[str, Any]) -> str:
@@ -421,10 +511,12 @@ class RequestGuard:
             reason = "ok"
         elif decision.would_allow:
             reason = decision.reason
-            extra["rule"] = decision.rule
+            extra["rule"] = decision.rule_label
         else:
             reason = f"audit_would_deny:{decision.reason}"
             extra["would_deny"] = True
+        if self.policy is not None:
+            extra["policy_sha256"] = self.policy.sha256
         audit(
             "request",
             "accepted",
@@ -476,6 +568,8 @@ class RequestGuard:
             caller = getattr(exc, "caller", None)
             if isinstance(caller, str):
                 fields["caller"] = caller
+        if self.policy is not None:
+            fields["policy_sha256"] = self.policy.sha256
         outcome = "denied" if isinstance(exc, AccessDenied) else "rejected"
         audit(
             "request",

@@ -28,6 +28,7 @@ from ._exceptions import (
 from ._keys import KeyRecord
 from ._principal import Principal
 from ._registry import KeySource
+from ._replay import MemoryReplayCache
 from ._verify import RESPONSE_TOKEN_TYPE, Verifier, service_claims, service_profile
 
 __all__ = ["NONCE_HEADER", "RESPONSE_HEADER", "ResponseVerifier", "new_nonce", "response_profile"]
@@ -141,7 +142,9 @@ class ResponseVerifier(Verifier):
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
-        # Every response token is unique (its nonce), so there is nothing to cache.
+        # Every response token is unique (its nonce), so there is nothing to cache; but an
+        # accepted one is remembered for its lifetime, so a client that reuses a nonce
+        # cannot be shown an old answer twice.
         super().__init__(
             caller,
             keys,
@@ -150,6 +153,7 @@ class ResponseVerifier(Verifier):
             clock=clock,
             cache_size=0,
             max_actors=0,
+            replay_cache=MemoryReplayCache(max_entries=200_000, grace=leeway, clock=clock),
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )

@@ -9,35 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NoReturn, TypeVar
-from urllib.parse import unquote_to_bytes
 
-from meshauth._exceptions import AccessDenied, ConfigurationError
-from meshauth._principal import Principal
+from ._exceptions import AccessDenied, BadPath, ConfigurationError
+from ._paths import canonical_path
+from ._principal import Principal
 
 __all__ = ["Decision", "Policy", "normalize_path"]
 
 _DEFAULTS: Final = ("allow", "deny")
 _MODES: Final = ("audit", "enforce")
 _TOP_LEVEL_KEYS: Final = ("default", "delegators", "mode", "rules")
-_RULE_FIELDS: Final = ("callers", "methods", "paths", "scopes", "subjects")
+_RULE_FIELDS: Final = ("callers", "methods", "name", "paths", "scopes", "subjects")
+# A websocket handshake is judged as this method; only a rule naming it opens a socket.
+WEBSOCKET: Final = "WEBSOCKET"
 
 # An HTTP method is an RFC 9110 token; meshauth also wants it upper case
 # because methods are compared exactly ("post" is not "POST").
 _METHOD_TOKEN: Final = re.compile(r"[A-Z0-9!#$%&'*+.^_`|~-]+")
 _ANY_TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
-# A '%' not followed by two hex digits: invalid percent-encoding.
-_BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
-# Escapes that would change the path's structure once decoded: an encoded
-# slash or backslash moves segment boundaries, an encoded NUL truncates paths
-# in C-based servers. The app and the policy could then see different routes.
-_STRUCTURAL_ESCAPE: Final = re.compile(r"%(?:2[Ff]|5[Cc]|00)")
-_ESCAPE_NAMES: Final = {"2F": "slash", "5C": "backslash", "00": "NUL"}
 
 _CACHE_SIZE: Final = 1024
 _CACHE_MAX_KEY: Final = 512
@@ -53,9 +49,10 @@ class Decision:
     ``would_allow`` keeps what the rules said. ``reason`` is a stable code:
     ``"allowed"``, ``"default_allow"``, ``"no_matching_rule"``,
     ``"insufficient_scope"`` (a rule would match but for missing scopes),
-    ``"delegation_not_allowed"`` or ``"invalid_path"``. ``rule`` is the index
-    of the rule that allowed the request, ``path`` the normalized path that was
-    matched (None when the raw path was rejected).
+    ``"delegation_not_allowed"`` or ``"bad_path"``. ``rule`` is the index
+    of the rule that allowed the request and ``rule_name`` its ``name`` (or
+    None), ``path`` the canonical path that was matched (None when the raw
+    path was refused).
     """
 
     allowed: bool
@@ -65,6 +62,12 @@ class Decision:
     detail: str
     mode: str
     path: str | None
+    rule_name: str | None = None
+
+    @property
+    def rule_label(self) -> str | int | None:
+        """What audit records call the rule: its ``name``, else its index."""
+        return self.rule_name if self.rule_name is not None else self.rule
 
 
 class _InvalidPath:
@@ -86,6 +89,8 @@ class _Rule:
     paths: _Matcher | None
     scopes: frozenset[str] | None
     allowed_detail: str
+    name: str | None = None
+    websocket: bool = False
 
 
 class Policy:
@@ -153,6 +158,7 @@ class Policy:
         "_delegators",
         "_mode",
         "_rules",
+        "_sha256",
         "_source",
     )
 
@@ -160,6 +166,7 @@ class Policy:
         """Validate and compile ``document``; prefer the ``from_*`` constructors."""
         loaded = _load(document, source)
         self._source = source
+        self._sha256 = _document_sha256(document)
         self._default: str = loaded.default
         self._mode: str = loaded.mode
         self._allow_by_default = loaded.default == "allow"
@@ -247,6 +254,11 @@ class Policy:
         return self._delegator_patterns
 
     @property
+    def sha256(self) -> str:
+        """The SHA-256 (hex) of the policy document, canonical JSON: audit records name it."""
+        return self._sha256
+
+    @property
     def source(self) -> str:
         """Where the policy was loaded from, as named in error messages."""
         return self._source
@@ -270,7 +282,7 @@ class Policy:
         """
         normalized = self._normalize(raw_path)
         if isinstance(normalized, _InvalidPath):
-            return self._deny("invalid_path", normalized.detail, None)
+            return self._deny("bad_path", normalized.detail, None)
 
         if principal.subject != principal.caller:
             refused = self._refused_delegation(principal)
@@ -286,6 +298,8 @@ class Policy:
             # Cheapest and most selective checks first.
             if rule.methods is not None and method not in rule.methods:
                 continue
+            if method == WEBSOCKET and not rule.websocket:
+                continue  # a two-way socket needs a rule that names it
             if rule.callers is not None and not rule.callers(caller):
                 continue
             if rule.paths is not None and not rule.paths(normalized):
@@ -299,7 +313,9 @@ class Policy:
             known = self._allowed_by_rule[index]
             decision = known.get(normalized)
             if decision is None:
-                decision = Decision(True, True, index, "allowed", rule.allowed_detail, self._mode, normalized)
+                decision = Decision(
+                    True, True, index, "allowed", rule.allowed_detail, self._mode, normalized, rule.name
+                )
                 _remember(known, normalized, decision)
             return decision
 
@@ -395,85 +411,21 @@ def _remember(cache: dict[str, _V], key: str, value: _V) -> None:
 
 
 def normalize_path(raw_path: str) -> str:
-    """The path a request will be routed on: percent-decoded once, dot-segments removed.
+    """The canonical path a request is judged on (see :func:`meshauth.canonical_path`).
 
-    Raises :class:`~meshauth.AccessDenied` (reason ``invalid_path``) for a path
-    that cannot be judged safely: an encoded slash or backslash, a NUL, bad
-    percent-encoding, non-UTF-8 bytes, or dot-segments that climb above the
-    root. :class:`Policy` and the gateway use this same function, so what is
-    authorized is exactly what is routed.
+    Raises :class:`~meshauth.BadPath` (reason ``bad_path``) for a path that
+    cannot be judged without guessing. :class:`Policy`, the middlewares and
+    the gateway use this same canonicalisation, so what is authorized is
+    exactly what is routed.
     """
-    normalized = _normalize_path(raw_path)
-    if isinstance(normalized, _InvalidPath):
-        raise AccessDenied(normalized.detail, reason="invalid_path")
-    return normalized
+    return canonical_path(raw_path)
 
 
 def _normalize_path(path: str) -> str | _InvalidPath:
-    """Decode ``path`` once and remove its dot-segments, or say why it is refused."""
-    problem = _raw_path_problem(path)
-    if problem is not None:
-        return _InvalidPath(f"path {_clip(path)} {problem}")
-    if "%" in path:
-        try:
-            decoded = unquote_to_bytes(path).decode("utf-8")
-        except UnicodeDecodeError:
-            return _InvalidPath(f"path {_clip(path)} is not UTF-8 once decoded")
-    else:
-        decoded = path
-    # Fast path: nothing that could be a dot-segment.
-    if "/." not in decoded:
-        return decoded
-    normalized = _remove_dot_segments(decoded)
-    if normalized is None:
-        return _InvalidPath(f"path {_clip(path)} climbs above the root")
-    return normalized
-
-
-def _raw_path_problem(path: str) -> str | None:
-    """What makes a raw path impossible to normalize without guessing, if anything."""
-    if not path:
-        return "is empty"
-    if path[0] != "/":
-        return "does not start with '/'"
-    if not path.isascii():
-        return "has literal non-ASCII characters (they must be percent-encoded)"
-    if "\\" in path:
-        return "contains a backslash"
-    if "\x00" in path:
-        return "contains a NUL"
-    if "%" in path:
-        if _BAD_PERCENT.search(path):
-            return "has invalid percent-encoding"
-        structural = _STRUCTURAL_ESCAPE.search(path)
-        if structural:
-            return f"contains an encoded {_ESCAPE_NAMES[structural.group()[1:].upper()]}"
-    return None
-
-
-def _remove_dot_segments(path: str) -> str | None:
-    """RFC 3986 section 5.2.4 on a decoded absolute path; None if it climbs above the root.
-
-    Decoding cannot create a new "/" (encoded slashes are refused), so the
-    segments are those of the raw path and "%2e%2e" counts as "..", as the app
-    will see it.
-    """
-    segments = path[1:].split("/")
-    output: list[str] = []
-    for segment in segments:
-        if segment == ".":
-            continue
-        if segment == "..":
-            if not output:
-                return None
-            output.pop()
-            continue
-        output.append(segment)
-    result = "/" + "/".join(output)
-    # "/a/b/." and "/a/b/.." name a directory: keep the trailing slash.
-    if segments[-1] in (".", "..") and output:
-        result += "/"
-    return result
+    try:
+        return canonical_path(path)
+    except BadPath as exc:
+        return _InvalidPath(exc.detail)
 
 
 # -- loading -------------------------------------------------------------------
@@ -533,10 +485,17 @@ def _load_rule(raw: object, source: str, where: str, index: int) -> _Rule:
         callers = _compile_names(_string_list(raw["callers"], source, f"{where}.callers"))
     if "subjects" in raw:
         subjects = _compile_names(_string_list(raw["subjects"], source, f"{where}.subjects"))
+    websocket = False
     if "methods" in raw:
         methods = _load_methods(raw["methods"], source, f"{where}.methods")
+        websocket = WEBSOCKET in raw["methods"]
     if "paths" in raw:
         paths = _compile_paths(_string_list(raw["paths"], source, f"{where}.paths"), source, f"{where}.paths")
+    name: str | None = None
+    if "name" in raw:
+        name = raw["name"]
+        if not isinstance(name, str) or not name.strip() or len(name) > 128:
+            _fail(source, f"{where}.name", f"expected a rule name of 1 to 128 characters, found {_clip(name)}")
     if "scopes" in raw:
         scope_list = _string_list(raw["scopes"], source, f"{where}.scopes")
         for scope in scope_list:
@@ -547,7 +506,8 @@ def _load_rule(raw: object, source: str, where: str, index: int) -> _Rule:
                     f"expected single scopes without spaces, found {scope!r}",
                 )
         scopes = frozenset(scope_list)
-    return _Rule(callers, subjects, methods, paths, scopes, f"allowed by rules[{index}]")
+    label = f"rule {name!r}" if name is not None else f"rules[{index}]"
+    return _Rule(callers, subjects, methods, paths, scopes, f"allowed by {label}", name, websocket)
 
 
 def _load_methods(value: object, source: str, where: str) -> frozenset[str] | None:
@@ -561,6 +521,9 @@ def _load_methods(value: object, source: str, where: str) -> frozenset[str] | No
             _fail(source, where, f"expected HTTP method names (or '*'), found {method!r}")
     if "*" in methods:
         return None
+    if "GET" in methods:
+        # Routers answer HEAD wherever they answer GET (health probes use it).
+        methods = (*methods, "HEAD")
     return frozenset(methods)
 
 
@@ -592,6 +555,11 @@ def _literal_or_glob(literals: frozenset[str], regex: _Matcher | None) -> _Match
 
 def _match_any(_: str) -> bool:
     return True
+
+
+def _document_sha256(document: Mapping[str, Any]) -> str:
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=list)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _has_magic(pattern: str) -> bool:
@@ -628,6 +596,11 @@ def _path_pattern_problem(pattern: str) -> str | None:
         return "path patterns cannot contain a backslash or NUL (such paths are refused)"
     if any(segment in (".", "..") for segment in pattern.split("/")):
         return "path patterns cannot contain '.' or '..' segments (paths are matched without them)"
+    if pattern != "/" and (pattern.endswith("/") or "//" in pattern):
+        return (
+            "path patterns cannot end with '/' or hold an empty segment "
+            "(write '/invoices' or '/invoices/**', not '/invoices/')"
+        )
     return None
 
 

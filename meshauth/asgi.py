@@ -6,7 +6,9 @@ with ``app.add_middleware(MeshAuthMiddleware, verifier=...)``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
@@ -19,6 +21,8 @@ from ._middleware import (
     PRINCIPAL_KEY,
     ErrorHook,
     RequestGuard,
+    asgi_judged_path,
+    asgi_method,
     asgi_raw_path,
     asgi_traceparent,
 )
@@ -82,7 +86,7 @@ class MeshAuthMiddleware:
     servers deliver them.
     """
 
-    __slots__ = ("_exclude", "_guard", "_identity", "_policy", "_verifier", "app")
+    __slots__ = ("_exclude", "_guard", "_identity", "_policy", "_verifier", "_websocket_max_age", "app")
 
     def __init__(
         self,
@@ -95,8 +99,12 @@ class MeshAuthMiddleware:
         tracer_provider: trace.TracerProvider | None = None,
         on_error: ErrorHook | None = None,
         retry_after: int = 5,
+        websocket_max_age: float | None = None,
     ) -> None:
         self.app = app
+        if websocket_max_age is not None and not websocket_max_age > 0:
+            raise ValueError(f"websocket_max_age must be a positive number of seconds, found {websocket_max_age!r}")
+        self._websocket_max_age = websocket_max_age
         self._guard = RequestGuard(
             verifier,
             policy=policy,
@@ -138,6 +146,7 @@ class MeshAuthMiddleware:
         principal: Principal | None = None
         nonce: str | None = None
         try:
+            path = asgi_judged_path(scope)
             if authorization is None:
                 raise MissingCredentials("the request has no bearer credentials")
             if repeated:
@@ -153,9 +162,7 @@ class MeshAuthMiddleware:
         span: Span | None = None
         policy = self._policy
         if policy is not None:
-            decision, denied, span = guard.authorize(
-                policy, principal, scope.get("method", "GET"), asgi_raw_path(scope)
-            )
+            decision, denied, span = guard.authorize(policy, principal, asgi_method(scope), path)
             if denied is not None:
                 await self._refuse(scope, receive, send, denied, principal=principal, span=span, nonce=nonce)
                 return
@@ -167,13 +174,16 @@ class MeshAuthMiddleware:
                 principal,
                 decision,
                 span,
-                method=scope.get("method", "GET"),
-                path=asgi_raw_path(scope),
+                method=asgi_method(scope),
+                path=path,
                 client=_client(scope),
                 traceparent=asgi_traceparent(scope),
             )
         if nonce is not None:
             send = self._proving(send, principal.caller, nonce)
+        if scope_type == "websocket" and self._websocket_max_age is not None:
+            deadline = min(principal.expires_at, time.time() + self._websocket_max_age)
+            receive, send = _closing_at(deadline, receive, send)
         await self.app(scope, receive, send)
 
     def _proving(self, send: Send, caller: str, nonce: str) -> Send:
@@ -208,7 +218,7 @@ class MeshAuthMiddleware:
             reply,
             principal=principal,
             span=span,
-            method=scope.get("method", "GET"),
+            method=asgi_method(scope),
             path=asgi_raw_path(scope),
             client=_client(scope),
             traceparent=asgi_traceparent(scope),
@@ -230,6 +240,40 @@ class MeshAuthMiddleware:
             return
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
+
+
+def _closing_at(deadline: float, receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """Wrap a websocket's channels so that the socket is closed (1008) at ``deadline``.
+
+    The close happens on the app's next ``receive`` (which then reports a
+    disconnect) or ``send`` after the deadline, and while the app waits in
+    ``receive``, when the deadline passes.
+    """
+    closed = False
+
+    async def close() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION, "reason": "credentials expired"})
+
+    async def receive_until() -> Message:
+        remaining = deadline - time.time()
+        if not closed and remaining > 0:
+            try:
+                return await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                pass
+        await close()
+        return {"type": "websocket.disconnect", "code": _WS_POLICY_VIOLATION}
+
+    async def send_until(message: Message) -> None:
+        if time.time() >= deadline:
+            await close()
+            return  # the socket is closed: what the app sends now goes nowhere
+        await send(message)
+
+    return receive_until, send_until
 
 
 def _client(scope: Scope) -> str | None:

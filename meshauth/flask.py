@@ -52,8 +52,10 @@ class MeshAuth:
         exclude: Iterable[str] = (),
         tracer_provider: trace.TracerProvider | None = None,
         on_error: ErrorHook | None = None,
+        mount: str = "",
     ) -> None:
         self.verifier = verifier
+        self.mount = mount
         self.policy = policy
         self.identity = identity
         self.exclude = tuple(exclude)
@@ -74,6 +76,7 @@ class MeshAuth:
             exclude=self.exclude,
             tracer_provider=self.tracer_provider,
             on_error=self.on_error,
+            mount=self.mount,
         )
         # Flask's documented way to add WSGI middleware is to replace wsgi_app.
         app.wsgi_app = middleware  # type: ignore[method-assign]

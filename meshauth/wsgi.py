@@ -12,7 +12,13 @@ from opentelemetry.trace import Span
 
 from ._exceptions import MissingCredentials
 from ._identity import ServiceIdentity
-from ._middleware import PRINCIPAL_KEY, ErrorHook, RequestGuard, wsgi_raw_path
+from ._middleware import (
+    PRINCIPAL_KEY,
+    ErrorHook,
+    RequestGuard,
+    wsgi_judged_path,
+    wsgi_raw_path,
+)
 from ._policy import Decision, Policy
 from ._principal import Principal
 from ._telemetry import AUDIT_LOGGER
@@ -38,8 +44,12 @@ class MeshAuthMiddleware:
     The same rules, statuses, headers and bodies as
     :class:`meshauth.asgi.MeshAuthMiddleware`, with ``verifier.verify`` and
     ``environ["meshauth.principal"]``. ``exclude`` is matched against
-    ``PATH_INFO``; the policy sees the path of ``REQUEST_URI`` when the server
-    sets it, else ``SCRIPT_NAME + PATH_INFO`` re-encoded. WSGI servers join a
+    ``PATH_INFO``. The policy judges the path the app routes: ``PATH_INFO``
+    under ``mount`` (the prefix the server mounts the app at, default ``""``).
+    A ``SCRIPT_NAME`` other than ``mount`` is refused (``400 bad_path``), since
+    some servers take it from a request header; where the server gives the raw
+    target (``RAW_URI``, ``REQUEST_URI``) it must be canonical and agree with
+    ``mount + PATH_INFO``. WSGI servers join a
     repeated header with commas, so an ``Authorization`` value holding a comma
     counts as repeated (``duplicate_authorization``); so does a
     ``Meshauth-Nonce`` holding one.
@@ -54,7 +64,7 @@ class MeshAuthMiddleware:
        told to pass it on (``WSGIPassAuthorization On``).
     """
 
-    __slots__ = ("_exclude", "_guard", "_identity", "_policy", "_verifier", "app")
+    __slots__ = ("_exclude", "_guard", "_identity", "_mount", "_policy", "_verifier", "app")
 
     def __init__(
         self,
@@ -67,8 +77,12 @@ class MeshAuthMiddleware:
         tracer_provider: trace.TracerProvider | None = None,
         on_error: ErrorHook | None = None,
         retry_after: int = 5,
+        mount: str = "",
     ) -> None:
         self.app = app
+        if mount and (not mount.startswith("/") or mount.endswith("/")):
+            raise ValueError(f"mount is '' or a path like '/api' (no trailing '/'), found {mount!r}")
+        self._mount = mount
         self._guard = RequestGuard(
             verifier,
             policy=policy,
@@ -94,6 +108,7 @@ class MeshAuthMiddleware:
         principal: Principal | None = None
         nonce: str | None = None
         try:
+            path = wsgi_judged_path(environ, self._mount)
             if authorization is None:
                 raise MissingCredentials("the request has no bearer credentials")
             # PEP 3333: header values are latin-1 "bytes as str"; encoding recovers the bytes.
@@ -109,7 +124,7 @@ class MeshAuthMiddleware:
         span: Span | None = None
         policy = self._policy
         if policy is not None:
-            decision, denied, span = guard.authorize(policy, principal, method, wsgi_raw_path(environ))
+            decision, denied, span = guard.authorize(policy, principal, method, path)
             if denied is not None:
                 return self._refuse(environ, start_response, denied, principal=principal, span=span, nonce=nonce)
 
@@ -120,7 +135,7 @@ class MeshAuthMiddleware:
                 decision,
                 span,
                 method=method,
-                path=wsgi_raw_path(environ),
+                path=path,
                 client=_client(environ),
                 traceparent=environ.get("HTTP_TRACEPARENT"),
             )

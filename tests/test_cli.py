@@ -1,4 +1,4 @@
-"""The meshauth command line (meshauth._cli): every command, every exit code."""
+"""The meshauth command line (meshauth.cli): every command, every exit code."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 import meshauth
-from meshauth._cli import _duration, _timestamp_arg, main
+from meshauth.cli import main
+from meshauth.cli._common import _duration, _timestamp_arg
 from meshauth.testing import FakeClock
 
 Run = Callable[..., tuple[int, str, str]]
@@ -135,7 +136,7 @@ def test_keygen_usage_errors(cli: Run, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("NO_SUCH_PASSWORD_VAR", raising=False)
     code, _, stderr = cli("keygen", "--service", "../evil", "--out", str(tmp_path))
     assert code == 2
-    assert "cannot name a key file" in stderr
+    assert "a service name is" in stderr
     code, _, stderr = cli("keygen", "--service", "x", "--out", str(tmp_path), "--password-env", "NO_SUCH_PASSWORD_VAR")
     assert code == 2
     assert "NO_SUCH_PASSWORD_VAR" in stderr
@@ -622,14 +623,17 @@ def test_version(cli: Run) -> None:
 
 
 def test_demo_hands_its_arguments_to_the_demo_module(cli: Run, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "meshauth._demo", None)  # as if not installed
+    import meshauth.cli
+
+    monkeypatch.delattr(meshauth.cli, "_demo", raising=False)
+    monkeypatch.setitem(sys.modules, "meshauth.cli._demo", None)  # as if not installed
     code, _, stderr = cli("demo")
     assert code == 2
     assert "demo not available" in stderr
     received: list[list[str]] = []
-    module = types.ModuleType("meshauth._demo")
+    module = types.ModuleType("meshauth.cli._demo")
     module.main = lambda argv: received.append(argv) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "meshauth._demo", module)
+    monkeypatch.setitem(sys.modules, "meshauth.cli._demo", module)
     code, _, _ = cli("demo", "--help", "--port", "0")
     assert code == 7
     assert received == [["--help", "--port", "0"]]

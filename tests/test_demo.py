@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from meshauth._demo import _span_tree, _tamper, main
+from meshauth.cli._demo import _span_tree, _tamper, main
 
 
 @pytest.mark.slow

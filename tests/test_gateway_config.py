@@ -169,7 +169,7 @@ def test_missing_file(tmp_path: Path) -> None:
     [
         (("", 'colour = "blue"\n'), "colour", "unknown key"),
         (('service = "gateway"\n', ""), "service", "this key is required"),
-        (('service = "gateway"', 'service = "my gateway"'), "service", "without spaces"),
+        (('service = "gateway"', 'service = "my gateway"'), "service", "a service name is"),
         (('"127.0.0.1:8080"', '"localhost"'), "listen", "expected 'host:port'"),
         (('"127.0.0.1:8080"', '"127.0.0.1:99999"'), "listen", "between 0 and 65535"),
         (('"127.0.0.1:8080"', '"::1:80"'), "listen", "in brackets"),

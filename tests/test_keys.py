@@ -163,3 +163,31 @@ def test_raw_to_der_matches_cryptography() -> None:
         assert raw_to_der(r.to_bytes(32, "big") + s.to_bytes(32, "big")) == encode_dss_signature(r, s)
 
     check()
+
+
+# -- names are never globs (DESIGN section 4) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["orders*", "orders?", "[o]rders", "-orders", ".orders", "a b", "", "x" * 129, "caf\u00e9"]
+)
+def test_a_registry_key_for_a_name_that_is_not_a_service_name_is_refused(name: str) -> None:
+    jwk = meshauth.SigningKey.generate().public_jwk(iss="orders")
+    jwk["iss"] = name
+    with pytest.raises(meshauth.ConfigurationError, match="a service name is") as info:
+        meshauth.StaticKeys.from_jwks({"keys": [jwk]})
+    assert info.value.reason == "invalid_registry"
+
+
+@pytest.mark.parametrize("name", ["orders*", "a/b", "", 7])
+def test_an_identity_needs_a_service_name(name: object) -> None:
+    with pytest.raises(ValueError, match="a service name is"):
+        meshauth.ServiceIdentity(name, meshauth.SigningKey.generate())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["orders", "orders-v2", "Orders.eu_1", "9lives", "x" * 128])
+def test_service_names_that_load(name: str) -> None:
+    key = meshauth.SigningKey.generate()
+    keys = meshauth.StaticKeys.from_jwks({"keys": [key.public_jwk(iss=name)]})
+    assert keys.get_key(key.kid) is not None
+    assert meshauth.ServiceIdentity(name, key).name == name

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 import meshauth
+from meshauth import ResponseAuthError
 from meshauth._mutual import ResponseVerifier, new_nonce
 from meshauth.testing import FakeClock, Mesh
 
@@ -21,7 +22,8 @@ def test_valid_response(mesh: Mesh, checker: ResponseVerifier) -> None:
     token = mesh.identity("payments").mint_response("orders", nonce)
     principal = checker.verify_response(token, service="payments", nonce=nonce)
     assert principal.caller == "payments" and principal.audience == "orders"
-    assert asyncio.run(checker.averify_response(token, service="payments", nonce=nonce)).caller == "payments"
+    again = mesh.identity("payments").mint_response("orders", nonce)
+    assert asyncio.run(checker.averify_response(again, service="payments", nonce=nonce)).caller == "payments"
 
 
 def test_nonces_are_random_and_long_enough() -> None:
@@ -81,3 +83,16 @@ def test_response_span_name(mesh: Mesh, telemetry) -> None:  # type: ignore[no-u
     checker.verify_response(mesh.identity("payments").mint_response("orders", nonce), service="payments", nonce=nonce)
     (span,) = telemetry.spans("meshauth.response.verify")
     assert span.attributes["meshauth.outcome"] == "accepted"
+
+
+def test_a_response_token_is_accepted_once_even_for_a_reused_nonce() -> None:
+    mesh = Mesh(["orders", "payments"])
+    nonce = new_nonce()
+    answer = mesh.identity("payments").mint_response("orders", nonce)
+    checker = ResponseVerifier("orders", mesh.keys, clock=mesh.clock)
+    assert checker.verify_response(answer, service="payments", nonce=nonce).caller == "payments"
+    with pytest.raises(ResponseAuthError) as info:
+        checker.verify_response(answer, service="payments", nonce=nonce)
+    assert info.value.reason == "replayed"
+    fresh = mesh.identity("payments").mint_response("orders", nonce)
+    assert checker.verify_response(fresh, service="payments", nonce=nonce).caller == "payments"

@@ -232,17 +232,29 @@ def test_policy_path_from_request_uri_or_quoted_path_info(mesh: Mesh, app: App, 
     auth = f"Bearer {token}"
     # REQUEST_URI wins: an encoded slash is refused even though PATH_INFO looks fine
     result = run(wrapped, environ_for(path="/charges/a/b", REQUEST_URI="/charges/a%2Fb?x=1", HTTP_AUTHORIZATION=auth))
-    assert result.json()["reason"] == "invalid_path"
+    assert result.json()["reason"] == "bad_path"
+    # REQUEST_URI and PATH_INFO must agree
+    result = run(wrapped, environ_for(path="/charges/c_2", REQUEST_URI="/charges/c_1", HTTP_AUTHORIZATION=auth))
+    assert (result.status_code, result.json()["reason"]) == (400, "bad_path")
     # absolute-form request target
-    result = run(wrapped, environ_for(REQUEST_URI="http://payments.internal/charges/c_1", HTTP_AUTHORIZATION=auth))
+    result = run(
+        wrapped,
+        environ_for(path="/charges/c_1", REQUEST_URI="http://payments.internal/charges/c_1", HTTP_AUTHORIZATION=auth),
+    )
     assert result.status_code == 200
     # without REQUEST_URI: PATH_INFO (latin-1 "bytes as str") is re-encoded; a decoded '?' stays in the path
     result = run(wrapped, environ_for(path="/charges/\xc3\xa9t\xc3\xa9?", HTTP_AUTHORIZATION=auth))
     assert result.status_code == 200
     result = run(wrapped, environ_for(path="/charges/a/../../admin", HTTP_AUTHORIZATION=auth))
-    assert result.status_code == 403
-    # SCRIPT_NAME is part of the path the policy sees
+    assert (result.status_code, result.json()["reason"]) == (400, "bad_path")
+    # a SCRIPT_NAME the middleware was not mounted at is refused (servers may take it from a header)
     result = run(wrapped, environ_for(path="/c_1", SCRIPT_NAME="/charges", HTTP_AUTHORIZATION=auth))
+    assert (result.status_code, result.json()["reason"]) == (400, "bad_path")
+    # mounted: PATH_INFO under the mount is judged
+    mounted = MeshAuthMiddleware(
+        app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict(POLICY), mount="/charges"
+    )
+    result = run(mounted, environ_for(path="/c_1", SCRIPT_NAME="/charges", HTTP_AUTHORIZATION=auth))
     assert result.status_code == 200
     assert len(app.environs) == 3
 
@@ -251,7 +263,7 @@ def test_excluded_paths(mesh: Mesh, app: App, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), exclude=["/healthz", "/static/*"])
     assert run(wrapped, environ_for(method="GET", path="/healthz")).json() == {"caller": None}
     assert run(wrapped, environ_for(method="GET", path="/static/app.js")).status_code == 200
-    assert run(wrapped, environ_for(method="GET", path="/static/../charges")).status_code == 401
+    assert run(wrapped, environ_for(method="GET", path="/static/../charges")).status_code == 400
     assert len(app.environs) == 2
     assert len(audit_log) == 1
 

@@ -23,7 +23,9 @@ from urllib.parse import urlsplit
 from .._exceptions import ConfigurationError
 from .._idp_tokens import DEFAULT_IDP_TOKEN_BYTES, IDP_TOKEN_ALGORITHMS
 from .._keys import SigningKey
+from .._names import service_name_problem
 from .._registry import JWKSFile
+from ._forwarded import DEFAULT_MAX_HOPS
 
 __all__ = [
     "IDP_ALGORITHMS",
@@ -48,6 +50,7 @@ _TOP_LEVEL: Final = (
     "issuers",
     "key_file",
     "listen",
+    "max_forwarded_hops",
     "max_token_bytes",
     "registry",
     "routes",
@@ -172,6 +175,7 @@ class GatewayConfig:
     port: int = 8080
     audit_log: str | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_forwarded_hops: int = DEFAULT_MAX_HOPS
     timeout: Timeout = Timeout()
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
     source: str = "<config>"
@@ -267,6 +271,9 @@ class _Loader:
         issuers = self.issuers(document["issuers"])
         routes = self.routes(document["routes"], issuers)
         trusted = self.networks(document.get("trusted_proxies", []), "trusted_proxies")
+        max_hops = self.integer(document.get("max_forwarded_hops", DEFAULT_MAX_HOPS), "max_forwarded_hops")
+        if not 1 <= max_hops <= 100:
+            self.fail("max_forwarded_hops", f"expected 1 to 100 entries, found {max_hops}")
         timeout = self.timeout(document["timeout"], "timeout") if "timeout" in document else Timeout()
         max_token_bytes = self.integer(document.get("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES), "max_token_bytes")
         if not 256 <= max_token_bytes <= 65536:
@@ -292,6 +299,7 @@ class _Loader:
             port=port,
             audit_log=audit_log,
             trusted_proxies=trusted,
+            max_forwarded_hops=max_hops,
             timeout=timeout,
             max_token_bytes=max_token_bytes,
             source=self.source,
@@ -485,8 +493,9 @@ class _Loader:
 
     def name(self, value: object, where: str) -> str:
         text = self.string(value, where)
-        if any(ch.isspace() for ch in text) or len(text) > 256:
-            self.fail(where, f"expected a service name without spaces, found {_clip(text)}")
+        problem = service_name_problem(text)
+        if problem is not None:
+            self.fail(where, problem)
         return text
 
     def strings(self, value: object, where: str, *, allow_empty: bool = False) -> tuple[str, ...]:

@@ -37,7 +37,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from time import perf_counter
 from typing import Any, Final
-from urllib.parse import quote
 
 import httpx
 from opentelemetry import context as otel_context
@@ -47,6 +46,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from .. import audit as audit_log
 from .._exceptions import (
     AccessDenied,
+    BadPath,
     ConfigurationError,
     DuplicateAuthorization,
     KeysUnavailable,
@@ -69,6 +69,7 @@ from .._registry import JWKSFile, KeySource
 from .._telemetry import AUDIT_LOGGER, Telemetry, audit, mark_rejected
 from .._verify import Verifier
 from ._config import GatewayConfig, RouteConfig, Timeout, is_url, load_config
+from ._forwarded import client_address, forwarded_host, forwarded_proto, normal_address
 from ._idp import IdPKeyEndpoint, IdPKeyFile, IdPKeySource, IdPRecords, is_service_token
 from ._tracing import RequestTrace, inject, is_sdk_span, start_trace
 
@@ -112,13 +113,20 @@ _NOT_FORWARDED: Final = _HOP_BY_HOP | {
     b"x-forwarded-proto",
     b"x-forwarded-authorization",
     b"x-real-ip",
+    b"x-client-ip",
+    b"true-client-ip",
+    b"x-original-url",
+    b"x-rewrite-url",
+    b"proxy-authorization",
+    b"txn-token",
     b"traceparent",
     b"tracestate",
 }
 _MESHAUTH_PREFIX: Final = b"meshauth-"
+# Every X-Forwarded-* (Prefix, Port, ...) and X-Meshauth-* header is the gateway's to set, never the client's.
+_DROPPED_PREFIXES: Final = (b"meshauth-", b"x-meshauth-", b"x-forwarded-")
 _BEARER: Final = b"bearer "
 _MAX_AUDIT_PATH: Final = 1024
-_PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
 _INTERNAL: Final = "internal_error"
 
 
@@ -313,6 +321,7 @@ class Gateway:
             (_compile(route, config.timeout) for route in config.routes), key=lambda r: len(r.prefix), reverse=True
         )
         self._trusted = config.trusted_proxies
+        self._max_hops = config.max_forwarded_hops
         self._trusted_cache: dict[str, bool] = {}
         self._transport = upstream_transport
         self._owns_transport = upstream_transport is None
@@ -453,8 +462,8 @@ class Gateway:
         try:
             try:
                 normalized = normalize_path(raw_path)
-            except AccessDenied as invalid:
-                raise _Refused(400, "bad_request", "invalid_path", invalid.detail, "rejected") from None
+            except BadPath as invalid:
+                raise _Refused(400, "bad_request", "bad_path", invalid.detail, "rejected") from None
             route = self._match(normalized)
             if route is None:
                 raise _Refused(404, "not_found", "no_route", "no route matches the path", "denied")
@@ -486,10 +495,21 @@ class Gateway:
     # -- steps ---------------------------------------------------------------------
 
     def _match(self, path: str) -> _Route | None:
+        lowered = path.lower()
         for route in self._routes:
             prefix = route.prefix
             if prefix in ("/", path) or path.startswith(prefix + "/"):
                 return route
+            folded = prefix.lower()
+            if lowered == folded or lowered.startswith(folded + "/"):
+                # Upstreams that ignore case (IIS) would route this to the prefix's service.
+                raise _Refused(
+                    400,
+                    "bad_request",
+                    "bad_path",
+                    f"path matches the route {prefix!r} only when case is ignored",
+                    "rejected",
+                )
         return None
 
     def _bearer(self, headers: list[tuple[bytes, bytes]]) -> str:
@@ -627,7 +647,7 @@ class Gateway:
         send: Send,
     ) -> None:
         method: str = scope["method"]
-        target = route.base_path + _forward_path(raw_path, normalized, route)
+        target = route.base_path + _forward_path(normalized, route)
         query: bytes = scope.get("query_string", b"")
         if query:
             target += b"?" + query
@@ -741,8 +761,8 @@ class Gateway:
         inbound: list[tuple[bytes, bytes]] = scope["headers"]
         named: frozenset[bytes] = frozenset()
         forwarded_for: list[bytes] = []
-        forwarded_proto: bytes | None = None
-        forwarded_host: bytes | None = None
+        proto_values: list[bytes] = []
+        host_values: list[bytes] = []
         host: bytes | None = None
         has_body = False
         injected = {name for name, _ in trace_headers}
@@ -753,15 +773,15 @@ class Gateway:
                 named = named | _connection_tokens([value.decode("latin-1")])
         for raw_name, value in inbound:
             name = raw_name.lower()
-            if name in _NOT_FORWARDED or name.startswith(_MESHAUTH_PREFIX) or name in named or name in injected:
+            if name in _NOT_FORWARDED or name.startswith(_DROPPED_PREFIXES) or name in named or name in injected:
                 if name == b"x-forwarded-for":
                     forwarded_for.append(value)
                 elif name == b"host":
                     host = value
-                elif name == b"x-forwarded-proto" and forwarded_proto is None:
-                    forwarded_proto = value
-                elif name == b"x-forwarded-host" and forwarded_host is None:
-                    forwarded_host = value
+                elif name == b"x-forwarded-proto":
+                    proto_values.append(value)
+                elif name == b"x-forwarded-host":
+                    host_values.append(value)
                 elif name == b"transfer-encoding":
                     has_body = True
                 continue
@@ -771,11 +791,15 @@ class Gateway:
         peer = scope.get("client")
         peer_host = peer[0] if peer else ""
         if self._trusted and peer_host and self._is_trusted(peer_host):
-            chain = b", ".join([*forwarded_for, peer_host.encode("latin-1")]) if forwarded_for else None
-            out.append((b"x-forwarded-for", chain or peer_host.encode("latin-1")))
-            out.append((b"x-forwarded-proto", forwarded_proto or scope.get("scheme", "http").encode("latin-1")))
-            if forwarded_host or host:
-                out.append((b"x-forwarded-host", forwarded_host or host or b""))
+            # Only the rightmost values were written by trusted proxies (DESIGN section 8).
+            hops = [hop for value in forwarded_for for hop in value.split(b",")][-self._max_hops :]
+            chain = b", ".join([*(hop.strip() for hop in hops), peer_host.encode("latin-1")])
+            out.append((b"x-forwarded-for", chain))
+            proto = forwarded_proto(proto_values)
+            out.append((b"x-forwarded-proto", (proto or scope.get("scheme", "http")).encode("latin-1")))
+            proxied_host = forwarded_host(host_values)
+            if proxied_host or host:
+                out.append((b"x-forwarded-host", proxied_host.encode("latin-1") if proxied_host else host or b""))
         else:
             if peer_host:
                 out.append((b"x-forwarded-for", peer_host.encode("latin-1")))
@@ -789,30 +813,22 @@ class Gateway:
         return out, has_body
 
     def _original_client(self, headers: list[tuple[bytes, bytes]], peer: str) -> str:
-        """The address a trusted proxy says it served: the last untrusted hop of X-Forwarded-For."""
-        hops = [
-            hop.strip()
-            for name, value in headers
-            if name.lower() == b"x-forwarded-for"
-            for hop in value.decode("latin-1").split(",")
-        ]
-        for hop in reversed(hops):
-            if hop and not self._is_trusted(hop):
-                return hop[:64]
-        return peer
+        """The address a trusted proxy says it served: the rightmost untrusted hop of X-Forwarded-For."""
+        values = [value for name, value in headers if name.lower() == b"x-forwarded-for"]
+        return client_address(values, peer, self._is_trusted_address, max_hops=self._max_hops)[:64]
 
     def _is_trusted(self, host: str) -> bool:
         known = self._trusted_cache.get(host)
         if known is None:
-            try:
-                address = ipaddress.ip_address(host)
-                known = any(address in network for network in self._trusted)
-            except ValueError:
-                known = False
+            address = normal_address(host)
+            known = address is not None and self._is_trusted_address(address)
             if len(self._trusted_cache) >= 1024:
                 self._trusted_cache.clear()
             self._trusted_cache[host] = known
         return known
+
+    def _is_trusted_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(address in network for network in self._trusted)
 
     # -- replies and audit --------------------------------------------------------------
 
@@ -897,26 +913,16 @@ def _connection_tokens(values: list[str]) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def _forward_path(raw_path: str, normalized: str, route: _Route) -> bytes:
-    """The path sent upstream: the raw one, unless the gateway had to normalize it.
+def _forward_path(canonical: str, route: _Route) -> bytes:
+    """The path sent upstream: byte for byte the canonical path the policy judged.
 
-    A path with dot-segments is forwarded in its normalized form, so the
-    upstream routes exactly the path the policy was applied to.
+    With ``strip_prefix`` the route's prefix is removed first (the upstream's
+    base path is added by the caller).
     """
-    plain = "/." not in raw_path and "%2e" not in raw_path.lower()
     if route.config.strip_prefix and route.prefix != "/":
-        if plain and raw_path.startswith(route.prefix):
-            rest = raw_path[len(route.prefix) :]
-        else:
-            rest = _quote(normalized[len(route.prefix) :])
-        return (rest if rest.startswith("/") else "/" + rest).encode("latin-1")
-    if plain:
-        return raw_path.encode("latin-1")
-    return _quote(normalized).encode("ascii")
-
-
-def _quote(path: str) -> str:
-    return quote(path, safe=_PATH_SAFE)
+        rest = canonical[len(route.prefix) :]
+        canonical = rest if rest.startswith("/") else "/" + rest
+    return canonical.encode("ascii")
 
 
 async def _already_read(response: httpx.Response) -> AsyncIterator[bytes]:

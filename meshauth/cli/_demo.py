@@ -27,18 +27,18 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ._exceptions import ConfigurationError, MeshAuthError, ResponseAuthError
-from ._httpx import ServiceAuth
-from ._identity import ServiceIdentity
-from ._jwks_endpoint import JWKSEndpoint
-from ._keys import SigningKey
-from ._mutual import ResponseVerifier
-from ._policy import Policy
-from ._principal import Principal
-from ._publish import jwks_app
-from ._registry import JWKSFile
-from ._verify import Verifier
-from .asgi import MeshAuthMiddleware
+from .._exceptions import ConfigurationError, MeshAuthError, ResponseAuthError
+from .._httpx import ServiceAuth
+from .._identity import ServiceIdentity
+from .._jwks_endpoint import JWKSEndpoint
+from .._keys import SigningKey
+from .._mutual import ResponseVerifier
+from .._policy import Policy
+from .._principal import Principal
+from .._publish import jwks_app
+from .._registry import JWKSFile
+from .._verify import Verifier
+from ..asgi import MeshAuthMiddleware
 
 __all__ = ["main"]
 
@@ -209,7 +209,7 @@ class World:
     """Keys, registry and running servers, all under one temporary directory."""
 
     def __init__(self, directory: Path, stack: ExitStack, tracing: _Tracing, say: Callable[[str], None]) -> None:
-        from .testing import LoopbackServer  # noqa: PLC0415 - needs uvicorn, an optional dependency
+        from ..testing import LoopbackServer  # noqa: PLC0415 - needs uvicorn, an optional dependency
 
         self.directory = directory
         self.tracing = tracing
@@ -294,7 +294,7 @@ class World:
         )
         say(f"  orders     {self.orders_url}")
 
-        from .gateway import create_app, parse_config  # noqa: PLC0415 - the gateway is optional too
+        from ..gateway import create_app, parse_config  # noqa: PLC0415 - the gateway is optional too
 
         self.audit_log = directory / "audit.jsonl"
         config = parse_config(
