@@ -310,8 +310,15 @@ def check_audience(profile: Profile[Any], claims: Mapping[str, Any]) -> str:
 def check_dates(profile: Profile[Any], claims: Mapping[str, Any], now: float) -> tuple[float, float | None]:
     """``exp`` and ``iat``, checked against ``now`` with the profile's leeway and lifetime."""
     integer = profile.integer_dates
-    exp = numeric_date(claims, "exp", integer)
-    iat = numeric_date(claims, "iat", integer) if "iat" in claims else None
+    exp = claims["exp"]
+    iat = claims.get("iat")
+    # Plain integers in range (every meshauth token) skip the general rule's call.
+    if type(exp) is not int or not 0 <= exp <= MAX_NUMERIC_DATE:
+        exp = numeric_date(claims, "exp", integer)
+    if iat is not None and (type(iat) is not int or not 0 <= iat <= MAX_NUMERIC_DATE):
+        iat = numeric_date(claims, "iat", integer)
+    elif iat is None and "iat" in claims:
+        iat = numeric_date(claims, "iat", integer)  # null: refused
     nbf = numeric_date(claims, "nbf", integer) if "nbf" in claims else None
     leeway = profile.leeway
     if iat is not None:
