@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 import meshauth
 from meshauth import JWKSEndpoint, KeySet, ServiceAuth, ServiceIdentity, SigningKey, StaticKeys, Verifier, _jws
-from meshauth._jwks_endpoint import load_keys
+from meshauth._keyset import load_keys
 from meshauth.asgi import MeshAuthMiddleware
 
 try:  # an optional peer, as in the 'test' extra
@@ -1114,7 +1114,7 @@ def _micro_stages(fx: Fixture, calls: int) -> list[tuple[str, Operation]]:
         ("  b64url_decode(payload)", lambda: _jws.b64url_decode(payload_b64, checked=True)),
         ("  loads_object(payload): strict JSON", lambda: _jws.loads_object(payload_bytes)),
         ("  json.loads(payload): stdlib, for scale", lambda: json.loads(payload_bytes)),
-        ("get_key + check_key", lambda: lookup()),
+        ("get_key + check_key", lookup),
         ("check_claims(payload, record)", lambda: verifier.check_claims(profile, payload, record, None)),
         ("  Principal(...) alone", lambda: principal_class(**fields)),
         ("cache insert, same key", lambda: verifier._cache.put(token, (principal, until, record, fx.keys))),

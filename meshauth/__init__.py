@@ -48,6 +48,7 @@ from ._exceptions import (
 )
 from ._httpx import ServiceAuth
 from ._identity import ServiceIdentity
+from ._idp_keys import IdPKeyParser
 from ._jwks_endpoint import JWKSEndpoint
 from ._keys import KeyRecord, SigningKey
 from ._mutual import ResponseVerifier
@@ -72,6 +73,7 @@ __all__ = [
     "Decision",
     "DuplicateAuthorization",
     "Finding",
+    "IdPKeyParser",
     "InvalidClaim",
     "InvalidNonce",
     "IssuerMismatch",

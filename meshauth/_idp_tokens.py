@@ -35,6 +35,7 @@ from opentelemetry import metrics, trace
 
 from ._engine import Engine, Profile, frozen_claims, nonempty_str
 from ._exceptions import InvalidClaim, IssuerMismatch, MissingClaim
+from ._idp_keys import IDP_ALGORITHMS
 from ._keys import KeyRecord
 from ._registry import KeySource
 from ._telemetry import Telemetry, fail_closed
@@ -48,7 +49,7 @@ __all__ = [
     "idp_profile",
 ]
 
-IDP_TOKEN_ALGORITHMS: Final = ("ES256", "EdDSA", "PS256", "PS384", "PS512", "RS256", "RS384", "RS512")
+IDP_TOKEN_ALGORITHMS: Final = IDP_ALGORITHMS
 DEFAULT_IDP_TOKEN_BYTES: Final = 16384
 _USER_TOKEN_TYPES: Final = frozenset({"jwt", "at+jwt"})
 _SERVICE_TYPES_HINT: Final = {
