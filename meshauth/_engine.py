@@ -52,7 +52,7 @@ from ._exceptions import (
     WrongAudience,
     WrongTokenType,
 )
-from ._jws import COMPACT_RE, b64url_decode, b64url_decode_or_none, loads_object, split_compact, token_too_large
+from ._jws import b64url_decode, b64url_decode_or_none, loads_object, split_compact, token_too_large
 from ._keys import KeyRecord
 from ._registry import KeySource
 
@@ -524,8 +524,7 @@ class Engine(Generic[P]):
                     signing_input = token[: len(segments[0]) + 1 + len(segments[1])].encode("ascii")
                     return header, loads_object(payload_bytes, "payload"), signing_input, signature
         profile = self.header_profile
-        pattern = COMPACT_RE if profile.kid_required else COMPACT_UNSIGNED_RE
-        header_b64, payload_b64, signature_b64 = split_compact(token, self.max_token_bytes, pattern)
+        header_b64, payload_b64, signature_b64 = split_compact(token, self.max_token_bytes, COMPACT_UNSIGNED_RE)
         header = self._headers.get(header_b64)
         if header is None:
             header = decode_header(header_b64, profile)

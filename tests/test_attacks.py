@@ -392,12 +392,14 @@ def test_algorithm_attacks(world: World, caplog: pytest.LogCaptureFixture, build
     check(world, caplog, build(world), expected)
 
 
-def test_alg_none_with_empty_signature_is_rejected_as_syntax(world: World, caplog: pytest.LogCaptureFixture) -> None:
-    # The classic "alg":"none" token ends in a dot. The profile requires three
-    # non-empty segments, so it fails the syntax check before 'alg' is read.
-    header = b64(enc(world.header(alg="none")))
-    token = f"{header}.{b64(enc(world.claims()))}."
-    assert_rejected(world, caplog, token, "malformed")
+def test_alg_none_with_empty_signature_is_rejected(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    # The classic "alg":"none" token ends in a dot. Every profile reads the
+    # header first and names the real problem: the algorithm. An empty
+    # signature under an allowed algorithm is a syntax error.
+    token = f"{b64(enc(world.header(alg='none')))}.{b64(enc(world.claims()))}."
+    assert_rejected(world, caplog, token, "unsupported_alg")
+    unsigned = f"{b64(enc(world.header()))}.{b64(enc(world.claims()))}."
+    assert_rejected(world, caplog, unsigned, "malformed")
 
 
 def test_registered_algorithms_are_accepted(world: World) -> None:
