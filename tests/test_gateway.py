@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from opentelemetry.trace import SpanKind, StatusCode
 
 import meshauth
@@ -1242,3 +1243,87 @@ def test_idp_documents_that_are_not_key_sets() -> None:
     for document in ("{", "[]", '{"keys": {}}', b"\xff"):
         with pytest.raises(meshauth.ConfigurationError, match="idp"):
             idp_keys(document, source="idp")
+
+
+# -- the hostile-token suite through the gateway, over HTTP -----------------------------------------
+
+_KIDS = {"RS256": "rsa-1", "PS256": "rsa-ps", "ES256": "ec-1"}
+
+
+def _signer(idp: IdPKeys, alg: str) -> Callable[[bytes], bytes]:
+    if alg == "ES256":
+
+        def sign_es256(data: bytes) -> bytes:
+            r, s = decode_dss_signature(idp.ec.sign(data, ec.ECDSA(hashes.SHA256())))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+        return sign_es256
+    pad = padding.PKCS1v15() if alg == "RS256" else padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    return lambda data: idp.rsa.sign(data, pad, hashes.SHA256())
+
+
+def _hostile_http_tokens(t: Tokens, alg: str) -> dict[str, tuple[str, str]]:
+    sign = _signer(t.idp, alg)
+    header = {"alg": alg, "kid": _KIDS[alg], "typ": "JWT"}
+    claims = t.claims()
+
+    def token(head: dict[str, Any] = header, body: dict[str, Any] = claims, *, raw_payload: str | None = None) -> str:
+        signing_input = f"{b64(json.dumps(head).encode())}.{raw_payload or b64(json.dumps(body).encode())}"
+        return f"{signing_input}.{b64(sign(signing_input.encode()))}"
+
+    swapped = {"RS256": "PS256", "PS256": "RS256", "ES256": "RS256"}[alg]
+    swap_input = f"{b64(json.dumps({**header, 'alg': swapped}).encode())}.{b64(json.dumps(claims).encode())}"
+    now = int(t.clock())
+    return {
+        "alg none": (
+            f"{b64(json.dumps({**header, 'alg': 'none'}).encode())}.{b64(json.dumps(claims).encode())}.",
+            "unsupported_alg",
+        ),
+        "hs256 with the public key": (t.hs256_with_public_key(), "unsupported_alg"),
+        "alg swapped on the same key": (
+            f"{swap_input}.{b64(_signer(t.idp, swapped)(swap_input.encode()))}",
+            "unsupported_alg",
+        ),
+        "jku": (token({**header, "jku": "https://attacker.example/keys"}), "malformed"),
+        "jwk": (token({**header, "jwk": {"kty": "oct", "k": "c2VjcmV0"}}), "malformed"),
+        "x5u": (token({**header, "x5u": "https://attacker.example/cert"}), "malformed"),
+        "x5c": (token({**header, "x5c": ["MIIB"]}), "malformed"),
+        "crit": (token({**header, "crit": ["exp"]}), "malformed"),
+        "kid unknown": (token({**header, "kid": "rsa-2"}), "unknown_kid"),
+        "kid traversal": (token({**header, "kid": "../idp-jwks.json"}), "unknown_kid"),
+        "kid a number": (token({**header, "kid": 7}), "malformed"),
+        "no kid, several keys": (token({"alg": alg, "typ": "JWT"}), "unknown_kid"),
+        "duplicate claim": (
+            token(raw_payload=b64(json.dumps(claims)[:-1].encode() + b', "sub": "mallory"}')),
+            "malformed",
+        ),
+        "non-canonical base64url": (token(raw_payload=b64(json.dumps(claims).encode()) + "="), "malformed"),
+        "exp a string": (token(body={**claims, "exp": "never"}), "invalid_claim"),
+        "expired": (token(body={**claims, "iat": now - 700, "exp": now - 100}), "expired"),
+        "oversized": (token(body={**claims, "padding": "x" * 17000}), "too_large"),
+    }
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256"])
+def test_hostile_user_tokens_over_http(harness: Harness, alg: str) -> None:
+    bad = _hostile_http_tokens(harness.tokens, alg)
+    hinted = harness.tokens.raw({"alg": alg, "kid": _KIDS[alg], "x5t": "aGludA"}, harness.tokens.claims())
+    sign = _signer(harness.tokens.idp, alg)
+    signing_input = hinted.rsplit(".", 1)[0]
+    hinted = f"{signing_input}.{b64(sign(signing_input.encode()))}"
+
+    async def scenario(client: httpx.AsyncClient) -> dict[str, httpx.Response]:
+        answers = {
+            name: await client.get("/orders/1", headers={"Authorization": f"Bearer {token}"})
+            for name, (token, _) in bad.items()
+        }
+        answers["x5t"] = await client.get("/orders/1", headers={"Authorization": f"Bearer {hinted}"})
+        return answers
+
+    responses = harness.run(scenario)
+    assert responses.pop("x5t").status_code == 200  # an IdP's certificate hint is allowed and ignored
+    assert len(harness.upstream.seen) == 1  # nothing else reached the upstream
+    for name, (token, reason) in bad.items():
+        response = responses[name]
+        assert (response.status_code, response.json()) == (401, {"error": "invalid_token", "reason": reason}), name
+        assert_no_token_leak(response.text, token)
