@@ -103,6 +103,10 @@ class MeshAuthError(Exception):
     """
 
     reason: str = "error"
+    status: ClassVar[int] = 500
+    """The HTTP status an inbound request refused with this error gets (one table: the classes)."""
+    error: ClassVar[str] = "server_error"
+    """The ``error`` member of that response's JSON body (RFC 6750 codes where one fits)."""
     detail: str
     expected: Any
     actual: Any
@@ -163,6 +167,8 @@ class TokenError(MeshAuthError):
     """A token was rejected. ``reason`` says why; subclasses exist per reason."""
 
     reason = "invalid_token"
+    status = 401
+    error = "invalid_token"
     by_reason: ClassVar[dict[str, type[TokenError]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -264,6 +270,8 @@ class MissingCredentials(TokenError):
     """The request carries no ``Authorization: Bearer`` token."""
 
     reason = "missing_credentials"
+    status = 401
+    error = "unauthorized"
 
 
 class WrongScheme(TokenError):
@@ -329,12 +337,16 @@ class InvalidNonce(MeshAuthError):
     """The request's ``Meshauth-Nonce`` header is repeated or not a valid nonce (HTTP 400)."""
 
     reason = "invalid_nonce"
+    status = 400
+    error = "invalid_request"
 
 
 class AccessDenied(MeshAuthError):
     """The authenticated caller is not allowed to do this (policy decision)."""
 
     reason = "access_denied"
+    status = 403
+    error = "forbidden"
 
 
 class BadPath(MeshAuthError):
@@ -344,6 +356,8 @@ class BadPath(MeshAuthError):
     """
 
     reason = "bad_path"
+    status = 400
+    error = "bad_request"
 
 
 class Unavailable(MeshAuthError):
@@ -354,6 +368,8 @@ class Unavailable(MeshAuthError):
     """
 
     reason = "unavailable"
+    status = 503
+    error = "temporarily_unavailable"
 
 
 class KeysUnavailable(Unavailable):

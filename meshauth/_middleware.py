@@ -39,6 +39,7 @@ from ._exceptions import (
     InvalidNonce,
     MalformedToken,
     MeshAuthError,
+    MissingCredentials,
     TokenError,
     TokenTooLarge,
     Unavailable,
@@ -144,38 +145,26 @@ def default_reply(exc: BaseException, realm: str, *, retry_after: int = 5) -> Re
 
     The body is ``{"error": ..., "reason": ...}``; it never echoes the token.
     """
+    # The status and error code come from the error's class (MeshAuthError.status
+    # and .error): one table for the middlewares and the gateway.
+    if not isinstance(exc, MeshAuthError):
+        status, error = 500, "server_error"
+    else:
+        status, error = exc.status, exc.error
     headers: list[tuple[str, str]] = []
     quoted_realm = quoted_string(realm)
-    if isinstance(exc, TokenError):
-        status = 401
-        if exc.reason == MISSING_CREDENTIALS:
-            error = "unauthorized"
-            headers.append(("WWW-Authenticate", f"Bearer realm={quoted_realm}"))
-        else:
-            error = "invalid_token"
-            headers.append(
-                (
-                    "WWW-Authenticate",
-                    f'Bearer realm={quoted_realm}, error="invalid_token", '
-                    f"error_description={quoted_string(exc.reason)}",
-                )
-            )
+    if isinstance(exc, MissingCredentials):
+        headers.append(("WWW-Authenticate", f"Bearer realm={quoted_realm}"))
+    elif isinstance(exc, TokenError):
+        description = quoted_string(exc.reason)
+        headers.append(
+            ("WWW-Authenticate", f'Bearer realm={quoted_realm}, error="invalid_token", error_description={description}')
+        )
     elif isinstance(exc, Unavailable):
-        status, error = 503, "temporarily_unavailable"
         headers.append(("Retry-After", str(retry_after)))
-    elif isinstance(exc, AccessDenied):
-        status = 403
-        if exc.reason == INSUFFICIENT_SCOPE:
-            error = INSUFFICIENT_SCOPE
-            headers.append(("WWW-Authenticate", f'Bearer realm={quoted_realm}, error="insufficient_scope"'))
-        else:
-            error = "forbidden"
-    elif isinstance(exc, InvalidNonce):
-        status, error = 400, "invalid_request"
-    elif isinstance(exc, BadPath):
-        status, error = 400, "bad_request"
-    else:
-        status, error = 500, "server_error"
+    elif isinstance(exc, AccessDenied) and exc.reason == INSUFFICIENT_SCOPE:
+        error = INSUFFICIENT_SCOPE
+        headers.append(("WWW-Authenticate", f'Bearer realm={quoted_realm}, error="insufficient_scope"'))
     reason = exc.reason if isinstance(exc, MeshAuthError) else INTERNAL_ERROR
     body = _json_body(error, reason)
     headers += [

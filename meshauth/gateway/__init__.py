@@ -23,14 +23,19 @@ from __future__ import annotations
 from .._idp_tokens import UserPrincipal, UserTokenVerifier
 from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
 from ._proxy import Gateway, create_app
+from ._refusals import MethodNotAllowed, NoRoute, UpstreamTimeout, UpstreamUnreachable
 from ._serve import serve
 
 __all__ = [
     "Gateway",
     "GatewayConfig",
     "IssuerConfig",
+    "MethodNotAllowed",
+    "NoRoute",
     "RouteConfig",
     "Timeout",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
     "UserPrincipal",
     "UserTokenVerifier",
     "create_app",
@@ -38,3 +43,15 @@ __all__ = [
     "parse_config",
     "serve",
 ]
+
+
+def _show_as_public() -> None:
+    """Public classes show as ``meshauth.gateway.X`` in reprs and tracebacks."""
+    namespace = globals()
+    for name in __all__:
+        value = namespace[name]
+        if isinstance(value, type) and value.__module__.startswith(("meshauth._", "meshauth.gateway._")):
+            value.__module__ = __name__
+
+
+_show_as_public()

@@ -27,7 +27,6 @@ import asyncio
 import dataclasses
 import email.utils
 import fnmatch
-import importlib
 import ipaddress
 import json
 import logging
@@ -50,7 +49,6 @@ from .._exceptions import (
     BadPath,
     ConfigurationError,
     DuplicateAuthorization,
-    KeysUnavailable,
     MeshAuthError,
     MissingCredentials,
     TokenError,
@@ -67,12 +65,14 @@ from .._middleware import (
 )
 from .._policy import normalize_path
 from .._principal import Principal
-from .._registry import JWKSFile, KeySource
+from .._registry import KeySource
 from .._telemetry import AUDIT_LOGGER, Telemetry, audit, mark_rejected
 from .._verify import Verifier
-from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, is_url, issuer_key_parser, load_config
+from ._config import GatewayConfig, RouteConfig, Timeout, load_config
 from ._forwarded import client_address, forwarded_host, forwarded_proto, normal_address
 from ._idp import is_service_token
+from ._refusals import MethodNotAllowed, NoRoute, UpstreamTimeout, UpstreamUnreachable, outcome_of
+from ._sources import open_issuer_keys, open_registry, source_ready
 from ._tracing import RequestTrace, inject, is_sdk_span, start_trace
 
 __all__ = ["Gateway", "create_app"]
@@ -181,19 +181,6 @@ def _compile(route: RouteConfig, default_timeout: Timeout) -> _Route:
         scopes=frozenset(route.scopes or ()),
         timeout=_httpx_timeout(route.timeout or default_timeout),
     )
-
-
-class _Refused(Exception):
-    """A request the gateway answers itself (404, 405, 400, 502, 504, ...)."""
-
-    def __init__(self, status: int, error: str, reason: str, detail: str, outcome: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.error = error
-        self.reason = reason
-        self.detail = detail
-        self.outcome = outcome
-        self.headers: list[tuple[bytes, bytes]] = []
 
 
 class _ClientGone(Exception):
@@ -391,8 +378,8 @@ class Gateway:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether every key source is usable, and a small status document."""
-        registry_ready = _source_ready(self.registry)
-        issuers = {name: _source_ready(source) for name, source in self.issuer_keys.items()}
+        registry_ready = source_ready(self.registry)
+        issuers = {name: source_ready(source) for name, source in self.issuer_keys.items()}
         ready = registry_ready and all(issuers.values())
         return ready, {"status": "ready" if ready else "not_ready", "registry": registry_ready, "issuers": issuers}
 
@@ -460,21 +447,15 @@ class Gateway:
 
     async def _exchange(self, ex: _Exchange, scope: Scope, raw_path: str, receive: Receive, send: Send) -> None:
         try:
-            try:
-                normalized = normalize_path(raw_path)
-            except BadPath as invalid:
-                raise _Refused(400, "bad_request", "bad_path", invalid.detail, "rejected") from None
+            normalized = normalize_path(raw_path)
             route = self._match(normalized)
             if route is None:
-                raise _Refused(404, "not_found", "no_route", "no route matches the path", "denied")
+                raise NoRoute("no route matches the path")
             ex.route = route.prefix
             ex.service = route.config.service
             token = self._bearer(scope["headers"])
             delegated, user_token = await self._authenticate_and_authorize(ex, route, scope["method"], token)
-        except _Refused as refused:
-            await self._refuse(ex, send, refused)
-            return
-        except (TokenError, AccessDenied, KeysUnavailable) as exc:
+        except MeshAuthError as exc:
             await self._reject(ex, send, exc)
             return
         try:
@@ -489,8 +470,8 @@ class Gateway:
                 receive=receive,
                 send=send,
             )
-        except _Refused as refused:
-            await self._refuse(ex, send, refused)
+        except MeshAuthError as exc:
+            await self._reject(ex, send, exc)
 
     # -- steps ---------------------------------------------------------------------
 
@@ -503,13 +484,7 @@ class Gateway:
             folded = prefix.lower()
             if lowered == folded or lowered.startswith(folded + "/"):
                 # Upstreams that ignore case (IIS) would route this to the prefix's service.
-                raise _Refused(
-                    400,
-                    "bad_request",
-                    "bad_path",
-                    f"path matches the route {prefix!r} only when case is ignored",
-                    "rejected",
-                )
+                raise BadPath(f"path matches the route {prefix!r} only when case is ignored")
         return None
 
     def _bearer(self, headers: list[tuple[bytes, bytes]]) -> str:
@@ -622,13 +597,13 @@ class Gateway:
             span.end()
             return
         reason, detail = denial
-        error = AccessDenied(detail, reason=reason)
+        error = (
+            MethodNotAllowed(detail, allow=route.allow.decode("ascii"))
+            if reason == "method_not_allowed"
+            else AccessDenied(detail, reason=reason)
+        )
         mark_rejected(span, error, reason, outcome="denied")
         span.end()
-        if reason == "method_not_allowed":
-            refused = _Refused(405, "method_not_allowed", reason, detail, "denied")
-            refused.headers.append((b"allow", route.allow))
-            raise refused
         raise error
 
     # -- forwarding ------------------------------------------------------------------
@@ -680,9 +655,9 @@ class Gateway:
             try:
                 response = await transport.handle_async_request(request)
             except httpx.TimeoutException as exc:
-                raise self._upstream_failed(span, exc, 504, "gateway_timeout", "upstream_timeout") from None
+                raise self._upstream_failed(span, exc, UpstreamTimeout) from None
             except httpx.HTTPError as exc:
-                raise self._upstream_failed(span, exc, 502, "bad_gateway", "upstream_unreachable") from None
+                raise self._upstream_failed(span, exc, UpstreamUnreachable) from None
             if span.is_recording():
                 span.set_attribute("http.response.status_code", response.status_code)
                 if response.status_code >= 400:  # an error for a CLIENT span (HTTP semantic conventions)
@@ -707,11 +682,13 @@ class Gateway:
                 self._urls[key] = url
         return url
 
-    def _upstream_failed(self, span: trace.Span, exc: Exception, status: int, error: str, reason: str) -> _Refused:
+    def _upstream_failed(
+        self, span: trace.Span, exc: Exception, kind: type[UpstreamUnreachable]
+    ) -> UpstreamUnreachable:
         if span.is_recording():
             span.set_attribute("error.type", type(exc).__name__)
             span.set_status(Status(StatusCode.ERROR))
-        return _Refused(status, error, reason, f"upstream call failed: {type(exc).__name__}", "error")
+        return kind(f"upstream call failed: {type(exc).__name__}")
 
     async def _relay(self, ex: _Exchange, response: httpx.Response, receive: Receive, send: Send) -> None:
         named = _connection_tokens(response.headers.get_list("connection"))
@@ -833,23 +810,22 @@ class Gateway:
     # -- replies and audit --------------------------------------------------------------
 
     async def _reject(self, ex: _Exchange, send: Send, exc: MeshAuthError) -> None:
+        """Answer a refusal: the status and body come from the error's class (default_reply)."""
         reply = default_reply(exc, self.realm)
         ex.status = reply.status
         ex.reason = exc.reason
         ex.detail = exc.detail
-        ex.outcome = "denied" if isinstance(exc, AccessDenied) else "error" if reply.status == 503 else "rejected"
+        ex.outcome = outcome_of(exc)
         if exc.kid and ex.kid is None:
             ex.kid = exc.kid[:256]
-        caller = getattr(exc, "caller", None)
-        if isinstance(caller, str) and ex.caller is None:
-            ex.caller = caller
-        await self._send(send, reply.status, reply.asgi_headers(), reply.body)
-
-    async def _refuse(self, ex: _Exchange, send: Send, refused: _Refused) -> None:
-        ex.status, ex.outcome, ex.reason, ex.detail = refused.status, refused.outcome, refused.reason, refused.detail
+        if exc.caller is not None and ex.caller is None:
+            ex.caller = exc.caller
         if ex.response_started:
-            return
-        await self._send_json(send, refused.status, {"error": refused.error, "reason": refused.reason}, refused.headers)
+            return  # the upstream's answer is already on its way: only the audit record changes
+        headers = reply.asgi_headers()
+        if isinstance(exc, MethodNotAllowed):
+            headers.append((b"allow", exc.allow.encode("ascii")))
+        await self._send(send, reply.status, headers, reply.body)
 
     async def _send_json(
         self, send: Send, status: int, document: Mapping[str, Any], extra: list[tuple[bytes, bytes]] | None = None
@@ -949,66 +925,12 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
             return
 
 
-def _source_ready(source: object) -> bool:
-    status = getattr(source, "status", None)
-    if status is None:
-        return True
-    try:
-        document = status()
-    except Exception:
-        return False
-    return bool(document.get("ready", True)) if isinstance(document, Mapping) else True
-
-
 def _upstream_transport() -> httpx.AsyncHTTPTransport:
     # Upstreams are internal: no HTTP(S)_PROXY from the environment applies
     # (a transport never reads it), and no retries behind the client's back.
     return httpx.AsyncHTTPTransport(
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30), retries=0
     )
-
-
-def open_registry(location: str, *, source: str = "<config>") -> KeySource:
-    """The internal key registry: a :class:`meshauth.JWKSFile`, or a JWKS endpoint for a URL."""
-    if not is_url(location):
-        try:
-            return JWKSFile(location)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"{source}: registry: {exc.detail}", reason="invalid_config") from None
-    # JWKSEndpoint is newer than the gateway: looked up at run time so that
-    # a build without it still serves file registries.
-    endpoint: Any = getattr(importlib.import_module("meshauth"), "JWKSEndpoint", None)
-    if endpoint is None:
-        try:
-            endpoint = getattr(importlib.import_module("meshauth._jwks_endpoint"), "JWKSEndpoint", None)
-        except ImportError:
-            endpoint = None
-    if endpoint is None:
-        raise ConfigurationError(
-            f"{source}: registry: a URL registry needs meshauth.JWKSEndpoint, which this installation lacks; "
-            "use a registry file",
-            reason="invalid_config",
-        )
-    keys: KeySource = endpoint(location)
-    return keys
-
-
-# An IdP publishes a handful of keys: 1 MiB is plenty, and bounds what a bad answer costs.
-IDP_MAX_JWKS_BYTES: Final = 1 << 20
-
-
-def open_issuer_keys(issuer: IssuerConfig, *, source: str = "<config>", where: str = "jwks") -> KeySource:
-    """An issuer's key set: by OpenID Connect discovery, a :class:`meshauth.JWKSEndpoint` for a URL, or a file."""
-    try:
-        if issuer.discovery:
-            limit = {"max_bytes": IDP_MAX_JWKS_BYTES}
-            return DiscoveredKeys(issuer.issuer, algorithms=issuer.algorithms, endpoint_options=limit)
-        parser = issuer_key_parser(issuer)
-        if is_url(issuer.jwks):
-            return JWKSEndpoint(issuer.jwks, parser=parser, max_bytes=IDP_MAX_JWKS_BYTES)
-        return JWKSFile(issuer.jwks, parser=parser)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{source}: {where}: {exc.detail}", reason="invalid_config") from None
 
 
 def create_app(
