@@ -1205,7 +1205,7 @@ def test_startup_failure_is_reported_through_lifespan(harness: Harness, tmp_path
 def test_url_registry_uses_jwks_endpoint(harness: Harness) -> None:
     import dataclasses
 
-    from meshauth.gateway._proxy import open_registry
+    from meshauth.gateway._sources import open_registry
 
     keys = open_registry("http://127.0.0.1:9/jwks.json")
     assert type(keys).__name__ == "JWKSEndpoint"
