@@ -1033,7 +1033,7 @@ def _pipeline(fx: Fixture, tokens: Sequence[str]) -> list[tuple[str, Operation]]
 
     def lookup(header: tuple[str, str | None], claims: dict[str, Any]) -> Any:
         found = keys.get_key(header[1] or "")
-        return verifier.check_key(profile, keys, alg=header[0], kid=header[1], record=found, claims=claims)
+        return verifier.check_key(profile, keys, header[0], header[1], found, claims)
 
     record = fx.keys.get_key(fx.es_key.kid)
     assert record is not None
@@ -1096,7 +1096,7 @@ def _micro_stages(fx: Fixture, calls: int) -> list[tuple[str, Operation]]:
     found = fx.keys.get_key(header[1] or "")
 
     def lookup() -> Any:
-        return verifier.check_key(profile, fx.keys, alg=header[0], kid=header[1], record=found, claims=payload)
+        return verifier.check_key(profile, fx.keys, header[0], header[1], found, payload)
 
     record = lookup()
     payload_b64 = token.split(".")[1]

@@ -393,6 +393,8 @@ class Engine(Generic[P]):
 
     max_token_bytes: int
     clock: Callable[[], float]
+    replay_cache: Any = None
+    """A replay cache (service tokens): with one, a cached verification never answers again."""
 
     def __init__(self, *, max_token_bytes: int, clock: Callable[[], float], cache_size: int) -> None:
         self.max_token_bytes = max_token_bytes
@@ -415,16 +417,8 @@ class Engine(Generic[P]):
         """The profile and key source for a token (the payload is not verified yet)."""
         raise NotImplementedError
 
-    def reusable(self) -> bool:
-        """Whether a cached verification may answer again (not with a replay cache on)."""
-        return True
-
-    def after_claims(self, principal: P, record: KeyRecord, profile: Profile[P]) -> None:
-        """Hook after every check passed (the replay cache)."""
-
-    def cache_kid(self, principal: P) -> str:
-        """The ``kid`` a cached principal was verified with."""
-        return principal.kid  # type: ignore[attr-defined,no-any-return]
+    def first_use(self, principal: P, record: KeyRecord, profile: Profile[P]) -> None:
+        """With a replay cache: refuse a token already accepted once (runs after every other check)."""
 
     # -- drivers ---------------------------------------------------------------------------
 
@@ -435,9 +429,9 @@ class Engine(Generic[P]):
         entry = self._verified.get(token)
         if (
             entry is not None
-            and self.reusable()
+            and self.replay_cache is None
             and self.clock() < entry[1]
-            and _lookup(entry[3], self.cache_kid(entry[0])) is entry[2]
+            and _lookup(entry[3], entry[2].kid) is entry[2]
         ):
             return entry[0]
         flow = self.flow(token, expect)
@@ -455,9 +449,9 @@ class Engine(Generic[P]):
         entry = self._verified.get(token)
         if (
             entry is not None
-            and self.reusable()
+            and self.replay_cache is None
             and self.clock() < entry[1]
-            and await _alookup(entry[3], self.cache_kid(entry[0])) is entry[2]
+            and await _alookup(entry[3], entry[2].kid) is entry[2]
         ):
             return entry[0]
         flow = self.flow(token, expect)
@@ -485,7 +479,7 @@ class Engine(Generic[P]):
                     kid=kid,
                 )
             record = yield source, kid
-            record = self.check_key(profile, source, alg=alg, kid=kid, record=record, claims=claims)
+            record = self.check_key(profile, source, alg, kid, record, claims)
             if not record.verify_signature(signature, signing_input):
                 raise BadSignature(
                     f"the signature does not verify with key {_clip(record.kid, 16)} of {record.owner!r}",
@@ -493,7 +487,8 @@ class Engine(Generic[P]):
                 )
             try:
                 principal, usable_until = self.check_claims(profile, claims, record, expect)
-                self.after_claims(principal, record, profile)
+                if self.replay_cache is not None:
+                    self.first_use(principal, record, profile)
             except TokenError as exc:
                 exc.kid = record.kid
                 iss = claims.get("iss")
@@ -537,11 +532,10 @@ class Engine(Generic[P]):
         signature = b64url_decode(signature_b64, "signature", checked=True)
         return header, payload, token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii"), signature
 
-    def check_key(
+    def check_key(  # noqa: PLR0917 - positional on purpose: this runs on every new token
         self,
         profile: Profile[P],
         source: KeySource,
-        *,
         alg: str,
         kid: str | None,
         record: KeyRecord | None,
@@ -564,7 +558,8 @@ class Engine(Generic[P]):
                 actual=_clip(kid),
                 kid=kid,
             )
-        check_key_window(record, self.clock(), profile.leeway)
+        if not record.valid_at(self.clock(), profile.leeway):
+            check_key_window(record, self.clock(), profile.leeway)
         if alg != record.alg:
             raise UnsupportedAlgorithm(
                 f"the header says {_clip(alg, 32)} but key {_clip(record.kid, 16)} is bound to {record.alg}",

@@ -287,12 +287,8 @@ class Verifier(Engine[Principal]):
     def select(self, claims: Mapping[str, Any], kid: str | None) -> tuple[Profile[Principal], KeySource]:
         return self._selected
 
-    def reusable(self) -> bool:
-        return self.replay_cache is None
-
-    def after_claims(self, principal: Principal, record: KeyRecord, profile: Profile[Principal]) -> None:
-        if self.replay_cache is None:
-            return
+    def first_use(self, principal: Principal, record: KeyRecord, profile: Profile[Principal]) -> None:
+        assert self.replay_cache is not None
         key = f"{principal.caller}\x00{principal.token_id}"
         try:
             first_use = self.replay_cache.add(key, principal.expires_at + self.leeway)
