@@ -27,6 +27,7 @@ refuses the whole document: a published secret is not a skippable key.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -39,6 +40,8 @@ from ._keys import _PRIVATE_MEMBERS, RSA_ALGORITHMS, KeyRecord, PublicKey
 from ._keyset import KeySet, parse_registry_document, refuse_private_members
 
 __all__ = ["IDP_ALGORITHMS", "MAX_RSA_BITS", "MIN_RSA_BITS", "IdPKeyParser", "parse_idp_jwk"]
+
+logger = logging.getLogger("meshauth")
 
 # In order of preference for a key without "alg": RS256 is what OpenID Connect defaults to.
 IDP_ALGORITHMS: Final = (*RSA_ALGORITHMS, "ES256", "EdDSA")
@@ -186,4 +189,6 @@ class IdPKeyParser:
                 problems.append(f"{source}: kid {record.kid[:64]!r} appears twice; neither key is used")
                 continue
             records[record.kid] = record
+        for problem in problems:  # once per new document: an unchanged one is not parsed again
+            logger.warning("meshauth IdP key set: skipping a key: %s", problem)
         return KeySet(records.values(), source=source, problems=problems)

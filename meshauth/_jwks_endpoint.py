@@ -184,8 +184,6 @@ class JWKSEndpoint:
         self.retries = int(retries)
         self.parser = parser
         self._cache = KeyCache(self.source, policy, monotonic)
-        self._host = parsed.host
-        self._port = parsed.port
         self._clock = clock
         self._monotonic = monotonic
         self._http = Getter(

@@ -49,6 +49,7 @@ from ._identity import ServiceIdentity
 from ._paths import decoded_path, routed_path
 from ._policy import WEBSOCKET, Decision, Policy
 from ._principal import Principal
+from ._registry import KeySet
 from ._telemetry import AUDIT_LOGGER, audit, mark_rejected
 from ._verify import Verifier
 
@@ -347,6 +348,7 @@ class RequestGuard:
 
     __slots__ = (
         "_exact",
+        "_judged",
         "_prefixes",
         "_replies",
         "audience",
@@ -386,6 +388,9 @@ class RequestGuard:
         self.audience = verifier.audience
         self.limit = verifier.max_token_bytes + _BEARER_PREFIX_LEN
         self._exact, self._prefixes = _compile_exclude(exclude)
+        self._judged: dict[tuple[object, ...], str] = {}
+        if policy is not None:
+            _warn_unknown_callers(policy, verifier)
         self.tracer = (
             trace.get_tracer("meshauth", "0.1.0", tracer_provider=tracer_provider)
             if tracer_provider is not None
@@ -395,6 +400,24 @@ class RequestGuard:
         self._replies: dict[tuple[type[BaseException], str], Reply] = {}
 
     # -- request steps -------------------------------------------------------------
+
+    def asgi_path(self, scope: Mapping[str, Any]) -> str:
+        """:func:`asgi_judged_path`, remembered per (raw_path, path): judging costs more than the lookup."""
+        key = (scope.get("raw_path"), scope.get("path"))
+        judged = self._judged.get(key)
+        if judged is None:
+            judged = asgi_judged_path(scope)  # raises BadPath; refusals are not remembered
+            _remember_path(self._judged, key, judged)
+        return judged
+
+    def wsgi_path(self, environ: Mapping[str, Any], mount: str) -> str:
+        """:func:`wsgi_judged_path`, remembered per (SCRIPT_NAME, PATH_INFO, raw target)."""
+        key = (environ.get("SCRIPT_NAME"), environ.get("PATH_INFO"), environ.get("RAW_URI"), environ.get("REQUEST_URI"))
+        judged = self._judged.get(key)
+        if judged is None:
+            judged = wsgi_judged_path(environ, mount)
+            _remember_path(self._judged, key, judged)
+        return judged
 
     @property
     def has_exclusions(self) -> bool:
@@ -571,6 +594,33 @@ class RequestGuard:
             traceparent=traceparent,
             **fields,
         )
+
+
+_JUDGED_PATHS: Final = 1024
+_JUDGED_KEY_CHARS: Final = 512
+
+
+def _remember_path(cache: dict[tuple[object, ...], str], key: tuple[object, ...], judged: str) -> None:
+    """A small bounded cache: cleared when full (no iteration over a dict other threads write to)."""
+    if len(judged) > _JUDGED_KEY_CHARS:
+        return  # long unique paths would pin memory for nothing
+    if len(cache) >= _JUDGED_PATHS:
+        cache.clear()
+    cache[key] = judged
+
+
+def _warn_unknown_callers(policy: Policy, verifier: Verifier) -> None:
+    """Log, at start-up, callers the policy names that own no key in an already loaded registry."""
+    keys: object = verifier.keys
+    try:
+        # StaticKeys, JWKSFile and JWKSEndpoint show their current snapshot; a registry not
+        # loaded yet is not fetched for this (``meshauth doctor`` checks names against any registry).
+        snapshot = keys if isinstance(keys, KeySet) else getattr(keys, "keyset", None)
+    except Exception:  # an unreadable registry is reported when it is used, not here
+        return
+    if isinstance(snapshot, KeySet):
+        for problem in policy.unknown_callers(record.owner for record in snapshot):
+            logger.warning("meshauth policy %s: %s", policy.source, problem)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -8,13 +8,14 @@ It is pure Python with no I/O outside :meth:`Policy.from_file`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import hashlib
 import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NoReturn, TypeVar
 
 from ._exceptions import AccessDenied, BadPath, ConfigurationError
@@ -91,6 +92,7 @@ class _Rule:
     allowed_detail: str
     name: str | None = None
     websocket: bool = False
+    caller_patterns: tuple[str, ...] = ()
 
 
 class Policy:
@@ -113,16 +115,16 @@ class Policy:
     ``delegators`` globs.
 
     :meth:`decide` takes the *raw*, still percent-encoded request path and
-    normalizes it exactly once, the way the app will route it: the query is
-    dropped, escapes are decoded, then dot-segments are removed (RFC 3986
-    section 5.2.4, also when the dots were encoded). A path that cannot be
-    normalized without guessing is denied with ``"invalid_path"``, even when
-    ``default = "allow"``: one that is empty or relative, has literal non-ASCII
-    characters (a request target is ASCII on the wire), an encoded slash or
-    backslash (``%2F``, ``%5C``), a literal backslash, a NUL (literal or
-    ``%00``), bad percent-encoding, bytes that are not UTF-8 once decoded, or
-    dot-segments that climb above the root (``/a/../../b``). Empty segments
-    (``//``) are kept as they are.
+    judges its canonical form (:func:`meshauth.canonical_path`, shared with
+    the middlewares and the gateway): the query is dropped, only escapes of
+    unreserved characters are decoded, and dot-segments are removed. Path
+    patterns are written in that form (a space is ``%20``). A path that cannot
+    be judged without guessing is denied with ``"bad_path"``, even when
+    ``default = "allow"``: not starting with ``/``, raw non-ASCII or control
+    characters, ``%2F``/``%5C``/``%00``, bad percent-encoding, ``//``, a segment
+    ending in ``.``, a ``;`` in a segment, or dot-segments that climb above the
+    root. ``HEAD`` is allowed wherever ``GET`` is; a websocket handshake is
+    method ``WEBSOCKET`` and only a rule naming it allows one.
 
     ``mode = "audit"`` never denies: every decision has ``allowed=True``, while
     ``would_allow`` and ``reason`` record what enforcement would have done.
@@ -358,6 +360,32 @@ class Policy:
             raise AccessDenied(decision.detail, reason=decision.reason)
         return decision
 
+    def unknown_callers(self, services: Iterable[str]) -> list[str]:
+        """What in this policy names a caller the registry has no key for, with suggestions.
+
+        ``services`` are the names that own keys (e.g. the registry's ``iss``
+        values). A literal name not among them, or a glob matching none of them,
+        is most likely a typo: such a rule can never match.
+
+        >>> policy = Policy.from_dict({"rules": [{"callers": ["ordres"]}]})
+        >>> policy.unknown_callers(["orders", "payments"])
+        ["rules[0].callers: 'ordres' has no key in the registry (did you mean 'orders'?)"]
+        """
+        known = sorted(set(services))
+        named = [(f"rules[{i}].callers", rule.caller_patterns) for i, rule in enumerate(self._rules)]
+        named.append(("delegators", self._delegator_patterns))
+        problems: list[str] = []
+        for where, patterns in named:
+            for pattern in patterns:
+                if _has_magic(pattern):
+                    if not any(fnmatch.fnmatchcase(service, pattern) for service in known):
+                        problems.append(f"{where}: {pattern!r} matches no service in the registry")
+                elif pattern not in known:
+                    close = difflib.get_close_matches(pattern, known, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    problems.append(f"{where}: {pattern!r} has no key in the registry{hint}")
+        return problems
+
     def _deny(self, reason: str, detail: str, path: str | None) -> Decision:
         return Decision(self._audit, False, None, reason, detail, self._mode, path)
 
@@ -481,8 +509,10 @@ def _load_rule(raw: object, source: str, where: str, index: int) -> _Rule:
     paths: _Matcher | None = None
     methods: frozenset[str] | None = None
     scopes: frozenset[str] | None = None
+    caller_patterns: tuple[str, ...] = ()
     if "callers" in raw:
-        callers = _compile_names(_string_list(raw["callers"], source, f"{where}.callers"))
+        caller_patterns = _string_list(raw["callers"], source, f"{where}.callers")
+        callers = _compile_names(caller_patterns)
     if "subjects" in raw:
         subjects = _compile_names(_string_list(raw["subjects"], source, f"{where}.subjects"))
     websocket = False
@@ -507,7 +537,7 @@ def _load_rule(raw: object, source: str, where: str, index: int) -> _Rule:
                 )
         scopes = frozenset(scope_list)
     label = f"rule {name!r}" if name is not None else f"rules[{index}]"
-    return _Rule(callers, subjects, methods, paths, scopes, f"allowed by {label}", name, websocket)
+    return _Rule(callers, subjects, methods, paths, scopes, f"allowed by {label}", name, websocket, caller_patterns)
 
 
 def _load_methods(value: object, source: str, where: str) -> frozenset[str] | None:

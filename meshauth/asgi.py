@@ -21,7 +21,6 @@ from ._middleware import (
     PRINCIPAL_KEY,
     ErrorHook,
     RequestGuard,
-    asgi_judged_path,
     asgi_method,
     asgi_raw_path,
     asgi_traceparent,
@@ -146,7 +145,7 @@ class MeshAuthMiddleware:
         principal: Principal | None = None
         nonce: str | None = None
         try:
-            path = asgi_judged_path(scope)
+            path = guard.asgi_path(scope)
             if authorization is None:
                 raise MissingCredentials("the request has no bearer credentials")
             if repeated:

@@ -16,7 +16,6 @@ from ._middleware import (
     PRINCIPAL_KEY,
     ErrorHook,
     RequestGuard,
-    wsgi_judged_path,
     wsgi_raw_path,
 )
 from ._policy import Decision, Policy
@@ -108,7 +107,7 @@ class MeshAuthMiddleware:
         principal: Principal | None = None
         nonce: str | None = None
         try:
-            path = wsgi_judged_path(environ, self._mount)
+            path = guard.wsgi_path(environ, self._mount)
             if authorization is None:
                 raise MissingCredentials("the request has no bearer credentials")
             # PEP 3333: header values are latin-1 "bytes as str"; encoding recovers the bytes.

@@ -88,7 +88,9 @@ def test_rsa_sizes(bits: int, usable: bool) -> None:
         assert f"RSA key of {bits} bits (expected 2048 to 8192)" in keys.problems[0]
 
 
-def test_skipped_keys_are_noted_and_certificate_members_allowed(rsa_key: rsa.RSAPrivateKey) -> None:
+def test_skipped_keys_are_noted_and_certificate_members_allowed(
+    rsa_key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
     good = rsa_jwk(rsa_key, "good", use="sig", x5c=["MIIB"], x5t="abc", **{"x5t#S256": "def"})
     document = {
         "keys": [
@@ -116,6 +118,8 @@ def test_skipped_keys_are_noted_and_certificate_members_allowed(rsa_key: rsa.RSA
         "kid 'no-kty'): unsupported key type 'None'",
     ):
         assert fragment in problems
+    logged = [record.getMessage() for record in caplog.records if record.name == "meshauth"]
+    assert len(logged) == 7 and all(line.startswith("meshauth IdP key set: skipping a key: idp:") for line in logged)
 
 
 def test_private_members_refuse_the_whole_idp_document(rsa_key: rsa.RSAPrivateKey) -> None:

@@ -709,3 +709,27 @@ def test_rules_have_names_and_the_policy_a_digest() -> None:
 def test_bad_rule_names_do_not_load(name: object) -> None:
     with pytest.raises(ConfigurationError, match="rule name"):
         Policy.from_dict({"rules": [{"name": name, "callers": ["orders"]}]})
+
+
+def test_unknown_callers_are_named_with_a_suggestion() -> None:
+    policy = Policy.from_dict(
+        {"delegators": ["gatewy"], "rules": [{"callers": ["ordres", "orders"]}, {"callers": ["bill*", "pay*"]}]}
+    )
+    assert policy.unknown_callers(["orders", "payments", "gateway"]) == [
+        "rules[0].callers: 'ordres' has no key in the registry (did you mean 'orders'?)",
+        "rules[1].callers: 'bill*' matches no service in the registry",
+        "delegators: 'gatewy' has no key in the registry (did you mean 'gateway'?)",
+    ]
+    assert Policy.from_dict({"rules": [{"callers": ["orders"]}]}).unknown_callers(["orders"]) == []
+
+
+def test_the_middleware_warns_at_start_up_about_unknown_callers(caplog: pytest.LogCaptureFixture) -> None:
+    import meshauth
+    from meshauth.asgi import MeshAuthMiddleware
+
+    jwks = {"keys": [meshauth.SigningKey.generate().public_jwk(iss=name) for name in ("orders", "payments")]}
+    verifier = meshauth.Verifier("payments", meshauth.StaticKeys.from_jwks(jwks))
+    policy = Policy.from_dict({"rules": [{"callers": ["ordres"]}]}, source="policy.toml")
+    with caplog.at_level("WARNING", logger="meshauth"):
+        MeshAuthMiddleware(lambda *a: None, verifier, policy=policy)
+    assert "policy.toml: rules[0].callers: 'ordres' has no key in the registry (did you mean 'orders'?)" in caplog.text
