@@ -298,6 +298,8 @@ def _repeat_call(function: Callable[..., object], calls: int, *args: Any) -> Cal
 
 
 def bench_verify(fx: Fixture, scale: Scale) -> list[Row]:
+    # Long on purpose: one section's operations are measured interleaved, round by round, and
+    # each row reads its numbers from that one run; split up, the ratios would mix runs.
     section = "ES256 verify (DESIGN 7 rows 1-2)"
     n = scale.verify_batch
     tokens = [fx.orders.mint(AUDIENCE) for _ in range(n)]
@@ -697,20 +699,9 @@ async def _send(message: Any) -> None:
     return None
 
 
-def bench_asgi(fx: Fixture, scale: Scale) -> list[Row]:
-    section = "ASGI middleware per request (DESIGN 7 row 5: <= 10 us added)"
-    middleware = MeshAuthMiddleware
-    n = scale.http_batch
-    token = ServiceIdentity("orders", fx.es_key, ttl=900).token_for(AUDIENCE)
-    policy = meshauth.Policy.from_dict(
-        {"rules": [{"callers": ["orders"], "methods": ["POST"], "paths": ["/charges", "/charges/*"]}]}
-    )
-    apps = {
-        "bare": _bare_app,
-        "verify": middleware(_bare_app, Verifier(AUDIENCE, fx.keys)),
-        "policy": middleware(_bare_app, Verifier(AUDIENCE, fx.keys), policy=policy),
-    }
-    scope = {
+def _charge_scope(token: str) -> dict[str, Any]:
+    """An ASGI scope of a POST /charges/c_42 carrying ``token``, as a server would build it."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",
@@ -731,6 +722,22 @@ def bench_asgi(fx: Fixture, scale: Scale) -> list[Row]:
         "client": ("127.0.0.1", 50123),
         "server": ("127.0.0.1", 8002),
     }
+
+
+def bench_asgi(fx: Fixture, scale: Scale) -> list[Row]:
+    section = "ASGI middleware per request (DESIGN 7 row 5: <= 10 us added)"
+    middleware = MeshAuthMiddleware
+    n = scale.http_batch
+    token = ServiceIdentity("orders", fx.es_key, ttl=900).token_for(AUDIENCE)
+    policy = meshauth.Policy.from_dict(
+        {"rules": [{"callers": ["orders"], "methods": ["POST"], "paths": ["/charges", "/charges/*"]}]}
+    )
+    apps = {
+        "bare": _bare_app,
+        "verify": middleware(_bare_app, Verifier(AUDIENCE, fx.keys)),
+        "policy": middleware(_bare_app, Verifier(AUDIENCE, fx.keys), policy=policy),
+    }
+    scope = _charge_scope(token)
     loop = asyncio.new_event_loop()
 
     def runner(app: Any) -> Callable[[], None]:
@@ -795,6 +802,8 @@ def _jwks_response(body: bytes) -> httpx.Response:
 
 
 def bench_jwks(doc: dict[str, Any], scale: Scale) -> list[Row]:
+    # Long on purpose: one section's operations are measured interleaved, round by round, and
+    # each row reads its numbers from that one run; split up, the ratios would mix runs.
     section = f"JWKS with {JWKS_KEYS:,} keys: cold load (DESIGN 7 row 5)"
     body = json.dumps(doc).encode("utf-8")
     from_dict = jwt.PyJWKSet.from_dict
@@ -1022,6 +1031,8 @@ def bench_concurrent_fetch(doc: dict[str, Any]) -> list[Row]:
 
 def _pipeline(fx: Fixture, tokens: Sequence[str]) -> list[tuple[str, Operation]]:
     """Cumulative slices of verify() over distinct tokens: each adds one stage to the previous."""
+    # Long on purpose: one section's operations are measured interleaved, round by round, and
+    # each row reads its numbers from that one run; split up, the ratios would mix runs.
     n = len(tokens)
     public_key = fx.es_private.public_key()
     parts = [_split(t) for t in tokens]
@@ -1233,7 +1244,7 @@ def failures(rows: Sequence[Row], margin: float) -> list[Row]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batches and few rounds (< 20 s)")
     parser.add_argument(
@@ -1255,6 +1266,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="JSON",
         help="print a Markdown table of saved --json runs (one column each) and exit; nothing is measured",
     )
+    return parser
+
+
+def _summary(rows: Sequence[Row], failed: Sequence[Row], margin: float, elapsed: float) -> dict[str, Any]:
+    """Print the verdict line and the pending budgets; return the counts for the JSON report."""
+    budget_rows = [row for row in rows if row.budget is not None]
+    met = [row for row in budget_rows if row.passed(margin) is True]
+    unmeasured = [row for row in budget_rows if row.passed(margin) is None]
+    errors = [row for row in rows if row.error]
+    print(
+        f"\n{len(met)} of {len(budget_rows)} budgets met, "
+        f"{len(failed)} missed or failed, {len(unmeasured)} not measured, {len(errors)} errors; {elapsed:.1f} s"
+    )
+    print(f"\npending: {len(PENDING)} DESIGN 7 budgets not yet measured (their parts are not built):")
+    for item in PENDING:
+        print(f"  - {item}")
+    return {
+        "total": len(budget_rows),
+        "failed": len(failed),
+        "unmeasured": len(unmeasured),
+        "errors": len(errors),
+        "pending": list(PENDING),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.markdown:
         results = []
@@ -1285,18 +1323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_all(scale, log=lambda message: print(message, file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - started
     print(format_table(rows, args.margin))
-    budget_rows = [row for row in rows if row.budget is not None]
-    met = [row for row in budget_rows if row.passed(args.margin) is True]
-    unmeasured = [row for row in budget_rows if row.passed(args.margin) is None]
-    errors = [row for row in rows if row.error]
     failed = failures(rows, args.margin)
-    print(
-        f"\n{len(met)} of {len(budget_rows)} budgets met, "
-        f"{len(failed)} missed or failed, {len(unmeasured)} not measured, {len(errors)} errors; {elapsed:.1f} s"
-    )
-    print(f"\npending: {len(PENDING)} DESIGN 7 budgets not yet measured (their parts are not built):")
-    for item in PENDING:
-        print(f"  - {item}")
+    counts = _summary(rows, failed, args.margin, elapsed)
     profile_text = None
     if args.profile:
         profile_text = profile(Fixture.build(), scale)
@@ -1309,13 +1337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "margin": args.margin,
             "seconds": round(elapsed, 2),
             "rows": [row.as_dict(args.margin) for row in rows],
-            "budgets": {
-                "total": len(budget_rows),
-                "failed": len(failed),
-                "unmeasured": len(unmeasured),
-                "errors": len(errors),
-                "pending": list(PENDING),
-            },
+            "budgets": counts,
             "profile": profile_text,
         }
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -132,13 +132,9 @@ class Gateway:
     ) -> None:
         self.config = config
         source = config.source
-        key = config.signing_key
-        if key is None:
-            try:
-                key = SigningKey.from_file(config.key_file)
-            except ConfigurationError as exc:
-                raise ConfigurationError(f"{source}: key_file: {exc.detail}", reason="invalid_config") from None
-        self.identity = ServiceIdentity(config.service, key, clock=clock, tracer_provider=tracer_provider)
+        self.identity = ServiceIdentity(
+            config.service, _signing_key(config), clock=clock, tracer_provider=tracer_provider
+        )
         self._owns_registry = registry is None
         self.registry = registry if registry is not None else open_registry(config.registry, source=source)
         self.service_verifier = Verifier(
@@ -595,6 +591,16 @@ class Gateway:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _signing_key(config: GatewayConfig) -> SigningKey:
+    """The gateway's own key: given in the configuration, or read from ``key_file``."""
+    if config.signing_key is not None:
+        return config.signing_key
+    try:
+        return SigningKey.from_file(config.key_file)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{config.source}: key_file: {exc.detail}", reason="invalid_config") from None
 
 
 def create_app(
