@@ -56,7 +56,6 @@ from .._idp_tokens import UserTokenVerifier
 from .._jwks_endpoint import JWKSEndpoint
 from .._keys import SigningKey
 from .._middleware import (
-    INSUFFICIENT_SCOPE,
     asgi_raw_path,
     credentials_error,
     default_reply,
@@ -97,6 +96,13 @@ READY_PATH: Final = "/readyz"
 
 _BEARER: Final = b"bearer "
 _INTERNAL: Final = "internal_error"
+# The gateway's reason codes for the policy field that refused a request.
+_REFUSED: Final[dict[str | None, str]] = {
+    "callers": "caller_not_allowed",
+    "issuers": "issuer_not_allowed",
+    "subjects": "subject_not_allowed",
+    "groups": "group_required",
+}
 
 
 class Gateway:
@@ -303,7 +309,7 @@ class Gateway:
             attached = otel_context.attach(request.trace.context)  # verify and mint spans join the request's trace
             try:
                 verified = await self._verify_token(route, token)
-                self._authorize(route, request.method, verified)
+                self._authorize(route, request.method, path, verified)
                 admission = self._admit(route, verified, token)
             finally:
                 otel_context.detach(attached)
@@ -385,52 +391,44 @@ class Gateway:
         delegated = self.identity.on_behalf_of(service, route.config.service, scope=service.scope or None, ttl=ttl)
         return Admission(delegated, None, (self.config.service, *service.actors))
 
-    def _authorize(self, route: Route, method: str, verified: Verified) -> None:
+    def _authorize(self, route: Route, method: str, path: str, verified: Verified) -> None:
+        """The route's method, the gateway's delegation rules, then the route's policy (``meshauth.Policy``)."""
         span = self.telemetry.tracer.start_span("meshauth.authorize")
         user, service, subject = verified.user, verified.service, verified.subject
-        denial: tuple[str, str] | None = None
+        error: AccessDenied | None = None
         if route.methods is not None and method not in route.methods:
-            denial = ("method_not_allowed", f"method {method[:16]} is not allowed on {route.prefix}")
-        elif user is not None:
-            if route.issuers is not None and user.issuer not in route.issuers:
-                denial = ("issuer_not_allowed", f"issuer {user.issuer[:64]!r} is not accepted on {route.prefix}")
-        elif service is not None:
-            if route.callers is not None and not route.callers(service.caller):
-                denial = ("caller_not_allowed", f"caller {service.caller[:64]!r} may not use {route.prefix}")
-            elif self.config.service in service.actors or len(service.actors) >= self.identity.max_actors:
-                denial = ("delegation_not_allowed", "the actor chain would repeat the gateway or grow too long")
-        if denial is None:
-            if subject == self.config.service:
-                # A delegated token for the gateway's own name would read as a
-                # plain call by the gateway itself.
-                denial = ("delegation_not_allowed", "the subject is the gateway's own service name")
-            elif route.subjects is not None and not route.subjects(subject):
-                denial = ("subject_not_allowed", f"subject {subject[:64]!r} may not use {route.prefix}")
-            elif user is not None and route.groups is not None and not (route.groups & user.groups):
-                denial = ("group_required", f"{route.prefix} requires one of the groups {sorted(route.groups)}")
-            elif not route.scopes <= verified.scopes:
-                denial = (INSUFFICIENT_SCOPE, f"{route.prefix} requires the scopes {sorted(route.scopes)}")
+            detail = f"method {method[:16]} is not allowed on {route.prefix}"
+            error = MethodNotAllowed(detail, allow=route.allow.decode("ascii"))
+        elif subject == self.config.service:
+            # A delegated token for the gateway's own name would read as a plain call by the gateway itself.
+            error = AccessDenied("the subject is the gateway's own service name", reason="delegation_not_allowed")
+        elif service is not None and (
+            self.config.service in service.actors or len(service.actors) >= self.identity.max_actors
+        ):
+            detail = "the actor chain would repeat the gateway or grow too long"
+            error = AccessDenied(detail, reason="delegation_not_allowed")
+        else:
+            policy = route.users if user is not None else route.services
+            principal = user if user is not None else service
+            # A service token is only verified on a route that takes them, so both are set.
+            assert policy is not None and principal is not None
+            decision = policy.decide(principal, method, path)
+            if not decision.allowed:
+                error = AccessDenied(decision.detail, reason=_REFUSED.get(decision.refused_by, decision.reason))
         if span.is_recording():
             span.set_attribute("meshauth.audience", route.config.service)
             span.set_attribute("meshauth.subject", subject)
             caller = service.caller if service is not None else user.issuer if user is not None else None
             if caller:
                 span.set_attribute("meshauth.caller", caller)
-            if denial is None:
+            if error is None:
                 span.set_attribute("meshauth.outcome", "accepted")
                 span.set_attribute("meshauth.reason", "allowed")
-        if denial is None:
-            span.end()
-            return
-        reason, detail = denial
-        error = (
-            MethodNotAllowed(detail, allow=route.allow.decode("ascii"))
-            if reason == "method_not_allowed"
-            else AccessDenied(detail, reason=reason)
-        )
-        mark_rejected(span, error, reason, outcome="denied")
+        if error is not None:
+            mark_rejected(span, error, error.reason, outcome="denied")
         span.end()
-        raise error
+        if error is not None:
+            raise error
 
     # -- forwarding ------------------------------------------------------------------
 

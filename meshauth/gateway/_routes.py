@@ -1,17 +1,23 @@
-"""Routes compiled for matching and forwarding (the ``[[routes]]`` of the configuration)."""
+"""Routes compiled for matching, authorizing and forwarding (the ``[[routes]]`` of the configuration).
+
+Who may use a route is decided by :class:`meshauth.Policy`, the same engine
+the middlewares use: each route compiles into one policy for end users
+(``issuers``, ``subjects``, ``groups``, ``scopes``) and, on a route with
+``accept_service_tokens``, one for services (``callers``, ``subjects``,
+``scopes``). The method is the route's own property (``405`` with ``Allow``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
-from collections.abc import Callable
+from typing import Any
 
 import httpx
 
+from .._policy import Policy
 from ._config import RouteConfig, Timeout
 
-__all__ = ["Route", "compile_route", "forward_path"]
+__all__ = ["Route", "compile_route", "forward_path", "route_policies"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -24,21 +30,34 @@ class Route:
     base_path: bytes
     methods: frozenset[str] | None
     allow: bytes
-    issuers: frozenset[str] | None
-    subjects: Callable[[str], bool] | None
-    callers: Callable[[str], bool] | None
-    groups: frozenset[str] | None
-    scopes: frozenset[str]
+    users: Policy
+    """Who may use the route with an identity provider's token."""
+    services: Policy | None
+    """Which services may use it with a service token (``accept_service_tokens``), else None."""
     timeout: dict[str, float]
 
 
-def _glob_matcher(patterns: tuple[str, ...] | None) -> Callable[[str], bool] | None:
-    if patterns is None:
-        return None
-    if "*" in patterns:
-        return lambda _value: True
-    regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-    return lambda value: regex.match(value) is not None
+def route_policies(route: RouteConfig) -> tuple[Policy, Policy | None]:
+    """The route's rules as policies: one for end users, one for services when the route takes them."""
+    shared: dict[str, Any] = {"name": route.prefix}
+    if route.subjects is not None:
+        shared["subjects"] = list(route.subjects)
+    if route.scopes:
+        shared["scopes"] = list(route.scopes)
+    users = dict(shared)
+    if route.issuers is not None:
+        users["issuers"] = list(route.issuers)
+    if route.groups is not None:
+        users["groups"] = list(route.groups)
+    where = f"route {route.prefix}"
+    user_policy = Policy.from_dict({"rules": [users]}, source=where)
+    if not route.accept_service_tokens:
+        return user_policy, None
+    services = dict(shared)
+    if route.callers is not None:
+        services["callers"] = list(route.callers)
+    # Delegated service tokens are judged by the gateway (its own name never in the chain).
+    return user_policy, Policy.from_dict({"delegators": ["*"], "rules": [services]}, source=where)
 
 
 def _httpx_timeout(timeout: Timeout) -> dict[str, float]:
@@ -49,6 +68,7 @@ def _httpx_timeout(timeout: Timeout) -> dict[str, float]:
 def compile_route(route: RouteConfig, default_timeout: Timeout) -> Route:
     base = httpx.URL(route.upstream)
     methods = frozenset(route.methods) if route.methods is not None else None
+    users, services = route_policies(route)
     return Route(
         config=route,
         prefix=route.prefix,
@@ -56,11 +76,8 @@ def compile_route(route: RouteConfig, default_timeout: Timeout) -> Route:
         base_path=base.raw_path.split(b"?", 1)[0].rstrip(b"/"),
         methods=methods,
         allow=", ".join(sorted(methods or ())).encode("ascii"),
-        issuers=frozenset(route.issuers) if route.issuers is not None else None,
-        subjects=_glob_matcher(route.subjects),
-        callers=_glob_matcher(route.callers),
-        groups=frozenset(route.groups) if route.groups is not None else None,
-        scopes=frozenset(route.scopes or ()),
+        users=users,
+        services=services,
         timeout=_httpx_timeout(route.timeout or default_timeout),
     )
 
