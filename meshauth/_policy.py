@@ -353,6 +353,20 @@ class Policy:
                 _remember(known, normalized, decision)
             return decision
 
+        return self._no_rule(principal, method, normalized, shortfall, refused_by)
+
+    def _no_rule(
+        self,
+        principal: Principal | UserPrincipal,
+        method: str,
+        normalized: str,
+        shortfall: frozenset[str] | None,
+        refused_by: str | None,
+    ) -> Decision:
+        """The decision when no rule allowed the request: the default, or a denial that says why."""
+        subject = principal.subject
+        issuer = principal.issuer if isinstance(principal, UserPrincipal) else None
+        caller = principal.caller if isinstance(principal, Principal) else None
         if self._allow_by_default:
             decision = self._allowed_by_default.get(normalized)
             if decision is None:

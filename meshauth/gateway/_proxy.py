@@ -411,7 +411,8 @@ class Gateway:
             policy = route.users if user is not None else route.services
             principal = user if user is not None else service
             # A service token is only verified on a route that takes them, so both are set.
-            assert policy is not None and principal is not None
+            assert policy is not None
+            assert principal is not None
             decision = policy.decide(principal, method, path)
             if not decision.allowed:
                 error = AccessDenied(decision.detail, reason=_REFUSED.get(decision.refused_by, decision.reason))
