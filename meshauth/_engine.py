@@ -13,6 +13,12 @@ vouched for:
 8. the signature; 9. the claims (shared rules from the profile, then the
    profile's own rule), and last the replay cache.
 
+Profiles today: service tokens (``meshauth._verify.service_profile``),
+response tokens (``meshauth._mutual.response_profile``) and identity
+providers' user tokens (``meshauth._idp_tokens.idp_profile``, one per
+issuer). A Transaction Token (``txntoken+jwt``, audience = the trust domain,
+its own claim rule for ``txn``/``tctx``) is one more :class:`Profile`.
+
 The protocol is written once, as the generator :meth:`Engine.flow`: it yields
 the one key lookup it needs and receives the record. :meth:`Engine.run` and
 :meth:`Engine.arun` drive it with a sync or async key source; only the lookup
