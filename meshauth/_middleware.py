@@ -660,14 +660,14 @@ class Requirement:
         """None if ``principal`` meets the requirement, else the 401/403 to send."""
         prefix = f"Bearer realm={quoted_string(realm)}" if realm else "Bearer"
         if not isinstance(principal, Principal):
-            return Refusal(401, "unauthorized", MISSING_CREDENTIALS, prefix)
+            return Refusal(MissingCredentials.status, MissingCredentials.error, MissingCredentials.reason, prefix)
         if self.callers is not None and not any(fnmatch.fnmatchcase(principal.caller, c) for c in self.callers):
-            return Refusal(403, "forbidden", "caller_not_allowed", None)
+            return Refusal(AccessDenied.status, AccessDenied.error, "caller_not_allowed", None)
         if not self.scopes <= principal.scopes:
             needed = quoted_string(" ".join(sorted(self.scopes)))
             separator = ", " if realm else " "
             return Refusal(
-                403,
+                AccessDenied.status,
                 INSUFFICIENT_SCOPE,
                 INSUFFICIENT_SCOPE,
                 f'{prefix}{separator}error="insufficient_scope", scope={needed}',
