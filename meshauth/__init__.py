@@ -62,6 +62,7 @@ from ._rotation import Finding, RotationPlan, check_registry, plan_rotation
 from ._verify import Verifier
 
 __version__ = "0.1.0"
+from ._public import show_as_public
 
 __all__ = [
     "AccessDenied",
@@ -127,13 +128,4 @@ __all__ = [
 ]
 
 
-def _show_as_public() -> None:
-    """Public classes show as ``meshauth.X`` in reprs and tracebacks, not ``meshauth._module.X``."""
-    namespace = globals()
-    for name in __all__:
-        value = namespace[name]
-        if isinstance(value, type) and value.__module__.startswith("meshauth._"):
-            value.__module__ = "meshauth"
-
-
-_show_as_public()
+show_as_public(globals(), __all__, __name__)

@@ -21,6 +21,7 @@ See ``docs/gateway.md`` for the configuration reference.
 from __future__ import annotations
 
 from .._idp_tokens import UserPrincipal, UserTokenVerifier
+from .._public import show_as_public
 from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
 from ._proxy import Gateway, create_app
 from ._refusals import MethodNotAllowed, NoRoute, UpstreamTimeout, UpstreamUnreachable
@@ -45,13 +46,4 @@ __all__ = [
 ]
 
 
-def _show_as_public() -> None:
-    """Public classes show as ``meshauth.gateway.X`` in reprs and tracebacks."""
-    namespace = globals()
-    for name in __all__:
-        value = namespace[name]
-        if isinstance(value, type) and value.__module__.startswith(("meshauth._", "meshauth.gateway._")):
-            value.__module__ = __name__
-
-
-_show_as_public()
+show_as_public(globals(), __all__, __name__)
