@@ -62,7 +62,7 @@ from ._rotation import Finding, RotationPlan, check_registry, plan_rotation
 from ._verify import Verifier
 
 __version__ = "0.1.0"
-from ._public import show_as_public
+from . import _public
 
 __all__ = [
     "AccessDenied",
@@ -128,4 +128,4 @@ __all__ = [
 ]
 
 
-show_as_public(globals(), __all__, __name__)
+_public.show_as_public(globals(), __all__, __name__)

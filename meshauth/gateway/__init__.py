@@ -20,8 +20,8 @@ See ``docs/gateway.md`` for the configuration reference.
 
 from __future__ import annotations
 
+from .. import _public
 from .._idp_tokens import UserPrincipal, UserTokenVerifier
-from .._public import show_as_public
 from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
 from ._proxy import Gateway, create_app
 from ._refusals import MethodNotAllowed, NoRoute, UpstreamTimeout, UpstreamUnreachable
@@ -46,4 +46,4 @@ __all__ = [
 ]
 
 
-show_as_public(globals(), __all__, __name__)
+_public.show_as_public(globals(), __all__, __name__)
