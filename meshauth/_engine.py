@@ -176,6 +176,7 @@ class Profile(Generic[P]):
     """Extra words for a refused ``typ`` (e.g. a service token sent where a user token belongs)."""
     issuer: str | None = None
     """The configured identity provider (IdP profiles): named on every refusal after it was selected."""
+    required: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.leeway <= MAX_LEEWAY:
@@ -184,6 +185,7 @@ class Profile(Generic[P]):
             raise ValueError("max_lifetime must be positive")
         if self.max_token_bytes <= 0:
             raise ValueError("max_token_bytes must be positive")
+        object.__setattr__(self, "required", frozenset(self.required_claims))
 
     @property
     def forbidden(self) -> frozenset[str]:
@@ -399,6 +401,10 @@ class Engine(Generic[P]):
 
     max_token_bytes: int
     clock: Callable[[], float]
+    header_profile: Profile[P]
+    """The profile whose header rules apply before the payload is read (set by subclasses)."""
+    selected: tuple[Profile[P], KeySource] | None = None
+    """The one profile and key source of an engine with a single token kind; else :meth:`select` chooses."""
     replay_cache: Any = None
     """A replay cache (service tokens): with one, a cached verification never answers again."""
 
@@ -413,11 +419,6 @@ class Engine(Generic[P]):
         self._headers: dict[str, tuple[str, str | None]] = {}
 
     # -- what subclasses decide -----------------------------------------------------
-
-    @property
-    def header_profile(self) -> Profile[P]:
-        """The profile whose header rules apply before the payload is read."""
-        raise NotImplementedError
 
     def select(self, claims: Mapping[str, Any], kid: str | None) -> tuple[Profile[P], KeySource]:
         """The profile and key source for a token (the payload is not verified yet)."""
@@ -473,17 +474,10 @@ class Engine(Generic[P]):
     def flow(self, token: str, expect: Any) -> Generator[KeyQuery, KeyRecord | None, P]:
         """The checks of one token; yields its key lookup and receives the record."""
         (alg, kid), claims, signing_input, signature = self.parse(token)
-        profile, source = self.select(claims, kid)
+        profile, source = self.selected or self.select(claims, kid)
         try:
-            if len(token) > profile.max_token_bytes:
-                raise token_too_large(len(token), profile.max_token_bytes)
-            if alg not in profile.algorithms:
-                raise UnsupportedAlgorithm(
-                    f"algorithm not allowed for {profile.name} tokens",
-                    expected=sorted(profile.algorithms),
-                    actual=alg,
-                    kid=kid,
-                )
+            if profile is not self.header_profile:  # chosen by the payload: its own limits apply too
+                _check_selected(profile, token, alg, kid)
             record = yield source, kid
             record = self.check_key(profile, source, alg, kid, record, claims)
             if not record.verify_signature(signature, signing_input):
@@ -579,15 +573,16 @@ class Engine(Generic[P]):
         self, profile: Profile[P], claims: dict[str, Any], record: KeyRecord, expect: Any
     ) -> tuple[P, float]:
         """Step 9: the profile's shared claim rules, then its own; the principal and how long it is usable."""
-        for name in profile.required_claims:
-            if name not in claims:
-                missing = [name for name in profile.required_claims if name not in claims]
-                raise MissingClaim(
-                    f"required claims are absent: {', '.join(missing)}",
-                    expected=list(profile.required_claims),
-                    actual=missing,
-                )
-        check_audience(profile, claims)
+        if not claims.keys() >= profile.required:
+            missing = [name for name in profile.required_claims if name not in claims]
+            raise MissingClaim(
+                f"required claims are absent: {', '.join(missing)}",
+                expected=list(profile.required_claims),
+                actual=missing,
+            )
+        audience = claims[profile.audience_claim]
+        if type(audience) is not str or audience not in profile.audiences:
+            check_audience(profile, claims)
         exp, _ = check_dates(profile, claims, self.clock())
         principal = profile.claims(claims, record, expect)
         usable_until = exp + profile.leeway
@@ -610,6 +605,16 @@ class Engine(Generic[P]):
         """Forget every verified token (e.g. after revoking a key out of band)."""
         self._cache.clear()
         self._headers.clear()
+
+
+def _check_selected(profile: Profile[Any], token: str, alg: str, kid: str | None) -> None:
+    """The size and algorithm rules of a profile chosen after the header was read (one issuer's)."""
+    if len(token) > profile.max_token_bytes:
+        raise token_too_large(len(token), profile.max_token_bytes)
+    if alg not in profile.algorithms:
+        raise UnsupportedAlgorithm(
+            f"algorithm not allowed for {profile.name} tokens", expected=sorted(profile.algorithms), actual=alg, kid=kid
+        )
 
 
 # -- key lookups: the only part the two drivers do differently ----------------------------

@@ -245,12 +245,8 @@ class UserTokenVerifier(Engine[UserPrincipal]):
         # The header rules before an issuer is known: every issuer's algorithms.
         algorithms = frozenset(alg for profile, _ in self.profiles.values() for alg in profile.algorithms)
         first = next(iter(self.profiles.values()))[0] if self.profiles else idp_profile(_NoIssuer())
-        self._header_profile = dataclasses.replace(first, algorithms=algorithms or first.algorithms)
+        self.header_profile = dataclasses.replace(first, algorithms=algorithms or first.algorithms)
         self.telemetry = Telemetry(tracer_provider, meter_provider)
-
-    @property
-    def header_profile(self) -> Profile[UserPrincipal]:
-        return self._header_profile
 
     def select(self, claims: Mapping[str, Any], kid: str | None) -> tuple[Profile[UserPrincipal], KeySource]:
         iss = claims.get("iss")

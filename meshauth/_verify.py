@@ -232,7 +232,8 @@ class Verifier(Engine[Principal]):
         self.replay_cache = replay_cache
         self.max_actors = max_actors
         self.telemetry = Telemetry(tracer_provider, meter_provider)
-        self._selected = (self.profile, keys)
+        self.header_profile = self.profile
+        self.selected = (self.profile, keys)
 
     def _profile(
         self, audience: str, leeway: float, max_lifetime: int, max_token_bytes: int, max_actors: int
@@ -280,12 +281,8 @@ class Verifier(Engine[Principal]):
 
     # -- engine hooks -------------------------------------------------------------
 
-    @property
-    def header_profile(self) -> Profile[Principal]:
-        return self.profile
-
     def select(self, claims: Mapping[str, Any], kid: str | None) -> tuple[Profile[Principal], KeySource]:
-        return self._selected
+        return self.profile, self.keys
 
     def first_use(self, principal: Principal, record: KeyRecord, profile: Profile[Principal]) -> None:
         assert self.replay_cache is not None
