@@ -146,7 +146,8 @@ class ResponseVerifier(Verifier):
     ) -> None:
         # Every response token is unique (its nonce), so there is nothing to cache; but an
         # accepted one is remembered for its lifetime, so a client that reuses a nonce
-        # cannot be shown an old answer twice.
+        # cannot be shown an old answer twice. Responses answer this client's own requests,
+        # so one responder may use the whole capacity (no per-issuer share).
         super().__init__(
             caller,
             keys,
@@ -155,7 +156,7 @@ class ResponseVerifier(Verifier):
             clock=clock,
             cache_size=0,
             max_actors=0,
-            replay_cache=MemoryReplayCache(max_entries=200_000, grace=leeway, clock=clock),
+            replay_cache=MemoryReplayCache(max_entries=200_000, max_per_issuer=200_000, grace=leeway, clock=clock),
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )

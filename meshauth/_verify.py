@@ -286,9 +286,8 @@ class Verifier(Engine[Principal]):
 
     def first_use(self, principal: Principal, record: KeyRecord, profile: Profile[Principal]) -> None:
         assert self.replay_cache is not None
-        key = f"{principal.caller}\x00{principal.token_id}"
         try:
-            first_use = self.replay_cache.add(key, principal.expires_at + self.leeway)
+            first_use = self.replay_cache.add(principal.caller, principal.token_id, principal.expires_at + self.leeway)
         except MeshAuthError:
             raise
         except Exception as exc:

@@ -113,7 +113,7 @@ def test_keygen_refuses_to_overwrite_and_force_replaces_keeping_0600(cli: Run, t
     assert second["kid"] != first["kid"]
     assert stat.S_IMODE(pem.stat().st_mode) == 0o600
     assert meshauth.SigningKey.from_file(pem).kid == second["kid"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left
 
 
 def test_keygen_encrypts_with_a_password_from_the_environment(
