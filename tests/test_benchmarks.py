@@ -66,6 +66,7 @@ BUDGETS = {
     "JWKSEndpoint.get_key, 10,000 keys": 2.0,
     "50 threads verify at once: registry fetches": 1,
     "50 threads verify at once: verifications that failed": 0,
+    "revocation applied by every verifier, p99 (s)": 1.0,
 }
 MISSING = "n/a (module missing)"
 
@@ -142,7 +143,7 @@ def test_budget_rows_carry_the_design_budgets(report: dict[str, object]) -> None
     # The rows whose parts are not built yet are listed, by name, never counted as met.
     pending = counts["pending"]
     assert isinstance(pending, list) and any("Txn-Token" in item for item in pending)
-    assert any("Redis" in item for item in pending) and any("gateway" in item for item in pending)
+    assert any("gateway" in item for item in pending)
 
 
 def test_budget_verdicts() -> None:
