@@ -36,6 +36,7 @@ class ReplayCache(Protocol):
 class MemoryReplayCache:
     """An in-process :class:`ReplayCache`, bounded per issuer and safe under threads.
 
+    >>> import time
     >>> cache = MemoryReplayCache(max_entries=1000)
     >>> cache.add("orders", "j1", time.time() + 60), cache.add("orders", "j1", time.time() + 60)
     (True, False)
