@@ -30,6 +30,7 @@ from ._identity import ServiceIdentity
 from ._mutual import NONCE_HEADER, RESPONSE_HEADER, ResponseVerifier, new_nonce
 from ._principal import Principal
 from ._registry import KeySource
+from ._txn import TXN_TOKEN_HEADER
 
 __all__ = ["ServiceAuth"]
 
@@ -132,10 +133,10 @@ class ServiceAuth(httpx.Auth):
     ``client.stream(...)``.
 
     ``on_behalf_of`` (the inbound request's :class:`~meshauth.Principal`)
-    makes every request a delegated call: the token carries the same subject
-    and the inbound actor chain, with this service added as the newest actor
-    (``identity.on_behalf_of``). Build one ``ServiceAuth`` per inbound request
-    for this; such tokens are minted per request, never cached.
+    makes every request part of that request's transaction: the principal's
+    Txn-Token is forwarded unchanged in the ``Txn-Token`` header and each
+    service token is bound to it (``tth``). Build one ``ServiceAuth`` per
+    inbound request for this; its tokens are cached per Txn-Token.
 
     ``clock`` (default: the identity's clock), ``tracer_provider`` and
     ``meter_provider`` configure the response verifier built from a key
@@ -167,9 +168,8 @@ class ServiceAuth(httpx.Auth):
             raise TypeError("identity must be a meshauth.ServiceIdentity")
         self.identity = identity
         self.on_behalf_of = on_behalf_of
-        # A delegated token carries the inbound request's subject and chain: it
-        # is minted per request, never shared through the identity's cache.
-        self.fresh_tokens = bool(fresh_tokens) or on_behalf_of is not None
+        self.txn_token = None if on_behalf_of is None else on_behalf_of.txn_token
+        self.fresh_tokens = bool(fresh_tokens)
         self.scope = normalize_scope(scope)
         # Exactly one of these is set; a fixed name costs nothing per request.
         self._audience, self._hosts, self._audience_of = split_audience(audience)
@@ -215,15 +215,15 @@ class ServiceAuth(httpx.Auth):
             yield _ResponseCheck(response, audience, nonce)
 
     def _fresh(self, audience: str) -> str:
-        if self.on_behalf_of is not None:
-            return self.identity.on_behalf_of(self.on_behalf_of, audience, scope=self.scope)
-        return self.identity.mint(audience, scope=self.scope)
+        return self.identity.mint(audience, scope=self.scope, txn_token=self.txn_token)
 
     def _attach(self, request: httpx.Request, token: str | httpx.Response | None) -> str | None:
         """Put the credentials on ``request``; return the nonce sent, if mutual auth is on."""
         assert isinstance(token, str)
         headers = request.headers
         headers["Authorization"] = "Bearer " + token
+        if self.txn_token is not None:
+            headers[TXN_TOKEN_HEADER] = self.txn_token
         if self.response_verifier is None:
             return None
         # A new nonce per attempt: a retry must not accept the first attempt's answer.
@@ -245,7 +245,7 @@ class ServiceAuth(httpx.Auth):
                 self._check_sync(step)
                 answer = None
             else:
-                answer = self.identity.token_for(step, scope=self.scope)
+                answer = self.identity.token_for(step, scope=self.scope, txn_token=self.txn_token)
             try:
                 step = flow.send(answer)
             except StopIteration:
@@ -263,7 +263,7 @@ class ServiceAuth(httpx.Auth):
                 await self._check_async(step)
                 answer = None
             else:
-                answer = await self.identity.atoken_for(step, scope=self.scope)
+                answer = await self.identity.atoken_for(step, scope=self.scope, txn_token=self.txn_token)
             try:
                 step = flow.send(answer)
             except StopIteration:
