@@ -40,7 +40,8 @@ def echo_app(name: str) -> Any:
             document.update(
                 caller=principal.caller,
                 subject=principal.subject,
-                actors=list(principal.actors),
+                transaction=principal.transaction,
+                txn_issuer=principal.txn_issuer,
                 scopes=sorted(principal.scopes),
             )
         body = json.dumps(document).encode()

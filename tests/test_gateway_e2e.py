@@ -225,13 +225,15 @@ def test_alice_reaches_orders_as_herself_via_the_gateway(mesh: Mesh) -> None:
     assert response.status_code == 200, response.text
     seen = response.json()
     assert seen["service"] == "orders"
-    assert seen["subject"] == "alice" and seen["caller"] == "gateway" and seen["actors"] == ["gateway"]
+    assert seen["subject"] == "alice" and seen["caller"] == "gateway" and seen["txn_issuer"] == "gateway"
+    assert isinstance(seen["transaction"], str) and len(seen["transaction"]) >= 22
     assert seen["path"] == "/orders/42" and seen["query"] == "expand=items"
     assert seen["x_forwarded_for"] == "127.0.0.1" and seen["leaked_user_token"] is False
     assert seen["traceparent"].split("-")[1] == tid
     record = mesh.audit_record(tid)
     assert (record["outcome"], record["reason"], record["status"]) == ("accepted", "ok", 200)
-    assert record["subject"] == "alice" and record["audience"] == "orders" and record["actors"] == ["gateway"]
+    assert record["subject"] == "alice" and record["audience"] == "orders"
+    assert (record["transaction"], record["txn_issuer"]) == (seen["transaction"], "gateway")
 
 
 def test_second_upstream_and_group_policy(mesh: Mesh) -> None:
