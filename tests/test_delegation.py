@@ -122,7 +122,7 @@ def test_a_service_not_allowed_to_delegate_is_denied(mesh: Mesh) -> None:
 
 
 def test_the_exploit_orders_acting_for_ceo_on_its_own_is_refused(mesh: Mesh) -> None:
-    """Version 1: orders.mint("payments", subject="ceo", actors=("gateway",)) was accepted. Every way it can try now fails."""
+    """Version 1 accepted orders.mint("payments", subject="ceo", actors=("gateway",)). Every way now fails."""
     seen: list[meshauth.Principal] = []
     payments_app = _payments(mesh, seen)
     orders = mesh.identity("orders")
