@@ -203,8 +203,8 @@ def test_pyjwt_minted_txn_token_and_bound_service_token(alg: str) -> None:
     keys = StaticKeys.from_jwks({"keys": [key.public_jwk(iss="orders"), gateway_key.public_jwk(iss="gateway")]})
     clock = FakeClock()
     now = int(clock())
-    txn_claims = {"iss": "gateway", "aud": "meshauth", "iat": now, "exp": now + 300, "txn": "5f0c1c9e-uuid-ok",
-                  "sub": "alice", "scope": "charges:write", "req_wl": "gateway", "tctx": {"groups": ["staff"]}}  # fmt: skip
+    txn_claims = {"iss": "gateway", "aud": "meshauth", "iat": now, "exp": now + 300, "txn": "5f0c1c9e-uuid-ok"}
+    txn_claims.update({"sub": "alice", "scope": "charges:write", "req_wl": "gateway", "tctx": {"groups": ["staff"]}})
     txn = jwt.encode(
         txn_claims, gateway_key.to_pem(), algorithm=alg, headers={"kid": gateway_key.kid, "typ": "txntoken+jwt"}
     )
