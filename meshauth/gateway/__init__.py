@@ -8,6 +8,7 @@ upstream service); the user's own token stays at the gateway.
 Run it from the command line (``pip install 'meshauth[gateway]'``)::
 
     meshauth gateway --config gateway.toml
+    meshauth gateway --check --config gateway.toml   # validate, load keys, reach key sets
     python -m meshauth.gateway --config gateway.toml
 
 or build the ASGI app yourself::
@@ -20,6 +21,7 @@ See ``docs/gateway.md`` for the configuration reference.
 
 from __future__ import annotations
 
+from ._check import check
 from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
 from ._idp import UserPrincipal, UserTokenVerifier
 from ._proxy import Gateway, create_app
@@ -33,6 +35,7 @@ __all__ = [
     "Timeout",
     "UserPrincipal",
     "UserTokenVerifier",
+    "check",
     "create_app",
     "load_config",
     "parse_config",

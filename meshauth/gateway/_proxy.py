@@ -124,6 +124,7 @@ _NOT_FORWARDED: Final = _HOP_BY_HOP | {
 _MESHAUTH_PREFIX: Final = b"meshauth-"
 # Every X-Forwarded-* (Prefix, Port, ...) and X-Meshauth-* header is the gateway's to set, never the client's.
 _DROPPED_PREFIXES: Final = (b"meshauth-", b"x-meshauth-", b"x-forwarded-")
+_DROPPED_RESPONSE_PREFIXES: Final = (b"meshauth-", b"x-meshauth-")
 _BEARER: Final = b"bearer "
 _MAX_AUDIT_PATH: Final = 1024
 _INTERNAL: Final = "internal_error"
@@ -194,7 +195,16 @@ class _Refused(Exception):
 
 
 class _ClientGone(Exception):
-    """The client disconnected while its request body was being forwarded."""
+    """The client disconnected, or the server cut its request body short, while it was being forwarded."""
+
+    def __init__(self, message: Message) -> None:
+        reason = message.get("meshauth.reason")
+        status = message.get("meshauth.status")
+        super().__init__(reason)
+        # A server that cut the body short (too slow, too large) says why in the disconnect message.
+        self.reason = reason if isinstance(reason, str) else "client_disconnected"
+        self.status = status if isinstance(status, int) else 499
+        self.outcome = "rejected" if isinstance(status, int) else "error"
 
 
 class _Exchange:
@@ -423,12 +433,11 @@ class Gateway:
         query_at = raw_path.find("?")
         if query_at >= 0:
             raw_path = raw_path[:query_at]
-        if raw_path == HEALTH_PATH:
-            await self._send_json(send, 200, {"status": "ok"})
-            return
-        if raw_path == READY_PATH:
-            ready, document = self.readiness()
-            await self._send_json(send, 200 if ready else 503, document)
+        if raw_path in (HEALTH_PATH, READY_PATH):
+            # Anonymous clients learn only whether the gateway is ready, never its issuers or sources.
+            ready, _document = self.readiness()
+            status = 200 if ready or raw_path == HEALTH_PATH else 503
+            await self._send_json(send, status, {"ready": ready})
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         peer = scope.get("client")
@@ -440,8 +449,8 @@ class Gateway:
             if not self._started:
                 await self._ensure_started()
             await self._exchange(exchange, scope, raw_path, receive, send)
-        except _ClientGone:
-            exchange.status, exchange.outcome, exchange.reason = 499, "error", "client_disconnected"
+        except _ClientGone as gone:
+            exchange.status, exchange.outcome, exchange.reason = gone.status, gone.outcome, gone.reason
         except Exception as exc:
             # A defect: answer 500 if still possible, log the type only (an
             # exception message could quote request data).
@@ -608,7 +617,8 @@ class Gateway:
         if span.is_recording():
             span.set_attribute("meshauth.audience", route.config.service)
             span.set_attribute("meshauth.subject", subject)
-            caller = service.caller if service is not None else user.issuer if user is not None else None
+            # For a user, the caller as the gateway sees it: the client address (past trusted proxies).
+            caller = service.caller if service is not None else ex.client
             if caller:
                 span.set_attribute("meshauth.caller", caller)
             if denial is None:
@@ -682,7 +692,7 @@ class Gateway:
             if span.is_recording():
                 span.set_attribute("http.response.status_code", response.status_code)
                 if response.status_code >= 400:  # an error for a CLIENT span (HTTP semantic conventions)
-                    span.set_status(Status(StatusCode.ERROR))
+                    span.set_status(Status(StatusCode.ERROR, f"upstream answered {response.status_code}"))
             try:
                 await self._relay(ex, response, receive, send)
             finally:
@@ -706,7 +716,7 @@ class Gateway:
     def _upstream_failed(self, span: trace.Span, exc: Exception, status: int, error: str, reason: str) -> _Refused:
         if span.is_recording():
             span.set_attribute("error.type", type(exc).__name__)
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(Status(StatusCode.ERROR, f"{reason}: {type(exc).__name__}"))
         return _Refused(status, error, reason, f"upstream call failed: {type(exc).__name__}", "error")
 
     async def _relay(self, ex: _Exchange, response: httpx.Response, receive: Receive, send: Send) -> None:
@@ -714,7 +724,8 @@ class Gateway:
         headers = [
             (name, value)
             for name, value in ((k.lower(), v) for k, v in response.headers.raw)
-            if name not in _HOP_BY_HOP and name not in named
+            # An upstream's Meshauth-* headers answer a nonce the gateway never sent for the client.
+            if name not in _HOP_BY_HOP and name not in named and not name.startswith(_DROPPED_RESPONSE_PREFIXES)
         ]
         ex.status = response.status_code
         ex.outcome, ex.reason = "accepted", "ok"
@@ -769,6 +780,8 @@ class Gateway:
                 named = named | _connection_tokens([value.decode("latin-1")])
         for raw_name, value in inbound:
             name = raw_name.lower()
+            if name == b"content-length":
+                has_body = True  # even when Connection names it: the body is there all the same
             if name in _NOT_FORWARDED or name.startswith(_DROPPED_PREFIXES) or name in named or name in injected:
                 if name == b"x-forwarded-for":
                     forwarded_for.append(value)
@@ -781,8 +794,6 @@ class Gateway:
                 elif name == b"transfer-encoding":
                     has_body = True
                 continue
-            if name == b"content-length":
-                has_body = True
             out.append((name, value))
         peer = scope.get("client")
         peer_host = peer[0] if peer else ""
@@ -929,7 +940,7 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone
+            raise _ClientGone(message)
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
