@@ -23,7 +23,6 @@ __all__ = ["AUDIT_LOGGER", "Telemetry", "audit", "escape_line_breaks", "span_ids
 
 AUDIT_LOGGER = logging.getLogger("meshauth.audit")
 _VERSION = "0.1.0"
-_ERROR = Status(StatusCode.ERROR)
 _ACCEPTED: Final = {"meshauth.outcome": "accepted", "meshauth.reason": "ok"}
 
 
@@ -116,9 +115,7 @@ def span_ids(span: Span | None = None) -> tuple[str | None, str | None]:
 
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators: a log reader may start a new
 # record at any of them, so a user-controlled subject must not contain them raw.
-_UNSAFE: Final = {
-    code: f"\\u{code:04x}" for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
-}
+_UNSAFE: Final = {code: f"\\u{code:04x}" for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
 
 
 def escape_line_breaks(text: str) -> str:
@@ -161,7 +158,8 @@ def mark_rejected(span: Span, error: BaseException, reason: str, outcome: str = 
         span.set_attribute("meshauth.outcome", outcome)
         span.set_attribute("meshauth.reason", reason)
         span.set_attribute("error.type", type(error).__name__)
-        span.set_status(_ERROR)
+        # A short description (outcome and reason code), never the message: it may quote request data.
+        span.set_status(Status(StatusCode.ERROR, f"{outcome}: {reason}"))
 
 
 def audit(
@@ -206,6 +204,8 @@ def audit(
     for key, value in fields.items():
         record[key] = list(value) if isinstance(value, tuple) else value
     summary = " ".join(
-        f"{key}={escape_line_breaks(str(record[key]))}" for key in ("caller", "subject", "audience", "method", "path") if record.get(key)
+        f"{key}={escape_line_breaks(str(record[key]))}"
+        for key in ("caller", "subject", "audience", "method", "path")
+        if record.get(key)
     )
     AUDIT_LOGGER.log(level, "%s %s: %s %s", event, outcome, reason, summary, extra={"meshauth": record})

@@ -50,8 +50,10 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 _READ: Final = 65536
+_LINGER: Final = 1.0
 _BARE_LF: Final = re.compile(rb"(?<!\r)\n")
-_BARE_CR: Final = re.compile(rb"\r(?!\n)")
+# A CR at the very end of what has arrived may still be followed by its LF.
+_BARE_CR: Final = re.compile(rb"\r(?!\n|\Z)")
 _OBS_FOLD: Final = re.compile(rb"\r\n[ \t]")
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # The status the client sees when the server cuts a request body short.
@@ -153,8 +155,7 @@ class HTTPServer:
             # connection in the kernel backlog and stall every other client.
             writer.write(_canned(503, "too_many_connections"))
             self.on_refusal(Refusal(503, "too_many_connections", "the gateway's connection cap is reached", client))
-            with contextlib.suppress(OSError):
-                writer.close()
+            await _close(reader, writer)
             return
         self.open += 1
         task = asyncio.current_task()
@@ -165,10 +166,27 @@ class HTTPServer:
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            await _close(reader, writer)
             self.open -= 1
             self._connections.discard(task)
-            with contextlib.suppress(OSError):
-                writer.close()
+
+
+async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close after the client has read the response.
+
+    Closing a socket that still holds unread request bytes sends a reset,
+    which can destroy a response the client has not read yet; so the write
+    side is shut first and what the client still sends is read and dropped,
+    for at most ``_LINGER`` seconds.
+    """
+    with contextlib.suppress(OSError, RuntimeError):
+        if not writer.is_closing() and writer.can_write_eof():
+            writer.write_eof()
+            async with asyncio.timeout(_LINGER):
+                while await reader.read(_READ):
+                    pass
+    with contextlib.suppress(OSError, TimeoutError):
+        writer.close()
 
 
 class _Connection:
@@ -219,8 +237,7 @@ class _Connection:
         while True:
             self.buffer = self.buffer.lstrip(b"\r\n") if self.buffer[:1] in (b"\r", b"\n") else self.buffer
             end = self.buffer.find(b"\r\n\r\n")
-            # Until the head is complete, a CR at the very end may still be followed by its LF.
-            scanned = self.buffer[:-1] if end < 0 else self.buffer[: end + 4]
+            scanned = self.buffer if end < 0 else self.buffer[: end + 4]
             if _BARE_LF.search(scanned) or _BARE_CR.search(scanned):
                 raise _Refused(400, "bad_line_ending", "a bare CR or LF in the request head")
             if _OBS_FOLD.search(scanned):
@@ -356,7 +373,18 @@ class _Exchange:
             status = ABORTS.get(self.abort or "", 500)
             await self.connection.write(_canned(status, self.abort or "no_response"))
             return False
-        return self.complete and self.http.our_state is h11.DONE and self.http.their_state is h11.DONE
+        return self.complete and self.http.our_state is h11.DONE and self._drained()
+
+    def _drained(self) -> bool:
+        """Whether the request is read to its end (a body the app left unread only if it is already here)."""
+        while self.http.their_state is h11.SEND_BODY:
+            try:
+                event = self.http.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return False
+        return self.http.their_state is h11.DONE
 
     async def receive(self) -> Message:
         if self.body_done or self.abort is not None or self.gone:
