@@ -44,7 +44,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from meshauth import ServiceIdentity, SigningKey, TokenError, Verifier
-from meshauth._jwks_endpoint import JWKSEndpoint, load_keys
+from meshauth._jwks_endpoint import JWKSEndpoint
+from meshauth._keyset import load_keys
 from meshauth.testing import FakeClock
 
 AUDIENCE = "payments"

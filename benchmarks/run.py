@@ -798,7 +798,7 @@ def bench_jwks(doc: dict[str, Any], scale: Scale) -> list[Row]:
     section = f"JWKS with {JWKS_KEYS:,} keys: cold load (DESIGN 7 row 5)"
     body = json.dumps(doc).encode("utf-8")
     from_dict = jwt.PyJWKSet.from_dict
-    load_keys = _optional("meshauth._jwks_endpoint", "load_keys")
+    load_keys = _optional("meshauth._keyset", "load_keys")
     endpoint_class = _endpoint_class()
     first_kid = doc["keys"][0]["kid"]
 

@@ -37,6 +37,7 @@ from ._exceptions import (
 )
 from ._httpx import ServiceAuth
 from ._identity import ServiceIdentity
+from ._idp_keys import IdPKeyParser
 from ._jwks_endpoint import JWKSEndpoint
 from ._keys import KeyRecord, SigningKey
 from ._mutual import ResponseVerifier
@@ -59,6 +60,7 @@ __all__ = [
     "ConfigurationError",
     "Decision",
     "Finding",
+    "IdPKeyParser",
     "InvalidClaim",
     "IssuerMismatch",
     "JWKSApp",

@@ -1,8 +1,11 @@
 """Signing keys and public key records.
 
 A :class:`SigningKey` is a service's own private key; a :class:`KeyRecord` is
-one entry of the shared registry: a public key bound to one algorithm and one
-owning service. Keys are parsed once and kept as ``cryptography`` objects.
+one public key bound to one algorithm and one owner: an entry of the shared
+registry (ES256 or EdDSA, owned by a service) or a key of an identity
+provider (RSA, EC P-256 or Ed25519, owned by the issuer; see
+``meshauth._idp_keys``). Keys are parsed once and kept as ``cryptography``
+objects.
 
 .. warning::
    The algorithm used to verify a token always comes from the :class:`KeyRecord`
@@ -21,18 +24,25 @@ from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from ._exceptions import ConfigurationError
 from ._jws import b64url_decode, b64url_encode, der_to_raw, raw_to_der
 from ._names import service_name_problem
 
-__all__ = ["ALGORITHMS", "KeyRecord", "SigningKey", "check_jwk", "jwk_thumbprint", "parse_jwk"]
+__all__ = ["ALGORITHMS", "RSA_ALGORITHMS", "KeyRecord", "SigningKey", "check_jwk", "jwk_thumbprint", "parse_jwk"]
 
 ALGORITHMS: Final = ("ES256", "EdDSA")
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+RSA_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+ServicePublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+PublicKey = ServicePublicKey | rsa.RSAPublicKey
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_RSA_HASHES: Final[Mapping[str, Callable[[], hashes.HashAlgorithm]]] = {
+    "256": hashes.SHA256,
+    "384": hashes.SHA384,
+    "512": hashes.SHA512,
+}
 # Members that only a private JWK carries (RFC 7518 section 6); their presence in
 # a registry means somebody published a secret.
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
@@ -40,16 +50,18 @@ _KTY_FOR_ALG = {"ES256": ("EC", "P-256"), "EdDSA": ("OKP", "Ed25519")}
 
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
-    """RFC 7638 SHA-256 thumbprint of a public EC or OKP JWK, base64url."""
+    """RFC 7638 SHA-256 thumbprint of a public EC, OKP or RSA JWK, base64url."""
     if jwk.get("kty") == "EC":
         members = {"crv": jwk["crv"], "kty": "EC", "x": jwk["x"], "y": jwk["y"]}
+    elif jwk.get("kty") == "RSA":
+        members = {"e": jwk["e"], "kty": "RSA", "n": jwk["n"]}
     else:
         members = {"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"]}
     canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode("utf-8")
     return b64url_encode(hashlib.sha256(canonical).digest())
 
 
-def _public_members(public_key: PublicKey) -> dict[str, str]:
+def _public_members(public_key: ServicePublicKey) -> dict[str, str]:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         numbers = public_key.public_numbers()
         return {
@@ -62,10 +74,39 @@ def _public_members(public_key: PublicKey) -> dict[str, str]:
     return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw)}
 
 
+def _rsa_verifier(alg: str, public_key: rsa.RSAPublicKey) -> Callable[[bytes, bytes], bool]:
+    hash_algorithm = _RSA_HASHES[alg[2:]]()
+    # RFC 7518 section 3.5: the PSS salt is as long as the hash output.
+    pad: padding.AsymmetricPadding = (
+        padding.PKCS1v15()
+        if alg.startswith("RS")
+        else padding.PSS(mgf=padding.MGF1(hash_algorithm), salt_length=hash_algorithm.digest_size)
+    )
+    size = (public_key.key_size + 7) // 8
+    rsa_verify = public_key.verify
+
+    def verify_rsa(signature: bytes, data: bytes) -> bool:
+        if len(signature) != size:
+            return False
+        try:
+            rsa_verify(signature, data, pad, hash_algorithm)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify_rsa
+
+
 def _verifier_for(alg: str, public_key: PublicKey) -> Callable[[bytes, bytes], bool]:
-    """A closure that checks a JWS-form signature over ``data`` and never raises."""
-    if alg == "ES256":
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    """A closure that checks a JWS-form signature over ``data`` and never raises.
+
+    Raises ``ValueError`` when ``alg`` does not fit the key's type.
+    """
+    if alg in RSA_ALGORITHMS and isinstance(public_key, rsa.RSAPublicKey):
+        return _rsa_verifier(alg, public_key)
+    if alg == "ES256" and isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, ec.SECP256R1):
+            raise ValueError("ES256 needs a P-256 key")
         ec_verify = public_key.verify
 
         def verify_es256(signature: bytes, data: bytes) -> bool:
@@ -78,24 +119,32 @@ def _verifier_for(alg: str, public_key: PublicKey) -> Callable[[bytes, bytes], b
             return True
 
         return verify_es256
-    assert isinstance(public_key, ed25519.Ed25519PublicKey)
-    ed_verify = public_key.verify
+    if alg == "EdDSA" and isinstance(public_key, ed25519.Ed25519PublicKey):
+        ed_verify = public_key.verify
 
-    def verify_eddsa(signature: bytes, data: bytes) -> bool:
-        if len(signature) != 64:
-            return False
-        try:
-            ed_verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True
+        def verify_eddsa(signature: bytes, data: bytes) -> bool:
+            if len(signature) != 64:
+                return False
+            try:
+                ed_verify(signature, data)
+            except InvalidSignature:
+                return False
+            return True
 
-    return verify_eddsa
+        return verify_eddsa
+    raise ValueError(f"algorithm {alg[:16]!r} does not fit a {type(public_key).__name__}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class KeyRecord:
-    """One public key of the registry, bound to an algorithm and an owning service.
+    """One public key, bound to one algorithm and one owner.
+
+    A registry key is owned by a service (ES256 or EdDSA); an identity
+    provider's key by its issuer (RS256/384/512, PS256/384/512 with 2048 to
+    8192 bits, ES256 on P-256, EdDSA on Ed25519). The algorithm is part of
+    the record: a token is only ever checked with ``alg``, whatever its header
+    says. Building a record whose ``alg`` does not fit ``public_key`` raises
+    ``ValueError``.
 
     Records compare by identity: a registry reload that keeps a key produces a
     new record only when the key's entry changed.
@@ -117,10 +166,14 @@ class KeyRecord:
         if self.verify_signature is None:
             object.__setattr__(self, "verify_signature", _verifier_for(self.alg, self.public_key))
 
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        """Whether ``signature`` (JWS form) over ``data`` verifies with this key and ``alg``; never raises."""
+        return self.verify_signature(signature, data)
+
     @classmethod
     def from_public_key(
         cls,
-        public_key: PublicKey,
+        public_key: ServicePublicKey,
         owner: str,
         *,
         not_before: int | None = None,
@@ -293,7 +346,7 @@ class SigningKey:
             )
         self._private = private_key
         self._sign = sign
-        self.public_key: PublicKey = private_key.public_key()
+        self.public_key: ServicePublicKey = private_key.public_key()
         self.kid: str = jwk_thumbprint(_public_members(self.public_key))
 
     @classmethod

@@ -356,6 +356,7 @@ class RequestGuard:
 
     __slots__ = (
         "_exact",
+        "_judged",
         "_prefixes",
         "_replies",
         "audience",
@@ -395,6 +396,7 @@ class RequestGuard:
         self.audience = verifier.audience
         self.limit = verifier.max_token_bytes + _BEARER_PREFIX_LEN
         self._exact, self._prefixes = _compile_exclude(exclude)
+        self._judged: dict[tuple[object, ...], str] = {}
         if policy is not None:
             _warn_unknown_callers(policy, verifier)
         self.tracer = (
@@ -406,6 +408,24 @@ class RequestGuard:
         self._replies: dict[tuple[type[BaseException], str], Reply] = {}
 
     # -- request steps -------------------------------------------------------------
+
+    def asgi_path(self, scope: Mapping[str, Any]) -> str:
+        """:func:`asgi_judged_path`, remembered per (raw_path, path): judging costs more than the lookup."""
+        key = (scope.get("raw_path"), scope.get("path"))
+        judged = self._judged.get(key)
+        if judged is None:
+            judged = asgi_judged_path(scope)  # raises BadPath; refusals are not remembered
+            _remember_path(self._judged, key, judged)
+        return judged
+
+    def wsgi_path(self, environ: Mapping[str, Any], mount: str) -> str:
+        """:func:`wsgi_judged_path`, remembered per (SCRIPT_NAME, PATH_INFO, raw target)."""
+        key = (environ.get("SCRIPT_NAME"), environ.get("PATH_INFO"), environ.get("RAW_URI"), environ.get("REQUEST_URI"))
+        judged = self._judged.get(key)
+        if judged is None:
+            judged = wsgi_judged_path(environ, mount)
+            _remember_path(self._judged, key, judged)
+        return judged
 
     @property
     def has_exclusions(self) -> bool:
@@ -585,6 +605,19 @@ class RequestGuard:
             traceparent=traceparent,
             **fields,
         )
+
+
+_JUDGED_PATHS: Final = 1024
+_JUDGED_KEY_CHARS: Final = 512
+
+
+def _remember_path(cache: dict[tuple[object, ...], str], key: tuple[object, ...], judged: str) -> None:
+    """A small bounded cache: cleared when full (no iteration over a dict other threads write to)."""
+    if len(judged) > _JUDGED_KEY_CHARS:
+        return  # long unique paths would pin memory for nothing
+    if len(cache) >= _JUDGED_PATHS:
+        cache.clear()
+    cache[key] = judged
 
 
 def _warn_unknown_callers(policy: Policy, verifier: Verifier) -> None:

@@ -12,12 +12,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from ._exceptions import ConfigurationError
-from ._jws import strict_json_loads
-from ._keys import KeyRecord, check_jwk, parse_jwk
+from ._keys import KeyRecord
+from ._keyset import REGISTRY, KeySet, KeySetParser, parse_registry_document
 
 __all__ = ["JWKSFile", "KeySet", "KeySource", "StaticKeys", "parse_registry_document"]
 
@@ -41,149 +41,6 @@ class KeySource(Protocol):
         ...
 
 
-def parse_registry_document(data: bytes | str | Mapping[str, Any], source: str = "registry") -> Mapping[str, Any]:
-    """Strictly parse a JWKS document (bytes, text or an already-decoded mapping)."""
-    if isinstance(data, Mapping):
-        doc: Any = data
-    else:
-        try:
-            text = data.decode("utf-8") if isinstance(data, bytes) else data
-            doc = strict_json_loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ConfigurationError(
-                f"{source}: not a valid JSON document ({exc})", reason="invalid_registry"
-            ) from None
-    if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list):
-        raise ConfigurationError(
-            f"{source}: a JWKS document is an object with a 'keys' array",
-            reason="invalid_registry",
-            expected='{"keys": [...]}',
-            actual=type(doc).__name__,
-        )
-    return doc
-
-
-class KeySet:
-    """An immutable snapshot of a registry document, indexed by ``kid``.
-
-    Lookup is one dictionary access. With ``lazy=True`` each key's structure is
-    checked on load but its ``cryptography`` object is built on first use, so a
-    registry of thousands of keys loads quickly; a key that then turns out to be
-    invalid is treated as absent and listed in :attr:`problems`.
-    """
-
-    __slots__ = ("_entries", "_lock", "_records", "problems", "source")
-
-    def __init__(
-        self,
-        records: Iterable[KeyRecord] = (),
-        *,
-        source: str = "registry",
-        _entries: Mapping[str, Any] | None = None,
-        problems: Iterable[str] = (),
-    ) -> None:
-        self._records: dict[str, KeyRecord | None] = {}
-        # kid -> the not-yet-built entry (a JWK mapping here; subclasses may keep text)
-        self._entries: Mapping[str, Any] = _entries or {}
-        self._lock = threading.Lock()
-        self.source = source
-        self.problems: list[str] = list(problems)
-        for record in records:
-            if record.kid in self._records or record.kid in self._entries:
-                raise ConfigurationError(f"{source}: duplicate kid {record.kid!r}", reason="invalid_registry")
-            self._records[record.kid] = record
-
-    @classmethod
-    def from_jwks(
-        cls,
-        document: bytes | str | Mapping[str, Any],
-        *,
-        source: str = "registry",
-        strict: bool = True,
-        lazy: bool = False,
-    ) -> KeySet:
-        """Load a JWKS document.
-
-        ``strict`` rejects the whole document on the first bad key (naming it);
-        otherwise bad keys are skipped and described in :attr:`problems`.
-        A duplicate ``kid`` is always an error: which of the two was meant?
-        """
-        doc = parse_registry_document(document, source)
-        entries: dict[str, Mapping[str, Any]] = {}
-        records: list[KeyRecord] = []
-        problems: list[str] = []
-        seen: set[str] = set()
-        for index, jwk in enumerate(doc["keys"]):
-            where = f"{source}: keys[{index}]"
-            try:
-                if lazy:
-                    kid = check_jwk(jwk, where)[0]
-                else:
-                    record = parse_jwk(jwk, where)
-                    kid = record.kid
-            except ConfigurationError as exc:
-                if strict:
-                    raise
-                problems.append(exc.detail)
-                continue
-            if kid in seen:
-                raise ConfigurationError(f"{where}: duplicate kid {kid[:64]!r}", reason="invalid_registry")
-            seen.add(kid)
-            if lazy:
-                entries[kid] = jwk
-            else:
-                records.append(record)
-        return cls(records, source=source, _entries=entries, problems=problems)
-
-    def get(self, kid: str) -> KeyRecord | None:
-        """The record for ``kid``, or ``None``."""
-        record = self._records.get(kid)
-        if record is not None:
-            return record
-        if kid in self._entries and kid not in self._records:  # a key found invalid stays None
-            return self._materialize(kid)
-        return None
-
-    def _materialize(self, kid: str) -> KeyRecord | None:
-        with self._lock:
-            if kid in self._records:
-                return self._records[kid]
-            record: KeyRecord | None = None
-            try:
-                record = self._build(kid, self._entries[kid], f"{self.source}: kid {kid[:64]!r}")
-            except ConfigurationError as exc:
-                self.problems.append(exc.detail)
-                logger.warning("meshauth registry: skipping a bad key: %s", exc.detail)
-            self._records[kid] = record
-            return record
-
-    def _build(self, kid: str, entry: Any, where: str) -> KeyRecord:
-        """Validate one entry and build its record; raise ``ConfigurationError`` naming the key."""
-        return parse_jwk(entry, where)
-
-    def __contains__(self, kid: object) -> bool:
-        return isinstance(kid, str) and self.get(kid) is not None
-
-    def __len__(self) -> int:
-        return len(self._entries) + sum(
-            1 for r in self._records.values() if r is not None and r.kid not in self._entries
-        )
-
-    def kids(self) -> list[str]:
-        """Every ``kid`` in the set, in document order."""
-        return list(self._entries) + [k for k, r in self._records.items() if r is not None and k not in self._entries]
-
-    def __iter__(self) -> Iterator[KeyRecord]:
-        for kid in self.kids():
-            record = self.get(kid)
-            if record is not None:
-                yield record
-
-    def to_jwks(self) -> dict[str, Any]:
-        """The registry document (public members only)."""
-        return {"keys": [dict(record.jwk) for record in self]}
-
-
 class StaticKeys:
     """A fixed key registry held in memory.
 
@@ -198,9 +55,24 @@ class StaticKeys:
         self.keyset = records if isinstance(records, KeySet) else KeySet(records, source="static keys")
 
     @classmethod
-    def from_jwks(cls, document: bytes | str | Mapping[str, Any], *, source: str = "registry") -> StaticKeys:
-        """Load and strictly validate a JWKS document (bytes, text or mapping)."""
-        return cls(KeySet.from_jwks(document, source=source, strict=True))
+    def from_jwks(
+        cls,
+        document: bytes | str | Mapping[str, Any],
+        *,
+        source: str = "registry",
+        parser: KeySetParser = REGISTRY,
+    ) -> StaticKeys:
+        """Load and strictly validate a JWKS document (bytes, text or mapping).
+
+        ``parser`` says what the document is: the meshauth registry (default)
+        or an identity provider's key set (``IdPKeyParser``).
+        """
+        return cls(parser.parse(document, source, strict=True))
+
+    @property
+    def problems(self) -> list[str]:
+        """Keys of the document that were skipped, and why."""
+        return self.keyset.problems
 
     def get_key(self, kid: str) -> KeyRecord | None:
         return self.keyset.get(kid)
@@ -222,8 +94,7 @@ class StaticKeys:
 class WatchedFile(Generic[_T]):
     """A key-set file, parsed, and parsed again when the file changes.
 
-    The mechanism behind :class:`JWKSFile` and the gateway's ``IdPKeyFile``;
-    a subclass names its file in the class attributes below and turns the
+    The mechanism behind :class:`JWKSFile`; a subclass names its file in the class attributes below and turns the
     file's bytes into a value in :meth:`_parse` (raising
     :class:`~meshauth.ConfigurationError` for a bad document). The first load
     happens in the constructor and raises on failure. After that the file is
@@ -233,9 +104,9 @@ class WatchedFile(Generic[_T]):
     kept in :attr:`last_error` and logged once.
     """
 
-    _kind: ClassVar[str]  # "registry": in errors as "cannot read registry file ..."
-    _label: ClassVar[str]  # "meshauth registry": in log lines as "meshauth registry <path>: ..."
-    _reason: ClassVar[str]  # the ConfigurationError reason for an unreadable or oversized file
+    _kind: str  # "registry": in errors as "cannot read registry file ..."
+    _label: str  # "meshauth registry": in log lines as "meshauth registry <path>: ..."
+    _reason: str  # the ConfigurationError reason for an unreadable or oversized file
     _logger: ClassVar[logging.Logger]
 
     def __init__(
@@ -330,6 +201,10 @@ class JWKSFile(WatchedFile[KeySet]):
     logged and shown by :meth:`status`. The first load happens in the
     constructor and raises :class:`~meshauth.ConfigurationError` on failure, so
     a misconfigured service fails at start-up.
+
+    ``parser`` says what the file holds: the meshauth registry (default) or an
+    identity provider's key set (``IdPKeyParser``, which skips the keys it
+    cannot use and lists them in ``keyset.problems``).
     """
 
     _kind = "registry"
@@ -344,11 +219,16 @@ class JWKSFile(WatchedFile[KeySet]):
         check_interval: float = 1.0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         monotonic: Callable[[], float] = time.monotonic,
+        parser: KeySetParser = REGISTRY,
     ) -> None:
+        self.parser = parser
+        self._reason = parser.reason
+        self._kind = parser.kind
+        self._label = f"meshauth {parser.kind}"
         super().__init__(path, check_interval=check_interval, max_bytes=max_bytes, monotonic=monotonic)
 
     def _parse(self, data: bytes) -> KeySet:
-        return KeySet.from_jwks(data, source=self.path, strict=True)
+        return self.parser.parse(data, self.path, strict=True)
 
     @property
     def keyset(self) -> KeySet:

@@ -23,7 +23,6 @@ from ._middleware import (
     PRINCIPAL_KEY,
     ErrorHook,
     RequestGuard,
-    asgi_judged_path,
     asgi_method,
     asgi_raw_path,
     asgi_traceparent,
@@ -148,7 +147,7 @@ class MeshAuthMiddleware:
         principal: Principal | None = None
         nonce: str | None = None
         try:
-            path = asgi_judged_path(scope)
+            path = guard.asgi_path(scope)
             if authorization is None:
                 raise TokenError("the request has no bearer credentials", reason=MISSING_CREDENTIALS)
             if repeated:

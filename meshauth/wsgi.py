@@ -17,7 +17,6 @@ from ._middleware import (
     PRINCIPAL_KEY,
     ErrorHook,
     RequestGuard,
-    wsgi_judged_path,
     wsgi_raw_path,
 )
 from ._policy import Decision, Policy
@@ -109,7 +108,7 @@ class MeshAuthMiddleware:
         principal: Principal | None = None
         nonce: str | None = None
         try:
-            path = wsgi_judged_path(environ, self._mount)
+            path = guard.wsgi_path(environ, self._mount)
             if authorization is None:
                 raise TokenError("the request has no bearer credentials", reason=MISSING_CREDENTIALS)
             # PEP 3333: header values are latin-1 "bytes as str"; encoding recovers the bytes.

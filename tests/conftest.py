@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
+from jwks_server import JWKSServer, no_wait
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -15,6 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import meshauth
+from meshauth._jwks_endpoint import JWKSEndpoint
 from meshauth.testing import FakeClock, LoopbackServer, Mesh
 
 
@@ -132,3 +134,30 @@ def serve_asgi() -> Iterator[Callable[..., str]]:
     for server in servers:
         server.stop()
     assert not any(server.running for server in servers), "a loopback server did not stop"
+
+
+# -- a scriptable loopback JWKS registry (tests/jwks_server.py) ---------------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[JWKSServer]:
+    with JWKSServer() as running:
+        yield running
+
+
+@pytest.fixture
+def make_endpoint(server: JWKSServer, clock: FakeClock) -> Iterator[Callable[..., JWKSEndpoint]]:
+    made: list[JWKSEndpoint] = []
+
+    def make(url: str | None = None, **kwargs: Any) -> JWKSEndpoint:
+        kwargs.setdefault("clock", clock)
+        kwargs.setdefault("monotonic", clock)
+        kwargs.setdefault("retry_wait", no_wait)
+        kwargs.setdefault("timeout", 3.0)
+        endpoint = JWKSEndpoint(url or server.url, **kwargs)
+        made.append(endpoint)
+        return endpoint
+
+    yield make
+    for endpoint in made:
+        endpoint.close()

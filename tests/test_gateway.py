@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from opentelemetry.trace import SpanKind, StatusCode
 
 import meshauth
+from meshauth import JWKSEndpoint, JWKSFile, StaticKeys
+from meshauth._idp_keys import IdPKeyParser, parse_idp_jwk
 from meshauth.gateway import Gateway, IssuerConfig, create_app, load_config, serve
-from meshauth.gateway._idp import IdPKeyEndpoint, IdPKeyFile, StaticIdPKeys, UserTokenVerifier, is_service_token
+from meshauth.gateway._idp import UserTokenVerifier, is_service_token
 from meshauth.testing import FakeClock
 
 IDP = "https://idp.example.com"
@@ -51,6 +53,11 @@ class IdPKeys:
                     "kid": "rsa-pinned",
                     "alg": "RS256",
                 },
+                {
+                    **jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa.public_key(), as_dict=True),
+                    "kid": "rsa-ps",
+                    "alg": "PS256",
+                },
                 {**jwt.algorithms.ECAlgorithm.to_jwk(self.ec.public_key(), as_dict=True), "kid": "ec-1"},
                 {**jwt.algorithms.OKPAlgorithm.to_jwk(self.ed.public_key(), as_dict=True), "kid": "ed-1"},
             ]
@@ -65,6 +72,10 @@ def idp() -> IdPKeys:
         ed=ed25519.Ed25519PrivateKey.generate(),
         other_rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
     )
+
+
+def idp_keys(document: Any, *, source: str = "idp keys") -> StaticKeys:
+    return StaticKeys.from_jwks(document, source=source, parser=IdPKeyParser(IDP))
 
 
 def b64(data: bytes) -> str:
@@ -95,7 +106,7 @@ class Tokens:
 
     def user(self, subject: str = "alice", *, alg: str = "RS256", kid: str | None = None, **claims: Any) -> str:
         key: Any = {"RS256": self.idp.rsa, "PS256": self.idp.rsa, "ES256": self.idp.ec, "EdDSA": self.idp.ed}[alg]
-        default_kid = {"RS256": "rsa-1", "PS256": "rsa-1", "ES256": "ec-1", "EdDSA": "ed-1"}[alg]
+        default_kid = {"RS256": "rsa-1", "PS256": "rsa-ps", "ES256": "ec-1", "EdDSA": "ed-1"}[alg]
         return jwt.encode(
             self.claims(subject, **claims), key, algorithm=alg, headers={"kid": kid or default_kid, "typ": "JWT"}
         )
@@ -850,8 +861,8 @@ def test_healthz_and_readyz(harness: Harness) -> None:
 
 def test_not_ready_while_an_issuer_key_set_cannot_be_fetched(harness: Harness) -> None:
     failing = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(500)))
-    endpoint = IdPKeyEndpoint("https://idp.example.com/jwks", client=failing)
-    static = StaticIdPKeys(harness.tokens.idp.jwks())
+    endpoint = JWKSEndpoint("https://idp.example.com/jwks", async_client=failing, retries=1, parser=IdPKeyParser(IDP))
+    static = idp_keys(harness.tokens.idp.jwks())
     gateway = harness.gateway(issuer_keys={IDP: endpoint, OTHER_IDP: static})
 
     async def scenario(client: httpx.AsyncClient) -> list[httpx.Response]:
@@ -870,7 +881,8 @@ def test_not_ready_while_an_issuer_key_set_cannot_be_fetched(harness: Harness) -
     )
     assert request.status_code == 503 and request.json()["reason"] == "keys_unavailable"
     assert "retry-after" in request.headers
-    (record,) = harness.audit()
+    refresh, record = harness.audit()
+    assert (refresh["event"], refresh["reason"]) == ("jwks.refresh", "http_error")
     assert (record["outcome"], record["reason"], record["status"]) == ("error", "keys_unavailable", 503)
 
 
@@ -929,7 +941,7 @@ def test_serve_returns_2_on_a_configuration_error(tmp_path: Path, capsys: pytest
 
 def _verifier(idp: IdPKeys, clock: FakeClock, **issuer: Any) -> UserTokenVerifier:
     config = IssuerConfig(IDP, "unused", AUDIENCE, tuple(issuer.pop("algorithms", ("RS256", "ES256"))), **issuer)
-    return UserTokenVerifier([config], {IDP: StaticIdPKeys(idp.jwks())}, clock=clock)
+    return UserTokenVerifier([config], {IDP: idp_keys(idp.jwks())}, clock=clock)
 
 
 def test_user_token_claims(idp: IdPKeys) -> None:
@@ -973,7 +985,7 @@ def test_idp_key_file_reloads_on_change(tmp_path: Path, idp: IdPKeys) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [idp.jwks()["keys"][0]]}))
     ticks = [0.0]
-    keys = IdPKeyFile(path, monotonic=lambda: ticks[0])
+    keys = JWKSFile(path, monotonic=lambda: ticks[0], parser=IdPKeyParser(IDP))
     assert keys.get_key("ec-1") is None and keys.get_key("rsa-1") is not None
     path.write_text(json.dumps(idp.jwks()) + " ")
     ticks[0] = 5.0
@@ -991,73 +1003,56 @@ def test_idp_jwks_skips_bad_keys_and_duplicates(idp: IdPKeys) -> None:
             *good,
             {**good[0], "kid": "dup"},
             {**good[2], "kid": "dup"},
-            {"kty": "oct", "kid": "secret", "k": "c2VjcmV0"},
+            {"kty": "oct", "kid": "secret"},
             {**good[0], "kid": "enc", "use": "enc"},
             {**good[0], "kid": "bad-alg", "alg": "ES256"},
             {"kty": "RSA", "kid": "small", "n": b64((2**1023 + 1).to_bytes(128, "big")), "e": "AQAB"},
         ]
     }
-    keys = StaticIdPKeys(document)
-    assert set(keys.keys) == {"rsa-1", "rsa-pinned", "ec-1", "ed-1"}
+    keys = idp_keys(document)
+    assert set(keys.keyset.kids()) == {"rsa-1", "rsa-pinned", "rsa-ps", "ec-1", "ed-1"}
     assert len(keys.problems) == 5
+    assert all(record.owner == IDP for record in keys.keyset)
+    # A published private member is not a skippable key: the whole document is refused.
+    with pytest.raises(meshauth.ConfigurationError, match="private key members"):
+        idp_keys({"keys": [*good, {"kty": "oct", "kid": "secret", "k": "c2VjcmV0"}]})
 
 
-def test_idp_key_endpoint_caching_cooldown_and_failures(idp: IdPKeys) -> None:
-    ticks = [0.0]
-    state: dict[str, Any] = {"keys": [idp.jwks()["keys"][0]], "calls": 0, "status": 200}
+def test_idp_keys_over_jwks_endpoint(idp: IdPKeys) -> None:
+    calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        state["calls"] += 1
-        if request.headers.get("if-none-match") == '"v1"' and state["status"] == 200 and len(state["keys"]) == 1:
-            return httpx.Response(304, headers={"cache-control": "max-age=600"})
-        if state["status"] != 200:
-            return httpx.Response(state["status"], headers={"location": "https://evil/jwks"})
-        return httpx.Response(
-            200, json={"keys": state["keys"]}, headers={"cache-control": "public, max-age=600", "etag": '"v1"'}
-        )
+        calls.append(request)
+        return httpx.Response(200, json=idp.jwks(), headers={"cache-control": "max-age=600"})
 
     async def main() -> None:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        endpoint = IdPKeyEndpoint("https://idp.example.com/jwks", client=client, monotonic=lambda: ticks[0])
-        # Concurrent cold callers share one fetch.
-        found = await asyncio.gather(*(endpoint.aget_key("rsa-1") for _ in range(10)))
-        assert all(k is not None for k in found) and state["calls"] == 1
-        # Unknown kid: refetch, but at most once per cooldown.
-        assert await endpoint.aget_key("ec-1") is None
-        assert state["calls"] == 1  # within the cooldown of the first fetch
-        ticks[0] = 31.0
-        state["keys"] = idp.jwks()["keys"]
-        assert await endpoint.aget_key("ec-1") is not None and state["calls"] == 2
-        assert await endpoint.aget_key("nope") is None and state["calls"] == 2
-        # After max-age, a refresh runs in the background; known keys answer at once.
-        ticks[0] = 700.0
-        state["status"] = 302
-        assert await endpoint.aget_key("ec-1") is not None
-        await asyncio.sleep(0)
-        await endpoint.refresh()
-        assert endpoint.status()["ready"] and endpoint.last_error == "HTTP status 302"
-        # Past max_stale without a good fetch: unavailable.
-        ticks[0] = 700.0 + 86400 + 1
-        with pytest.raises(meshauth.KeysUnavailable):
-            await endpoint.aget_key("ec-1")
-        assert not endpoint.status()["ready"]
-        await endpoint.aclose()
-        await client.aclose()
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            parser = IdPKeyParser(IDP, algorithms=("PS256", "ES256"))
+            endpoint = JWKSEndpoint("https://idp.example.com/jwks", async_client=client, parser=parser)
+            found = await asyncio.gather(*(endpoint.aget_key("ec-1") for _ in range(10)))
+            assert all(record is found[0] and record.alg == "ES256" for record in found) and len(calls) == 1
+            # Without "alg", an RSA key is bound to the first allowed RSA algorithm.
+            assert (await endpoint.aget_key("rsa-1")).alg == "PS256"
+            assert await endpoint.aget_key("rsa-pinned") is None  # RS256 is not allowed for this issuer
+            assert any("rsa-pinned" in problem for problem in endpoint.status()["problems"])
+            await endpoint.aclose()
 
     asyncio.run(main())
 
 
 def test_idp_key_endpoint_refuses_big_bodies_and_plain_http(idp: IdPKeys) -> None:
     with pytest.raises(meshauth.ConfigurationError):
-        IdPKeyEndpoint("http://idp.example.com/jwks")
-    IdPKeyEndpoint("http://127.0.0.1:9/jwks")  # loopback may be plain http
+        JWKSEndpoint("http://idp.example.com/jwks", parser=IdPKeyParser(IDP))
+    JWKSEndpoint("http://127.0.0.1:9/jwks", parser=IdPKeyParser(IDP))  # loopback may be plain http
 
     async def main() -> None:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b" " * 2048)))
-        endpoint = IdPKeyEndpoint("https://idp.example.com/jwks", client=client, max_bytes=1024)
-        with pytest.raises(meshauth.KeysUnavailable, match="larger than 1024"):
-            await endpoint.aget_key("rsa-1")
-        await client.aclose()
+        response = httpx.Response(200, content=b" " * 2048, headers={"content-type": "application/json"})
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda r: response)) as client:
+            endpoint = JWKSEndpoint(
+                "https://idp.example.com/jwks", async_client=client, max_bytes=1024, parser=IdPKeyParser(IDP)
+            )
+            with pytest.raises(meshauth.KeysUnavailable, match="exceeds 1024"):
+                await endpoint.aget_key("rsa-1")
 
     asyncio.run(main())
 
@@ -1068,7 +1063,7 @@ def test_verified_user_tokens_are_cached_until_expiry_or_key_removal(tmp_path: P
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(idp.jwks()))
     ticks = [0.0]
-    keys = IdPKeyFile(path, monotonic=lambda: ticks[0])
+    keys = JWKSFile(path, monotonic=lambda: ticks[0], parser=IdPKeyParser(IDP))
     verifier = UserTokenVerifier([IssuerConfig(IDP, str(path), AUDIENCE, ("RS256",))], {IDP: keys}, clock=clock)
 
     def verify(token: str) -> Any:
@@ -1238,13 +1233,11 @@ def test_url_registry_uses_jwks_endpoint(harness: Harness) -> None:
     ],
 )
 def test_bad_idp_keys_are_described(jwk: Any, problem: str) -> None:
-    from meshauth.gateway._idp import parse_idp_jwk
-
     with pytest.raises(meshauth.ConfigurationError, match=problem):
-        parse_idp_jwk(jwk, "idp: keys[0]")
+        parse_idp_jwk(jwk, "idp: keys[0]", issuer=IDP)
 
 
 def test_idp_documents_that_are_not_key_sets() -> None:
     for document in ("{", "[]", '{"keys": {}}', b"\xff"):
         with pytest.raises(meshauth.ConfigurationError, match="idp"):
-            StaticIdPKeys(document, source="idp")
+            idp_keys(document, source="idp")

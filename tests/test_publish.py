@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-from tenacity import wait_none
 
 from meshauth import JWKSFile, KeysUnavailable, ServiceIdentity, SigningKey, StaticKeys, Verifier
 from meshauth._jwks_endpoint import JWKSEndpoint
@@ -20,6 +19,10 @@ from meshauth.testing import FakeClock, MemoryKeys
 ORDERS = SigningKey.generate("ES256")
 BILLING = SigningKey.generate("EdDSA")
 PATH = "/.well-known/jwks.json"
+
+
+def no_wait(attempt: int) -> float:
+    return 0.0
 
 
 def request(app: Any, method: str = "GET", path: str = PATH, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -228,7 +231,7 @@ def test_an_endpoint_reads_the_published_registry_with_revalidation(
         seen.append((response.status_code, response.request.headers.get("if-none-match")))
 
     client = httpx.Client(event_hooks={"response": [record]})
-    endpoint = JWKSEndpoint(base + PATH, client=client, clock=clock, monotonic=clock, retry_wait=wait_none())
+    endpoint = JWKSEndpoint(base + PATH, client=client, clock=clock, monotonic=clock, retry_wait=no_wait)
     verifier = Verifier("payments", endpoint, clock=clock)
     try:
         assert verifier.verify(ServiceIdentity("orders", ORDERS, clock=clock).mint("payments")).caller == "orders"

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tenacity import wait_none
 
 from meshauth import MeshAuthError, ServiceIdentity, SigningKey, Verifier
 from meshauth._jwks_endpoint import JWKSEndpoint
@@ -23,6 +22,10 @@ TAIL = LIFETIME + LEEWAY
 OLD = SigningKey.generate("ES256")
 NEW = SigningKey.generate("EdDSA")
 BILLING = SigningKey.generate("ES256")
+
+
+def no_wait(attempt: int) -> float:
+    return 0.0
 
 
 def jwk(key: SigningKey, service: str = "orders", **window: int) -> dict[str, Any]:
@@ -211,7 +214,7 @@ def test_rotation_under_continuous_traffic_fails_no_verification(
     max_age = 60
     registry = MemoryKeys([OLD.record("orders")])
     url = serve_asgi(jwks_app(registry, max_age=max_age)) + "/.well-known/jwks.json"
-    endpoint = JWKSEndpoint(url, clock=clock, monotonic=clock, retry_wait=wait_none(), min_max_age=max_age)
+    endpoint = JWKSEndpoint(url, clock=clock, monotonic=clock, retry_wait=no_wait, min_max_age=max_age)
     verifier = Verifier("payments", endpoint, clock=clock, max_lifetime=LIFETIME, leeway=LEEWAY)
     traffic = Traffic(clock, verifier, ServiceIdentity("orders", OLD, clock=clock))
 
@@ -274,7 +277,7 @@ def test_skipping_the_wait_is_what_the_procedure_prevents(serve_asgi: Callable[.
     """Counter-check: signing with a key published a moment ago fails until the cooldown allows a refetch."""
     registry = MemoryKeys([OLD.record("orders")])
     url = serve_asgi(jwks_app(registry, max_age=60)) + "/.well-known/jwks.json"
-    endpoint = JWKSEndpoint(url, clock=clock, monotonic=clock, retry_wait=wait_none(), cooldown=30)
+    endpoint = JWKSEndpoint(url, clock=clock, monotonic=clock, retry_wait=no_wait, cooldown=30)
     verifier = Verifier("payments", endpoint, clock=clock)
     try:
         verifier.verify(ServiceIdentity("orders", OLD, clock=clock).mint("payments"))

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
+from .._discovery import discovery_url
 from .._exceptions import ConfigurationError
+from .._idp_keys import IDP_ALGORITHMS, IdPKeyParser
+from .._jwks_http import check_url
 from .._keys import SigningKey
 from .._names import service_name_problem
 from .._registry import JWKSFile
@@ -37,7 +40,6 @@ __all__ = [
     "parse_config",
 ]
 
-IDP_ALGORITHMS: Final = ("ES256", "EdDSA", "PS256", "RS256")
 REASON: Final = "invalid_config"
 DEFAULT_LISTEN: Final = "127.0.0.1:8080"
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192
@@ -60,7 +62,7 @@ _TOP_LEVEL: Final = (
     "trusted_proxies",
     "workers",
 )
-_ISSUER_KEYS: Final = ("algorithms", "audience", "issuer", "jwks", "leeway")
+_ISSUER_KEYS: Final = ("algorithms", "audience", "discovery", "issuer", "jwks", "leeway")
 _ROUTE_KEYS: Final = (
     "accept_service_tokens",
     "callers",
@@ -98,10 +100,12 @@ class IssuerConfig:
 
     issuer: str
     jwks: str
-    """An absolute file path or an http(s) URL."""
+    """An absolute file path or an http(s) URL; empty with ``discovery``."""
     audience: str
     algorithms: tuple[str, ...]
     leeway: float = 30.0
+    discovery: bool = False
+    """Find the key set's URL in ``<issuer>/.well-known/openid-configuration`` (OpenID Connect discovery)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,6 +216,11 @@ def parse_config(
     return loader.load(document, check_files=check_files)
 
 
+def issuer_key_parser(issuer: IssuerConfig) -> IdPKeyParser:
+    """How the issuer's JWKS is read: keys owned by the issuer, for its algorithms only."""
+    return IdPKeyParser(issuer.issuer, issuer.algorithms)
+
+
 def is_url(value: str) -> bool:
     """Whether a ``registry`` or ``jwks`` value names a URL rather than a file."""
     return value.startswith(("http://", "https://")) or "://" in value[:16]
@@ -270,7 +279,7 @@ class _Loader:
             if not is_url(registry):
                 self.check_registry(registry, service, signing_key)
             for index, issuer in enumerate(issuers):
-                if not is_url(issuer.jwks):
+                if not issuer.discovery and not is_url(issuer.jwks):
                     self.check_issuer_keys(issuer, f"issuers[{index}].jwks")
         return GatewayConfig(
             service=service,
@@ -299,10 +308,12 @@ class _Loader:
         for index, table in enumerate(tables):
             where = f"issuers[{index}]"
             self.unknown_keys(table, _ISSUER_KEYS, where)
-            for required in ("issuer", "jwks", "audience", "algorithms"):
+            for required in ("issuer", "audience", "algorithms"):
                 if required not in table:
                     self.fail(f"{where}.{required}", "this key is required")
             name = self.string(table["issuer"], f"{where}.issuer")
+            discovery = self.boolean(table, "discovery", where)
+            jwks = self.issuer_keys(table, name, discovery, where)
             if name in seen:
                 self.fail(f"{where}.issuer", f"issuer {name!r} is configured twice")
             seen.add(name)
@@ -321,13 +332,28 @@ class _Loader:
             issuers.append(
                 IssuerConfig(
                     issuer=name,
-                    jwks=self.location(table["jwks"], f"{where}.jwks"),
+                    jwks=jwks,
                     audience=self.string(table["audience"], f"{where}.audience"),
                     algorithms=algorithms,
                     leeway=leeway,
+                    discovery=discovery,
                 )
             )
         return tuple(issuers)
+
+    def issuer_keys(self, table: Mapping[str, Any], issuer: str, discovery: bool, where: str) -> str:
+        """The ``jwks`` location, or ``""`` with ``discovery = true`` (exactly one of them)."""
+        if discovery:
+            if "jwks" in table:
+                self.fail(f"{where}.jwks", "give either jwks or discovery = true, not both")
+            try:
+                check_url(discovery_url(issuer), allow_http=False, what="issuer's discovery URL")
+            except ConfigurationError as exc:
+                self.fail(f"{where}.issuer", f"discovery needs an https issuer URL: {exc.detail}")
+            return ""
+        if "jwks" not in table:
+            self.fail(f"{where}.jwks", "this key is required (or discovery = true)")
+        return self.location(table["jwks"], f"{where}.jwks")
 
     def routes(self, value: object, issuers: Sequence[IssuerConfig]) -> tuple[RouteConfig, ...]:
         tables = self.tables(value, "routes")
@@ -409,13 +435,11 @@ class _Loader:
             )
 
     def check_issuer_keys(self, issuer: IssuerConfig, where: str) -> None:
-        from ._idp import IdPKeyFile  # noqa: PLC0415 - _idp imports this module: a top-level import would be circular
-
         try:
-            keys = IdPKeyFile(issuer.jwks)
+            keys = JWKSFile(issuer.jwks, parser=issuer_key_parser(issuer))
         except ConfigurationError as exc:
             self.fail(where, exc.detail)
-        if not keys.usable_with(issuer.algorithms):
+        if not len(keys.keyset):
             self.fail(
                 where,
                 f"no key in {issuer.jwks!r} can verify the configured algorithms {list(issuer.algorithms)}",

@@ -44,8 +44,10 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import audit as audit_log
+from .._discovery import DiscoveredKeys
 from .._exceptions import AccessDenied, BadPath, ConfigurationError, KeysUnavailable, MeshAuthError, TokenError
 from .._identity import ServiceIdentity
+from .._jwks_endpoint import JWKSEndpoint
 from .._keys import SigningKey
 from .._middleware import (
     DUPLICATE_AUTHORIZATION,
@@ -60,16 +62,9 @@ from .._principal import Principal
 from .._registry import JWKSFile, KeySource
 from .._telemetry import AUDIT_LOGGER, Telemetry, audit, mark_rejected
 from .._verify import Verifier
-from ._config import GatewayConfig, RouteConfig, Timeout, is_url, load_config
+from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, is_url, issuer_key_parser, load_config
 from ._forwarded import client_address, forwarded_host, forwarded_proto, normal_address
-from ._idp import (
-    IdPKeyEndpoint,
-    IdPKeyFile,
-    IdPKeySource,
-    UserPrincipal,
-    UserTokenVerifier,
-    is_service_token,
-)
+from ._idp import UserPrincipal, UserTokenVerifier, is_service_token
 from ._tracing import RequestTrace, inject, is_sdk_span, start_trace
 
 __all__ = ["Gateway", "create_app"]
@@ -279,7 +274,7 @@ class Gateway:
         *,
         upstream_transport: httpx.AsyncBaseTransport | None = None,
         registry: KeySource | None = None,
-        issuer_keys: Mapping[str, IdPKeySource] | None = None,
+        issuer_keys: Mapping[str, KeySource] | None = None,
         clock: Callable[[], float] = time.time,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
@@ -306,7 +301,7 @@ class Gateway:
         )
         if issuer_keys is None:
             issuer_keys = {
-                issuer.issuer: open_issuer_keys(issuer.jwks, source=source, where=f"issuers[{index}].jwks")
+                issuer.issuer: open_issuer_keys(issuer, source=source, where=f"issuers[{index}].jwks")
                 for index, issuer in enumerate(config.issuers)
             }
         self.issuer_keys = dict(issuer_keys)
@@ -353,7 +348,9 @@ class Gateway:
         # URL key sets are fetched now, so that /readyz turns ready before the
         # first request; a failure is logged by the source and retried later.
         fetches: list[Awaitable[Any]] = [
-            source.refresh() for source in self.issuer_keys.values() if isinstance(source, IdPKeyEndpoint)
+            source.arefresh()
+            for source in self.issuer_keys.values()
+            if isinstance(source, JWKSEndpoint | DiscoveredKeys)
         ]
         refresh_registry = getattr(self.registry, "arefresh", None)
         if refresh_registry is not None:
@@ -367,7 +364,7 @@ class Gateway:
         """Close what :meth:`startup` opened (the upstream client, the audit handler, fetches)."""
         self._started = False
         for source in self.issuer_keys.values():
-            if isinstance(source, IdPKeyEndpoint):
+            if isinstance(source, JWKSEndpoint | DiscoveredKeys):
                 await source.aclose()
         close_registry = getattr(self.registry, "aclose", None) if self._owns_registry else None
         if close_registry is not None:
@@ -1000,12 +997,20 @@ def open_registry(location: str, *, source: str = "<config>") -> KeySource:
     return keys
 
 
-def open_issuer_keys(location: str, *, source: str = "<config>", where: str = "jwks") -> IdPKeySource:
-    """An issuer's key set: a file (reloaded on change) or a URL (cached fetch)."""
+# An IdP publishes a handful of keys: 1 MiB is plenty, and bounds what a bad answer costs.
+IDP_MAX_JWKS_BYTES: Final = 1 << 20
+
+
+def open_issuer_keys(issuer: IssuerConfig, *, source: str = "<config>", where: str = "jwks") -> KeySource:
+    """An issuer's key set: by OpenID Connect discovery, a :class:`meshauth.JWKSEndpoint` for a URL, or a file."""
     try:
-        if is_url(location):
-            return IdPKeyEndpoint(location)
-        return IdPKeyFile(location)
+        if issuer.discovery:
+            limit = {"max_bytes": IDP_MAX_JWKS_BYTES}
+            return DiscoveredKeys(issuer.issuer, algorithms=issuer.algorithms, endpoint_options=limit)
+        parser = issuer_key_parser(issuer)
+        if is_url(issuer.jwks):
+            return JWKSEndpoint(issuer.jwks, parser=parser, max_bytes=IDP_MAX_JWKS_BYTES)
+        return JWKSFile(issuer.jwks, parser=parser)
     except ConfigurationError as exc:
         raise ConfigurationError(f"{source}: {where}: {exc.detail}", reason="invalid_config") from None
 
@@ -1015,7 +1020,7 @@ def create_app(
     *,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
     registry: KeySource | None = None,
-    issuer_keys: Mapping[str, IdPKeySource] | None = None,
+    issuer_keys: Mapping[str, KeySource] | None = None,
     clock: Callable[[], float] = time.time,
     tracer_provider: trace.TracerProvider | None = None,
     meter_provider: metrics.MeterProvider | None = None,
