@@ -49,11 +49,13 @@ async def _reach_key_sets(gateway: Gateway, out: Print) -> bool:
 def _line(what: str, source: object, out: Print) -> bool:
     status: Any = getattr(source, "status", None)
     document: Mapping[str, Any] = status() if status is not None else {"ready": True}
-    where = document.get("source") or type(source).__name__
+    where = str(document.get("source") or type(source).__name__)
+    if document.get("jwks_uri"):  # found by OpenID Connect discovery
+        where += f" -> {document['jwks_uri']}"
     keys = document.get("keys")
     if document.get("ready", True):
         out(f"ok   {what}: {where}" + (f" ({keys} keys)" if keys is not None else ""))
         return True
-    problem = document.get("last_error") or "no usable key set"
+    problem = document.get("discovery_error") or document.get("last_error") or "no usable key set"
     out(f"FAIL {what}: {where}: {str(problem)[:200]}")
     return False
