@@ -101,6 +101,10 @@ class LoggingUpstream:
                     self.received.append(Received(line, headers, body))  # type: ignore[arg-type]
                     reply = b'{"ok":true}'
                     extra = b"".join(name + b": " + value + b"\r\n" for name, value in self.extra_headers)
+                    if b"/stream" in line:  # a streamed answer: no Content-Length
+                        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(reply), reply)
+                        conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n" + extra + b"\r\n" + chunked)
+                        continue
                     conn.sendall(
                         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                         + extra

@@ -221,6 +221,23 @@ def test_pipelined_requests_are_answered_in_order(gateway: EdgeGateway) -> None:
     assert statuses == [200, 404]
 
 
+def test_a_streamed_response_leaves_the_connection_usable(gateway: EdgeGateway) -> None:
+    """While a response without Content-Length streams, the server watches for the client leaving;
+    the watch must not take the next request's bytes or the socket from the next read."""
+    token = gateway.user_token()
+    one = f"GET /orders/stream HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    before = len(gateway.audit())
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        for _ in range(3):
+            sock.sendall(one)
+            received = b""
+            while not received.endswith(b"0\r\n\r\n"):
+                received += sock.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200 ") and b'{"ok":true}' in received
+    assert [record["reason"] for record in gateway.records_after(before, expected=3)] == ["ok"] * 3
+    still_serving(gateway)
+
+
 # -- connection limits ------------------------------------------------------------------------------------
 
 

@@ -161,11 +161,14 @@ class HTTPServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        connection = _Connection(self, reader, writer, peer)
         try:
-            await _Connection(self, reader, writer, peer).run()
+            await connection.run()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            if connection.pending is not None:
+                connection.pending.cancel()
             await _close(reader, writer)
             self.open -= 1
             self._connections.discard(task)
@@ -201,6 +204,14 @@ class _Connection:
         sockname = writer.get_extra_info("sockname")
         self.local = (sockname[0], sockname[1]) if isinstance(sockname, tuple) else None
         self.buffer = b""
+        self.pending: asyncio.Future[bytes] | None = None
+
+    async def recv(self) -> bytes:
+        """The next bytes from the client (a read left running by a disconnect watch first)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            return await pending
+        return await self.reader.read(_READ)
 
     async def run(self) -> None:
         first = True
@@ -260,7 +271,7 @@ class _Connection:
     async def _read_idle(self) -> bytes:
         try:
             async with asyncio.timeout(self.limits.idle_timeout):
-                data = await self.reader.read(_READ)
+                data = await self.recv()
         except TimeoutError:
             raise _Idle from None
         if not data:
@@ -270,7 +281,7 @@ class _Connection:
     async def _read_until(self, deadline: float, first: bool) -> bytes:
         try:
             async with asyncio.timeout_at(deadline):
-                data = await self.reader.read(_READ)
+                data = await self.recv()
         except TimeoutError:
             raise _Refused(
                 408, "header_timeout", f"the request head did not arrive within {self.limits.header_timeout:g} s"
@@ -419,7 +430,7 @@ class _Exchange:
     async def _read_body(self) -> bytes | None:
         try:
             async with asyncio.timeout(self.limits.body_timeout):
-                return await self.connection.reader.read(_READ)
+                return await self.connection.recv()
         except TimeoutError:
             return None
 
@@ -431,7 +442,12 @@ class _Exchange:
         """Block until the client closes; bytes of a pipelined next request are kept for it."""
         connection = self.connection
         while not self.gone and len(connection.buffer) <= self.limits.max_header_bytes:
-            data = await connection.reader.read(_READ)
+            if connection.pending is None:
+                connection.pending = asyncio.ensure_future(connection.reader.read(_READ))
+            # Shielded: the application cancels this wait when its response is done, and
+            # the read goes on, so the bytes of a next request are not lost to the cancellation.
+            data = await asyncio.shield(connection.pending)
+            connection.pending = None
             if not data:
                 self.gone = True
                 break
