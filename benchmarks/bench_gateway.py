@@ -234,7 +234,11 @@ def percentile(values: list[float], q: float) -> float:
 
 async def measure(targets: dict[str, str], token: str, args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"}
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+    # The servers close a keep-alive connection idle for 5 s; a client must give up on it first, or a
+    # request may cross the server's close on the wire (the usual keep-alive race, not a server fault).
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=args.concurrency, keepalive_expiry=2.0
+    )
     results: dict[str, Any] = {}
     deadline = time.monotonic() + args.max_seconds
     async with httpx.AsyncClient(limits=limits, timeout=30.0, trust_env=False) as client:
