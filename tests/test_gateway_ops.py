@@ -236,3 +236,18 @@ def test_spans_go_to_the_collector_named_in_the_toml(tmp_path: Path, upstream: L
     assert denied.status.code == denied.status.STATUS_CODE_ERROR
     assert denied.status.message == "denied: group_required"
     assert any(span.name == "GET" for _, span in spans)  # the upstream call
+
+
+def test_otel_environment_variables_alone_turn_export_on(tmp_path: Path, upstream: LoggingUpstream) -> None:
+    collector = Loopback()
+    edge = write_gateway(tmp_path, upstream.port)
+    edge.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_SERVICE_NAME": "from-env"}
+    try:
+        with running(edge):
+            assert get(edge) == 200
+        spans = exported_spans(collector.handler.posts)
+        paths = {path for path, _ in collector.handler.posts}
+    finally:
+        collector.close()
+    assert {resource["service.name"] for resource, _ in spans} == {"from-env"}
+    assert {"/v1/traces", "/v1/metrics"} <= paths  # verify outcomes and durations, flushed at stop
