@@ -18,13 +18,13 @@ blocks its event loop on another task's token refresh or a key fetch.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
-from typing import Final
+from typing import Any, Final
 
 import httpx
 from opentelemetry import metrics, trace
 
+from ._challenge import read_challenge, warn_refused
 from ._exceptions import ConfigurationError
 from ._identity import ServiceIdentity
 from ._mutual import NONCE_HEADER, RESPONSE_HEADER, ResponseVerifier, new_nonce
@@ -35,8 +35,6 @@ __all__ = ["ServiceAuth"]
 
 AudienceSpec = str | Mapping[str, str] | Callable[[httpx.Request], str]
 
-# RFC 6750 section 3: the error code is an auth-param, a quoted string or a bare token.
-_INVALID_TOKEN: Final = re.compile(r'(?:^|[\s,])error\s*=\s*"?invalid_token"?(?:$|[\s,;])', re.IGNORECASE)
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 # Responses that by design carry no response token (DESIGN section 4): the
 # callee refused the caller's token, or could not read its registry.
@@ -55,9 +53,14 @@ class _ResponseCheck:
 _Step = str | httpx.Request | _ResponseCheck
 
 
-def _asks_for_new_token(response: httpx.Response) -> bool:
-    """Whether a 401 says the token itself was rejected (``error="invalid_token"``)."""
-    return any(_INVALID_TOKEN.search(value) for value in response.headers.get_list("www-authenticate"))
+def _asks_for_new_token(response: httpx.Response, caller: str, audience: str) -> bool:
+    """Whether a 401 rejected the token for a reason a new token cures; logs what to fix otherwise."""
+    challenge = read_challenge(response.headers.get_list("www-authenticate"))
+    if challenge.invalid_token and not challenge.curable:
+        url = response.request.url
+        target = url.host if url.port is None else f"{url.host}:{url.port}"
+        warn_refused(challenge, caller=caller, audience=audience, target=target)
+    return challenge.curable
 
 
 def _replayable(request: httpx.Request) -> bool:
@@ -110,10 +113,14 @@ class ServiceAuth(httpx.Auth):
     before anything is sent: a token for the wrong service is never guessed.
 
     On a ``401`` whose ``WWW-Authenticate`` carries ``error="invalid_token"``
-    (the callee rejected the token, e.g. after a key rotation), the cached token
-    is dropped and the request is retried once with a new one. A second ``401``
-    is returned to the caller, and a request whose body is a stream that cannot
-    be replayed is never retried.
+    with a reason a new token cures (``expired``, ``unknown_kid``,
+    ``key_expired``, ``replayed``, ``bad_signature``, or no reason given: e.g.
+    after a key rotation), the cached token is dropped and the request is
+    retried once with a new one. Other reasons (``wrong_audience``,
+    ``not_yet_valid``, ...) are not retried: the ``meshauth`` logger warns with
+    the realm that answered, the audience used and what to fix. A second
+    ``401`` is returned to the caller, and a request whose body is a stream
+    that cannot be replayed is never retried.
 
     With ``verify_responses`` (a key source, or a ready
     :class:`~meshauth.ResponseVerifier` for this service), every request also
@@ -163,28 +170,9 @@ class ServiceAuth(httpx.Auth):
         # A delegated token carries the inbound request's subject and chain: it
         # is minted per request, never shared through the identity's cache.
         self.fresh_tokens = bool(fresh_tokens) or on_behalf_of is not None
-        self.scope = _normalize_scope(scope)
+        self.scope = normalize_scope(scope)
         # Exactly one of these is set; a fixed name costs nothing per request.
-        self._audience: str | None = None
-        self._hosts: dict[str, str] | None = None
-        self._audience_of: Callable[[httpx.Request], str] | None = None
-        if isinstance(audience, str):
-            if not audience:
-                raise ConfigurationError(
-                    "audience must be a non-empty service name", reason="invalid_audience", actual=audience
-                )
-            self._audience = audience
-        elif isinstance(audience, Mapping):
-            self._hosts = _host_table(audience)
-        elif callable(audience):
-            self._audience_of = audience
-        else:
-            raise ConfigurationError(
-                "audience must be a service name, a mapping from host to service name, or a callable",
-                reason="invalid_audience",
-                expected="str | Mapping[str, str] | Callable[[httpx.Request], str]",
-                actual=type(audience).__name__,
-            )
+        self._audience, self._hosts, self._audience_of = split_audience(audience)
         self.response_verifier = _response_verifier(
             identity,
             verify_responses,
@@ -202,7 +190,11 @@ class ServiceAuth(httpx.Auth):
         response = yield request
         assert isinstance(response, httpx.Response)
 
-        if response.status_code == 401 and _asks_for_new_token(response) and _replayable(request):
+        if (
+            response.status_code == 401
+            and _asks_for_new_token(response, self.identity.name, audience)
+            and _replayable(request)
+        ):
             if self.fresh_tokens:
                 token = self._fresh(audience)
             else:
@@ -311,21 +303,7 @@ class ServiceAuth(httpx.Auth):
             return self._audience
         if self._hosts is not None:
             url = request.url
-            host = url.host
-            port = url.port if url.port is not None else _DEFAULT_PORTS.get(url.scheme)
-            if port is not None:
-                found = self._hosts.get(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-                if found is not None:
-                    return found
-            found = self._hosts.get(host)
-            if found is not None:
-                return found
-            raise ConfigurationError(
-                "no audience configured for the request's host",
-                reason="unknown_audience",
-                expected=sorted(self._hosts)[:8],
-                actual=host,
-            )
+            return audience_of_host(self._hosts, url.scheme, url.host, url.port)
         assert self._audience_of is not None
         try:
             audience = self._audience_of(request)
@@ -355,7 +333,7 @@ class ServiceAuth(httpx.Auth):
         )
 
 
-def _normalize_scope(scope: str | None) -> str | None:
+def normalize_scope(scope: str | None) -> str | None:
     if scope is None:
         return None
     if not isinstance(scope, str) or not scope.split():
@@ -365,7 +343,47 @@ def _normalize_scope(scope: str | None) -> str | None:
     return " ".join(scope.split())
 
 
-def _host_table(mapping: Mapping[str, str]) -> dict[str, str]:
+def split_audience(audience: object) -> tuple[str | None, dict[str, str] | None, Callable[[Any], str] | None]:
+    """An audience argument as exactly one of (fixed name, host table, callable); shared by the clients."""
+    if isinstance(audience, str):
+        if not audience:
+            raise ConfigurationError(
+                "audience must be a non-empty service name", reason="invalid_audience", actual=audience
+            )
+        return audience, None, None
+    if isinstance(audience, Mapping):
+        return None, host_table(audience), None
+    if callable(audience):
+        return None, None, audience
+    raise ConfigurationError(
+        "audience must be a service name, a mapping from host to service name, or a callable",
+        reason="invalid_audience",
+        expected="str | Mapping[str, str] | Callable[[request], str]",
+        actual=type(audience).__name__,
+    )
+
+
+def audience_of_host(hosts: Mapping[str, str], scheme: str, host: str, port: int | None) -> str:
+    """The service name for a request to ``host`` (``host:port`` is tried first), or ``unknown_audience``."""
+    host = host.lower()
+    if port is None:
+        port = _DEFAULT_PORTS.get(scheme)
+    if port is not None:
+        found = hosts.get(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if found is not None:
+            return found
+    found = hosts.get(host)
+    if found is not None:
+        return found
+    raise ConfigurationError(
+        "no audience configured for the request's host",
+        reason="unknown_audience",
+        expected=sorted(hosts)[:8],
+        actual=host,
+    )
+
+
+def host_table(mapping: Mapping[str, str]) -> dict[str, str]:
     table: dict[str, str] = {}
     for host, service in mapping.items():
         if not isinstance(host, str) or not host or not isinstance(service, str) or not service:

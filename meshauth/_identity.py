@@ -95,15 +95,32 @@ class ServiceIdentity:
     def from_env(cls, environ: dict[str, str] | None = None, **kwargs: Any) -> ServiceIdentity:
         """Build from ``MESHAUTH_SERVICE`` and ``MESHAUTH_KEY_FILE`` (and ``MESHAUTH_KEY_PASSWORD``)."""
         env = os.environ if environ is None else environ
-        missing = [name for name in ("MESHAUTH_SERVICE", "MESHAUTH_KEY_FILE") if not env.get(name)]
-        if missing:
+        service = env.get("MESHAUTH_SERVICE")
+        if not service:
             raise ConfigurationError(
-                f"environment variable {missing[0]} is not set",
-                expected="service name and PEM key file",
-                actual=f"missing {missing}",
+                "environment variable MESHAUTH_SERVICE is not set: set it to this service's name",
+                expected="MESHAUTH_SERVICE=<service name>",
+                actual="unset",
             )
-        key = SigningKey.from_file(env["MESHAUTH_KEY_FILE"], env.get("MESHAUTH_KEY_PASSWORD"))
-        return cls(env["MESHAUTH_SERVICE"], key, **kwargs)
+        key_file = env.get("MESHAUTH_KEY_FILE")
+        if not key_file:
+            raise ConfigurationError(
+                f"environment variable MESHAUTH_KEY_FILE is not set: point it at {service!r}'s PEM private key "
+                f"(create one with `meshauth keygen --service {service} --out keys`)",
+                expected="MESHAUTH_KEY_FILE=<path to a PEM private key>",
+                actual="unset",
+            )
+        if not os.path.exists(key_file):
+            raise ConfigurationError(
+                f"MESHAUTH_KEY_FILE names {key_file!r}, which does not exist: create the key with "
+                f"`meshauth keygen --service {service} --out {os.path.dirname(key_file) or '.'}` "
+                "and publish its public half with `meshauth registry add`",
+                reason="invalid_key",
+                expected="an existing PEM private key file",
+                actual=key_file,
+            )
+        key = SigningKey.from_file(key_file, env.get("MESHAUTH_KEY_PASSWORD"))
+        return cls(service, key, **kwargs)
 
     # -- cached tokens ---------------------------------------------------------------
 

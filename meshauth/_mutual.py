@@ -38,7 +38,8 @@ def _present(token: str | None, service: str) -> str:
     """The response token, or ``missing_response`` when the response carried none."""
     if not token:
         raise ResponseAuthError(
-            f"no {RESPONSE_HEADER} header in the response",
+            f"no {RESPONSE_HEADER} header in the response from {service!r}: "
+            "did the callee's middleware get identity=? (it signs responses only with one)",
             reason="missing_response",
             expected=service,
             actual="nothing",
@@ -74,7 +75,7 @@ class ResponseVerifier(Verifier):
 
     >>> from meshauth.testing import Mesh
     >>> mesh = Mesh(["orders", "payments"])
-    >>> nonce = new_nonce()
+    >>> nonce = ResponseVerifier.new_nonce()  # sent as the request's Meshauth-Nonce
     >>> answer = mesh.identity("payments").mint_response("orders", nonce)
     >>> checker = ResponseVerifier("orders", mesh.keys, clock=mesh.clock)
     >>> checker.verify_response(answer, service="payments", nonce=nonce).caller
@@ -83,6 +84,8 @@ class ResponseVerifier(Verifier):
 
     token_type = RESPONSE_TOKEN_TYPE
     span_name = "meshauth.response.verify"
+    new_nonce = staticmethod(new_nonce)
+    """A fresh ``Meshauth-Nonce`` for a request whose response will be checked (128 random bits)."""
 
     def __init__(
         self,

@@ -12,11 +12,32 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException
 from fastapi.requests import HTTPConnection
+from fastapi.security import HTTPBearer, SecurityScopes
 
 from ._middleware import PRINCIPAL_KEY, Requirement
 from ._principal import Principal
 
-__all__ = ["CurrentPrincipal", "RequirePrincipal", "get_principal"]
+__all__ = ["CurrentPrincipal", "RequirePrincipal", "bearer_scheme", "get_principal"]
+
+
+class _MeshAuthBearer(HTTPBearer):
+    """The ``meshauth`` bearer security scheme, declared for OpenAPI only.
+
+    The token was already verified by the middleware; this dependency reads
+    nothing, so it also works on WebSocket routes.
+    """
+
+    async def __call__(self, connection: HTTPConnection) -> None:
+        return None
+
+
+bearer_scheme = _MeshAuthBearer(
+    bearerFormat="JWT",
+    scheme_name="meshauth",
+    description="A meshauth service token: `Authorization: Bearer <token>` (see meshauth.ServiceAuth).",
+    auto_error=False,
+)
+"""The security scheme that :class:`RequirePrincipal` declares (``components.securitySchemes.meshauth``)."""
 
 
 class RequirePrincipal:
@@ -34,6 +55,12 @@ class RequirePrincipal:
     403 with ``error="insufficient_scope"`` when a scope is missing. The body is
     FastAPI's ``{"detail": {"error": ..., "reason": ...}}``. ``realm`` names the
     service in ``WWW-Authenticate``.
+
+    The dependency declares the ``meshauth`` HTTP bearer security scheme, so
+    ``app.openapi()`` and Swagger UI show which routes need a token. Scopes may
+    also come from FastAPI's ``Security``:
+    ``Security(RequirePrincipal(), scopes=["charges:write"])`` requires them
+    (added to ``scopes``) and lists them in the route's security requirement.
     """
 
     __slots__ = ("realm", "requirement")
@@ -48,9 +75,17 @@ class RequirePrincipal:
         self.requirement = Requirement.build(callers, scopes)
         self.realm = realm
 
-    def __call__(self, connection: HTTPConnection) -> Principal:
+    def __call__(
+        self,
+        connection: HTTPConnection,
+        security_scopes: SecurityScopes,
+        _scheme: Annotated[None, Depends(bearer_scheme)] = None,
+    ) -> Principal:
         principal = connection.scope.get(PRINCIPAL_KEY)
-        refusal = self.requirement.refusal(principal, self.realm)
+        requirement = self.requirement
+        if security_scopes.scopes:
+            requirement = Requirement(requirement.callers, requirement.scopes | frozenset(security_scopes.scopes))
+        refusal = requirement.refusal(principal, self.realm)
         if refusal is not None:
             headers = {"WWW-Authenticate": refusal.www_authenticate} if refusal.www_authenticate else None
             raise HTTPException(refusal.status, detail=refusal.body, headers=headers)

@@ -87,7 +87,12 @@ class MemoryKeys:
 
 
 class Mesh:
-    """A set of services with ephemeral keys, one shared registry and a shared clock."""
+    """A set of services with ephemeral keys, one shared registry and a shared clock.
+
+    The clock is a :class:`FakeClock` that starts at the real current time
+    (whole seconds), so tokens minted on the mesh also verify in an app whose
+    :class:`~meshauth.Verifier` runs on the real clock; advance it to test expiry.
+    """
 
     def __init__(
         self,
@@ -96,7 +101,7 @@ class Mesh:
         alg: str = "ES256",
         clock: FakeClock | None = None,
     ) -> None:
-        self.clock = clock if clock is not None else FakeClock()
+        self.clock = clock if clock is not None else FakeClock(int(time.time()))
         self.keys = MemoryKeys()
         self.signing_keys: dict[str, SigningKey] = {}
         self._identities: dict[str, ServiceIdentity] = {}

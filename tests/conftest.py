@@ -19,6 +19,10 @@ import meshauth
 from meshauth._jwks_endpoint import JWKSEndpoint
 from meshauth.testing import FakeClock, LoopbackServer, Mesh
 
+# The installed pytest11 entry point is turned off in pyproject (it would import
+# meshauth before coverage starts); the same fixtures are loaded here.
+pytest_plugins = ("meshauth.pytest_plugin",)
+
 
 @pytest.fixture
 def clock() -> FakeClock:

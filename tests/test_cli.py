@@ -220,7 +220,7 @@ def test_registry_add_validity_window_and_status(cli: Run, tmp_path: Path) -> No
     code, _, stderr = cli("registry", "add", str(path), soon["public_jwk"], "--nbf", "+1d", "--exp", "2100-01-01")
     assert code == 0, stderr
     code, _, stderr = cli(
-        "registry", "add", str(path), old["public_jwk"], "--nbf", "0", "--exp", "2001-09-09T01:46:40Z"
+        "registry", "add", str(path), old["public_jwk"], "--nbf", "0", "--exp", "2001-09-09T01:46:40Z", "--force"
     )
     assert code == 0, stderr
     keys = json.loads(path.read_text())["keys"]

@@ -6,6 +6,8 @@ import doctest
 import importlib
 import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,25 @@ def test_reference_covers_every_public_name() -> None:
     reference = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
     missing = [name for name in meshauth.__all__ if not re.search(rf"\b{re.escape(name)}\b", reference)]
     assert missing == []
+
+
+@pytest.mark.slow
+def test_mkdocs_builds_strict(tmp_path: Path) -> None:
+    """The documentation site builds with every warning (a broken link, a page outside nav) an error."""
+    site = str(tmp_path / "site")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f", str(ROOT / "mkdocs.yml"), "-d", site],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "django" / "index.html").is_file()
+
+
+def test_no_page_cites_the_design_contract_or_imports_a_private_module() -> None:
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        assert "DESIGN" not in text, f"{path.name} cites a design document the package does not ship"
+        assert not re.search(r"(?:from|import) meshauth\._[a-z]", text), f"{path.name} imports a private module"

@@ -81,3 +81,40 @@ def test_otlp_example_exports_both_services_spans(collector: Collector) -> None:
     payload = b"".join(body for _, body in collector.bodies)
     for expected in (b"meshauth.verify", b"meshauth.outcome", b"rejected", b"wrong_audience", b"orders", b"payments"):
         assert expected in payload
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        (
+            "django_service.py",
+            [
+                "orders GET /charges: 200 {'view': 'django', 'caller': 'orders'}",
+                "orders GET /api/charges: 200 {'view': 'drf', 'user': 'orders', 'caller': 'orders'}",
+                "billing GET /charges: 403 {'error': 'forbidden', 'reason': 'no_matching_rule'}",
+                "anonymous GET /charges: 401 {'error': 'unauthorized', 'reason': 'missing_credentials'}",
+            ],
+        ),
+        (
+            "grpc_service.py",
+            [
+                "orders: OK {'charged_for': 'orders', 'amount': 42}",
+                'billing: PERMISSION_DENIED {"error":"forbidden","reason":"no_matching_rule"}',
+            ],
+        ),
+        (
+            "requests_client.py",
+            [
+                "orders -> payments: 200 {'charged_for': 'orders'}",
+                "no credentials: 401 {'error': 'unauthorized', 'reason': 'missing_credentials'}",
+            ],
+        ),
+    ],
+)
+def test_integration_examples(example: str, expected: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / example)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == expected

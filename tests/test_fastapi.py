@@ -173,3 +173,46 @@ def test_require_principal_validates_arguments() -> None:
     with pytest.raises(ValueError, match="scopes"):
         RequirePrincipal(scopes=["a b"])
     assert "orders" in repr(RequirePrincipal(callers=["orders"]))
+
+
+def test_openapi_declares_the_bearer_scheme_and_scopes(mesh: Mesh) -> None:
+    from fastapi import Security
+
+    api, _ = build(mesh)
+
+    @api.post("/refunds")
+    def refund(
+        principal: meshauth.Principal = Security(RequirePrincipal(), scopes=["refunds:write"]),  # noqa: B008
+    ) -> dict[str, str]:
+        return {"refunded_by": principal.caller}
+
+    schema = api.openapi()
+    assert schema["components"]["securitySchemes"]["meshauth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A meshauth service token: `Authorization: Bearer <token>` (see meshauth.ServiceAuth).",
+    }
+    assert schema["paths"]["/whoami"]["get"]["security"] == [{"meshauth": []}]
+    assert schema["paths"]["/refunds"]["post"]["security"] == [{"meshauth": ["refunds:write"]}]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+
+
+def test_security_scopes_are_required(mesh: Mesh) -> None:
+    from fastapi import Security
+
+    api, _ = build(mesh)
+
+    @api.post("/refunds")
+    def refund(
+        principal: meshauth.Principal = Security(RequirePrincipal(realm="payments"), scopes=["refunds:write"]),  # noqa: B008
+    ) -> dict[str, str]:
+        return {"refunded_by": principal.caller}
+
+    orders = mesh.identity("orders")
+    refused = call(api, "POST", "/refunds", bearer(orders.mint("payments", scope="charges:write")))
+    assert refused.status_code == 403
+    assert refused.json() == {"detail": {"error": "insufficient_scope", "reason": "insufficient_scope"}}
+    assert 'scope="refunds:write"' in refused.headers["WWW-Authenticate"]
+    allowed = call(api, "POST", "/refunds", bearer(orders.mint("payments", scope="refunds:write")))
+    assert allowed.status_code == 200 and allowed.json() == {"refunded_by": "orders"}

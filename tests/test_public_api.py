@@ -44,7 +44,8 @@ def test_exception_tree() -> None:
 def test_core_import_pulls_no_optional_dependency() -> None:
     code = (
         "import sys, meshauth; "
-        "bad = [m for m in ('fastapi', 'flask', 'starlette', 'uvicorn', 'opentelemetry.sdk', 'respx') "
+        "bad = [m for m in ('fastapi', 'flask', 'starlette', 'uvicorn', 'opentelemetry.sdk', 'respx', 'django', "
+        "'rest_framework', 'grpc', 'requests') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)

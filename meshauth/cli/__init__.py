@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from .._exceptions import ConfigurationError, KeysUnavailable
-from . import _gateway, _keygen, _registry, _tokens
+from . import _doctor, _gateway, _keygen, _registry, _tokens
 from ._common import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, _err, _UsageError
 from ._gateway import run_demo
 
@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"meshauth {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (_keygen.add_parser, _registry.add_parser, _tokens.add_parser, _gateway.add_parser):
+    for register in (
+        _keygen.add_parser,
+        _registry.add_parser,
+        _tokens.add_parser,
+        _gateway.add_parser,
+        _doctor.add_parser,
+    ):
         register(commands)
     return parser
 

@@ -110,6 +110,11 @@ def _cmd_registry_add(args: argparse.Namespace) -> int:
     present = {jwk.get("kid") for jwk in document["keys"] if isinstance(jwk, Mapping)}
     if args.nbf is not None and args.exp is not None and args.exp <= args.nbf:
         raise _UsageError(f"--exp ({_iso(args.exp)}) must be later than --nbf ({_iso(args.nbf)})")
+    if args.exp is not None and args.exp <= time.time() and not args.force:
+        raise _UsageError(
+            f"--exp {_iso(args.exp)} is {int(time.time() - args.exp)} s in the past: the key would never verify "
+            "(give a later --exp, e.g. +90d, or --force to add it anyway)"
+        )
     added: list[Mapping[str, Any]] = []
     window = {name: value for name, value in (("nbf", args.nbf), ("exp", args.exp)) if value is not None}
     for where, jwk in candidates:
@@ -279,6 +284,7 @@ def add_parser(commands: Any) -> None:
     window = "POSIX seconds, +N[smhd] from now, or an ISO-8601 date (UTC unless stated)"
     add.add_argument("--nbf", type=_timestamp_arg, metavar="TIME", help=f"key valid from: {window}")
     add.add_argument("--exp", type=_timestamp_arg, metavar="TIME", help=f"key valid until: {window}")
+    add.add_argument("--force", action="store_true", help="add a key even if its --exp has already passed")
     _add_json(add)
     add.set_defaults(run=_cmd_registry_add)
 
