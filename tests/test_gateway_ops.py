@@ -101,13 +101,13 @@ def test_check_reaches_every_key_set_and_prints_one_line_each(tmp_path: Path, up
         idp.close()
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == [
-        "ok   config",
-        "ok   signing key",
-        "ok   registry",
-        "ok   issuer https",
+    assert [line.split()[:2] for line in lines] == [
+        ["OK", "config"],
+        ["OK", "signing"],
+        ["OK", "registry"],
+        ["OK", "issuer"],
     ]
-    assert lines[3].endswith(f"{idp.url}/jwks.json (1 keys)")
+    assert lines[3].endswith(f"{idp.url}/jwks.json: 1 keys")
     assert edge.process is None and not edge.audit_log.exists()  # nothing served, nothing audited
 
 
@@ -119,14 +119,16 @@ def test_check_fails_when_an_issuer_cannot_be_reached(tmp_path: Path, upstream: 
     edge.config.write_text(edge.config.read_text().replace('"idp-jwks.json"', f'"http://127.0.0.1:{port}/jwks.json"'))
     result = run_cli("gateway", "--check", "--config", str(edge.config))
     assert result.returncode == 1
-    assert result.stdout.splitlines()[-1].startswith("FAIL issuer https://idp.example.com: http://127.0.0.1:")
+    fail, fix = result.stdout.splitlines()[-2:]
+    assert fail.startswith("FAIL  issuer https://idp.example.com  http://127.0.0.1:")
+    assert fix.strip().startswith("fix: check the URL")
 
 
 def test_check_fails_on_a_bad_file(tmp_path: Path, upstream: LoggingUpstream) -> None:
     edge = write_gateway(tmp_path, upstream.port, "[limits]\nheader_timeout = 0")
     result = run_cli("gateway", "--check", "--config", str(edge.config))
     assert result.returncode == 1
-    assert result.stdout.startswith("FAIL config: ") and "limits.header_timeout" in result.stdout
+    assert result.stdout.startswith("FAIL  config  ") and "limits.header_timeout" in result.stdout
 
 
 # -- exit codes ---------------------------------------------------------------------------------------------
