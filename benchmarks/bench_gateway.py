@@ -2,9 +2,11 @@
 
 Run: python benchmarks/bench_gateway.py [--requests 2000] [--concurrency 16] [--json]
 
-Starts processes on free loopback ports (uvicorn, h11): a trivial upstream app,
-a plain proxy and ``python -m meshauth.gateway`` in front of the upstream, then drives them with an
-httpx-based async load generator in this process:
+Starts processes on free loopback ports: a trivial upstream app and a plain
+proxy under uvicorn (h11), and ``python -m meshauth.gateway`` (its own h11
+server) in front of the upstream, then drives them from this process with a
+raw-socket keep-alive load generator (one connection per request in flight;
+httpx's connection pool would be the bottleneck at 50 connections):
 
 1. latency: sequential requests (concurrency 1), alternating direct and
    through-gateway in small rounds, so both see the same machine state; the
@@ -205,25 +207,62 @@ scopes = ["orders:read"]
                 process.wait(timeout=10)
 
 
-async def drive(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], count: int, concurrency: int
-) -> tuple[list[float], float]:
-    """``count`` GETs with ``concurrency`` in flight; per-request latencies (s) and wall time (s)."""
+class _Connection:
+    """One keep-alive HTTP/1.1 connection of the load generator: raw bytes, minimal parsing.
+
+    httpx would be the bottleneck at 50 connections (its pool checks every
+    connection on every request), measuring the client rather than the servers.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+        self.reader, self.writer, self.request = reader, writer, request
+
+    @classmethod
+    async def open(cls, url: str, headers: dict[str, str]) -> _Connection:
+        parsed = httpx.URL(url)
+        reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+        lines = [f"GET {parsed.raw_path.decode()} HTTP/1.1", f"Host: {parsed.host}:{parsed.port}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        return cls(reader, writer, ("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    async def get(self) -> tuple[int, bytes]:
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lowered = head.lower()
+        if b"content-length:" in lowered:
+            length = int(lowered.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            body = await self.reader.readexactly(length)
+        else:  # chunked: the benchmark's bodies are one small chunk
+            body = await self.reader.readuntil(b"0\r\n\r\n")
+        return status, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def drive(url: str, headers: dict[str, str], count: int, concurrency: int) -> tuple[list[float], float]:
+    """``count`` GETs over ``concurrency`` keep-alive connections; per-request latencies (s) and wall time (s)."""
+    connections = [await _Connection.open(url, headers) for _ in range(concurrency)]
     latencies: list[float] = []
     remaining = count
 
-    async def worker() -> None:
+    async def worker(connection: _Connection) -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
             started = time.perf_counter()
-            response = await client.get(url, headers=headers)
+            status, body = await connection.get()
             latencies.append(time.perf_counter() - started)
-            if response.status_code != 200:
-                raise RuntimeError(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+            if status != 200:
+                raise RuntimeError(f"{url}: HTTP {status}: {body[:200]!r}")
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(worker(connection) for connection in connections))
+    finally:
+        for connection in connections:
+            connection.close()
     return latencies, time.perf_counter() - started
 
 
@@ -234,44 +273,38 @@ def percentile(values: list[float], q: float) -> float:
 
 async def measure(targets: dict[str, str], token: str, args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"}
-    # The servers close a keep-alive connection idle for 5 s; a client must give up on it first, or a
-    # request may cross the server's close on the wire (the usual keep-alive race, not a server fault).
-    limits = httpx.Limits(
-        max_connections=args.concurrency, max_keepalive_connections=args.concurrency, keepalive_expiry=2.0
-    )
     results: dict[str, Any] = {}
     deadline = time.monotonic() + args.max_seconds
-    async with httpx.AsyncClient(limits=limits, timeout=30.0, trust_env=False) as client:
-        for url in targets.values():  # warm-up: connections, caches
-            await drive(client, url, headers, 200, min(args.concurrency, 8))
-        for phase, count, concurrency in (
-            ("latency", args.latency_requests, 1),
-            ("throughput", args.requests, args.concurrency),
-        ):
-            samples: dict[str, list[float]] = {name: [] for name in targets}
-            walls = dict.fromkeys(targets, 0.0)
-            per_round = max(1, count // ROUNDS)
-            for _ in range(ROUNDS):
-                if time.monotonic() > deadline:
-                    break
-                for name, url in targets.items():
-                    latencies, wall = await drive(client, url, headers, per_round, concurrency)
-                    samples[name] += latencies
-                    walls[name] += wall
-            block: dict[str, Any] = {
-                name: {
-                    "requests": len(samples[name]),
-                    "rps": len(samples[name]) / walls[name] if walls[name] else 0.0,
-                    "p50_ms": percentile(samples[name], 0.50) * 1000,
-                    "p99_ms": percentile(samples[name], 0.99) * 1000,
-                    "mean_ms": statistics.fmean(samples[name]) * 1000,
-                }
-                for name in samples
+    for url in targets.values():  # warm-up: connections, caches
+        await drive(url, headers, 200, min(args.concurrency, 8))
+    for phase, count, concurrency in (
+        ("latency", args.latency_requests, 1),
+        ("throughput", args.requests, args.concurrency),
+    ):
+        samples: dict[str, list[float]] = {name: [] for name in targets}
+        walls = dict.fromkeys(targets, 0.0)
+        per_round = max(1, count // ROUNDS)
+        for _ in range(ROUNDS):
+            if time.monotonic() > deadline:
+                break
+            for name, url in targets.items():
+                latencies, wall = await drive(url, headers, per_round, concurrency)
+                samples[name] += latencies
+                walls[name] += wall
+        block: dict[str, Any] = {
+            name: {
+                "requests": len(samples[name]),
+                "rps": len(samples[name]) / walls[name] if walls[name] else 0.0,
+                "p50_ms": percentile(samples[name], 0.50) * 1000,
+                "p99_ms": percentile(samples[name], 0.99) * 1000,
+                "mean_ms": statistics.fmean(samples[name]) * 1000,
             }
-            block["added_p50_ms"] = block["gateway"]["p50_ms"] - block["direct"]["p50_ms"]
-            block["proxy_added_p50_ms"] = block["proxy"]["p50_ms"] - block["direct"]["p50_ms"]
-            block["concurrency"] = concurrency
-            results[phase] = block
+            for name in samples
+        }
+        block["added_p50_ms"] = block["gateway"]["p50_ms"] - block["direct"]["p50_ms"]
+        block["proxy_added_p50_ms"] = block["proxy"]["p50_ms"] - block["direct"]["p50_ms"]
+        block["concurrency"] = concurrency
+        results[phase] = block
     return results
 
 

@@ -60,8 +60,10 @@ class Received:
 class LoggingUpstream:
     """Answers every request with 200 and ``extra_headers``, recording what arrived."""
 
-    def __init__(self, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(self, extra_headers: list[tuple[bytes, bytes]] | None = None, *, close_after: bool = False) -> None:
         self.extra_headers = extra_headers or []
+        self.close_after = close_after  # close each connection after one response (an upstream without keep-alive)
+        self.connections = 0
         self.received: list[Received] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
@@ -81,6 +83,7 @@ class LoggingUpstream:
                 conn, _ = self._listener.accept()
             except TimeoutError:
                 continue
+            self.connections += 1
             threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
 
     def _connection(self, conn: socket.socket) -> None:
@@ -113,6 +116,8 @@ class LoggingUpstream:
                         + b"\r\n\r\n"
                         + reply
                     )
+                    if self.close_after:
+                        return
             except OSError:
                 return
 

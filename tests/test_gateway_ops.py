@@ -185,7 +185,9 @@ def test_workers_serve_one_port_and_stop_together(tmp_path: Path, upstream: Logg
     edge.start()
     try:
         assert edge.process is not None
-        workers = children_of(edge.process.pid)
+        deadline = time.monotonic() + 10  # the port accepts (into its backlog) before the workers are forked
+        while len(workers := children_of(edge.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(workers) == 2
         assert [get(edge) for _ in range(10)] == [200] * 10
         edge.process.send_signal(signal.SIGTERM)

@@ -66,6 +66,7 @@ from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, is_url, 
 from ._forwarded import client_address, forwarded_host, forwarded_proto, normal_address
 from ._idp import UserPrincipal, UserTokenVerifier, is_service_token
 from ._tracing import RequestTrace, inject, is_sdk_span, start_trace
+from ._upstream import UpstreamTransport
 
 __all__ = ["Gateway", "create_app"]
 
@@ -964,12 +965,10 @@ def _source_ready(source: object) -> bool:
     return bool(document.get("ready", True)) if isinstance(document, Mapping) else True
 
 
-def _upstream_transport() -> httpx.AsyncHTTPTransport:
+def _upstream_transport() -> httpx.AsyncBaseTransport:
     # Upstreams are internal: no HTTP(S)_PROXY from the environment applies
     # (a transport never reads it), and no retries behind the client's back.
-    return httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30), retries=0
-    )
+    return UpstreamTransport(max_idle=128, keepalive_expiry=30)
 
 
 def open_registry(location: str, *, source: str = "<config>") -> KeySource:
