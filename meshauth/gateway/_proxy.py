@@ -739,12 +739,18 @@ class Gateway:
         try:
             # A transport may hand back a response it already read (httpx.MockTransport).
             chunks = _already_read(response) if response.is_stream_consumed else response.aiter_raw()
+            # With a Content-Length the last chunk is known when it arrives: sent as the last
+            # message, it leaves with the head in one write when the body is one chunk.
+            left, ended = _declared_length(response), False
             async for chunk in chunks:
                 if gone.is_set():
                     ex.outcome, ex.reason = "error", "client_disconnected"
                     return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                left -= len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": left != 0})
+                ended = left == 0
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except httpx.TimeoutException as exc:
             # Too late for a 504: the status line is sent. Ending without the
             # final body message makes the server drop the connection, so the
@@ -928,6 +934,12 @@ def _forward_path(canonical: str, route: _Route) -> bytes:
         rest = canonical[len(route.prefix) :]
         canonical = rest if rest.startswith("/") else "/" + rest
     return canonical.encode("ascii")
+
+
+def _declared_length(response: httpx.Response) -> int:
+    """The response's Content-Length, or -1 (never reached by subtracting chunk sizes) without one."""
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else -1
 
 
 async def _already_read(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -60,19 +61,17 @@ _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 ABORTS: Final = {"body_timeout": 408, "body_too_large": 413, "bad_body": 400}
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class Refusal:
     """A request (or connection) the server answered itself, for the audit record."""
 
-    __slots__ = ("client", "detail", "headers", "method", "path", "reason", "status")
-
-    def __init__(self, status: int, reason: str, detail: str, client: str | None) -> None:
-        self.status = status
-        self.reason = reason
-        self.detail = detail
-        self.client = client
-        self.method: str | None = None
-        self.path: str | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+    status: int
+    reason: str
+    detail: str
+    client: str | None
+    method: str | None = None
+    path: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class _Refused(Exception):
@@ -294,11 +293,15 @@ class _Connection:
 
     async def _refuse(self, refused: _Refused, request: h11.Request | None) -> None:
         """Answer a request the application never sees, audit it, and close the connection."""
-        record = Refusal(refused.status, refused.reason, refused.detail, self.client[0] if self.client else None)
+        client = self.client[0] if self.client else None
+        record = Refusal(refused.status, refused.reason, refused.detail, client)
         if request is not None:
-            record.method = request.method.decode("latin-1")
-            record.path = request.target.partition(b"?")[0].decode("latin-1")
-            record.headers = list(request.headers)
+            record = dataclasses.replace(
+                record,
+                method=request.method.decode("latin-1"),
+                path=request.target.partition(b"?")[0].decode("latin-1"),
+                headers=tuple(request.headers),
+            )
         self.server.on_refusal(record)
         await self.write(_canned(refused.status, refused.reason))
 
@@ -351,6 +354,7 @@ class _Exchange:
         self.started = False
         self.complete = False
         self.gone = False
+        self.unsent = b""
 
     def scope(self) -> Scope:
         raw_path, _, query = self.request.target.partition(b"?")
@@ -460,26 +464,28 @@ class _Exchange:
         kind = message["type"]
         if kind == "http.response.start":
             headers = [(name, value) for name, value in message.get("headers", ())]
-            event: Any = h11.Response(status_code=message["status"], headers=headers)
             self.started = True
-            await self._emit(event)
+            # Held back until the body: head, body and end then leave in one write (one system call)
+            # when the body comes in one message, as most do.
+            self.unsent = self._encode(h11.Response(status_code=message["status"], headers=headers))
         elif kind == "http.response.body":
             body = message.get("body", b"")
-            if body:
-                await self._emit(h11.Data(data=body))
+            data = self.unsent + (self._encode(h11.Data(data=body)) if body else b"")
+            self.unsent = b""
             if not message.get("more_body", False):
-                await self._emit(h11.EndOfMessage())
+                data += self._encode(h11.EndOfMessage())
                 self.complete = True
+            if data and not self.gone and not self.connection.writer.is_closing():
+                # A client that left learns nothing more; the application finds out from receive().
+                await self.connection.write(data)
 
-    async def _emit(self, event: Any) -> None:
-        if self.gone or self.connection.writer.is_closing():
-            return  # the client left; the application learns it from receive()
+    def _encode(self, event: Any) -> bytes:
+        if self.gone:
+            return b""
         try:
-            data = self.http.send(event)
+            return self.http.send(event) or b""
         except h11.LocalProtocolError as exc:
             logger.error("gateway server: cannot send the response: %s", str(exc)[:200])
             self.connection.writer.transport.abort()
             self.gone = True
-            return
-        if data:
-            await self.connection.write(data)
+            return b""
