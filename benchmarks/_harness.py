@@ -131,6 +131,7 @@ class Row:
     baseline: str = ""
     budget: float | None = None
     compare: str = "<="
+    unit: str = "x"  # what ratio and budget count: "x" a ratio, " us" an absolute time
     note: str = ""
     error: str = ""
 
@@ -178,8 +179,8 @@ def _fmt_ratio(row: Row) -> str:
     if row.compare == "==":
         return f"{row.ratio:g}"
     if row.ratio >= 1000:
-        return f"{row.ratio:,.0f}x"
-    return f"{row.ratio:.3f}x" if row.ratio < 1 else f"{row.ratio:.2f}x"
+        return f"{row.ratio:,.0f}{row.unit}"
+    return f"{row.ratio:.3f}{row.unit}" if row.ratio < 1 else f"{row.ratio:.2f}{row.unit}"
 
 
 def _fmt_budget(row: Row, margin: float) -> str:
@@ -187,7 +188,7 @@ def _fmt_budget(row: Row, margin: float) -> str:
         return ""
     if row.compare == "==":
         return f"== {row.budget:g}"
-    text = f"<= {row.budget:g}x"
+    text = f"<= {row.budget:g}{row.unit}"
     return text if margin == 1.0 else f"{text} (*{margin:g})"
 
 

@@ -21,7 +21,6 @@ import base64
 import contextlib
 import cProfile
 import dataclasses
-import importlib
 import io
 import json
 import logging
@@ -43,7 +42,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 import meshauth
-from meshauth import KeySet, ServiceIdentity, SigningKey, StaticKeys, Verifier, _jws
+from meshauth import JWKSEndpoint, KeySet, ServiceAuth, ServiceIdentity, SigningKey, StaticKeys, Verifier, _jws
+from meshauth._keyset import load_keys
+from meshauth.asgi import MeshAuthMiddleware
 
 try:  # an optional peer, as in the 'test' extra
     from joserfc import jwt as jose_jwt
@@ -63,6 +64,8 @@ if __package__:
         markdown_report,
         ratio,
     )
+    from .bench_redis import DEFAULT_URL as REDIS_URL
+    from .bench_redis import bench_revocation
 else:  # run as a script: benchmarks/ is on sys.path
     from _harness import (  # type: ignore[no-redef]
         Operation,
@@ -75,12 +78,23 @@ else:  # run as a script: benchmarks/ is on sys.path
         markdown_report,
         ratio,
     )
+    from bench_redis import DEFAULT_URL as REDIS_URL  # type: ignore[no-redef]
+    from bench_redis import bench_revocation  # type: ignore[no-redef]
 
 AUDIENCE = "payments"
 ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 JWKS_KEYS = 10_000
 CONCURRENT_VERIFIERS = 50
 MISSING = "n/a (module missing)"
+# DESIGN 7 rows whose parts are not built yet: listed by --check as pending, never as met.
+PENDING = (
+    "verify, new service token + new Txn-Token (one hop inside a transaction) <= 2.3x raw verify: "
+    "Transaction Tokens are not built yet",
+    "gateway added latency on loopback p50 <= 1.0 ms, p99 <= 5 ms at 100 req/s: measured by "
+    "benchmarks/bench_gateway.py, not yet a --check row",
+    "gateway throughput, 50 concurrent, one worker >= 0.25x plain uvicorn: measured by "
+    "benchmarks/bench_gateway.py, not yet a --check row",
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -119,18 +133,6 @@ def _split(token: str) -> tuple[bytes, bytes]:
 
 def _der(raw: bytes) -> bytes:
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-
-
-def _optional(module: str, attribute: str) -> Any:
-    """``module.attribute`` if it exists yet, else ``None`` (its rows print MISSING)."""
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError):
-        return None
-
-
-def _service_auth_class() -> Any:
-    return getattr(meshauth, "ServiceAuth", None) or _optional("meshauth._httpx", "ServiceAuth")
 
 
 def _row(
@@ -299,6 +301,8 @@ def _repeat_call(function: Callable[..., object], calls: int, *args: Any) -> Cal
 
 
 def bench_verify(fx: Fixture, scale: Scale) -> list[Row]:
+    # Long on purpose: one section's operations are measured interleaved, round by round, and
+    # each row reads its numbers from that one run; split up, the ratios would mix runs.
     section = "ES256 verify (DESIGN 7 rows 1-2)"
     n = scale.verify_batch
     tokens = [fx.orders.mint(AUDIENCE) for _ in range(n)]
@@ -347,7 +351,7 @@ def bench_verify(fx: Fixture, scale: Scale) -> list[Row]:
             s["new"],
             raw,
             label,
-            budget=1.25,
+            budget=1.20,
             note=f"{n} distinct pre-minted tokens; verified-token cache on, emptied (untimed) before each batch; "
             f"added to the raw verify: {_difference_us(s['new'], raw):.1f} us",
         ),
@@ -358,7 +362,7 @@ def bench_verify(fx: Fixture, scale: Scale) -> list[Row]:
             s["cached"],
             raw,
             label,
-            budget=0.03,
+            budget=0.02,
         ),
         _row(
             section,
@@ -634,9 +638,7 @@ def _client_runner(client: httpx.Client, calls: int) -> Callable[[], None]:
 
 def bench_service_auth(fx: Fixture, scale: Scale) -> list[Row]:
     section = "ServiceAuth per request (DESIGN 7 row 4)"
-    auth_class = _service_auth_class()
-    if auth_class is None:
-        return [Row(section, "ServiceAuth per request", note=MISSING, budget=2.0)]
+    auth_class = ServiceAuth
     n = scale.http_batch
     identity = ServiceIdentity("orders", fx.es_key, ttl=900)
     # The baseline's header is as long as a real one: header encoding costs the same.
@@ -700,22 +702,9 @@ async def _send(message: Any) -> None:
     return None
 
 
-def bench_asgi(fx: Fixture, scale: Scale) -> list[Row]:
-    section = "ASGI middleware per request (no budget in DESIGN 7)"
-    middleware = _optional("meshauth.asgi", "MeshAuthMiddleware")
-    if middleware is None:
-        return [Row(section, "MeshAuthMiddleware per request", note=MISSING)]
-    n = scale.http_batch
-    token = ServiceIdentity("orders", fx.es_key, ttl=900).token_for(AUDIENCE)
-    policy = meshauth.Policy.from_dict(
-        {"rules": [{"callers": ["orders"], "methods": ["POST"], "paths": ["/charges", "/charges/*"]}]}
-    )
-    apps = {
-        "bare": _bare_app,
-        "verify": middleware(_bare_app, Verifier(AUDIENCE, fx.keys)),
-        "policy": middleware(_bare_app, Verifier(AUDIENCE, fx.keys), policy=policy),
-    }
-    scope = {
+def _charge_scope(token: str) -> dict[str, Any]:
+    """An ASGI scope of a POST /charges/c_42 carrying ``token``, as a server would build it."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",
@@ -736,6 +725,22 @@ def bench_asgi(fx: Fixture, scale: Scale) -> list[Row]:
         "client": ("127.0.0.1", 50123),
         "server": ("127.0.0.1", 8002),
     }
+
+
+def bench_asgi(fx: Fixture, scale: Scale) -> list[Row]:
+    section = "ASGI middleware per request (DESIGN 7 row 5: <= 10 us added)"
+    middleware = MeshAuthMiddleware
+    n = scale.http_batch
+    token = ServiceIdentity("orders", fx.es_key, ttl=900).token_for(AUDIENCE)
+    policy = meshauth.Policy.from_dict(
+        {"rules": [{"callers": ["orders"], "methods": ["POST"], "paths": ["/charges", "/charges/*"]}]}
+    )
+    apps = {
+        "bare": _bare_app,
+        "verify": middleware(_bare_app, Verifier(AUDIENCE, fx.keys)),
+        "policy": middleware(_bare_app, Verifier(AUDIENCE, fx.keys), policy=policy),
+    }
+    scope = _charge_scope(token)
     loop = asyncio.new_event_loop()
 
     def runner(app: Any) -> Callable[[], None]:
@@ -751,8 +756,17 @@ def bench_asgi(fx: Fixture, scale: Scale) -> list[Row]:
     finally:
         loop.close()
     bare = s["bare"]
+    added = s["verify"].median_us - bare.median_us
     return [
         _row(section, "bare ASGI app", bare, bare, "bare app"),
+        Row(
+            section,
+            "MeshAuthMiddleware(verifier), cached token: us added per request",
+            ratio=round(added, 2),
+            baseline="us added",
+            budget=10.0,
+            unit=" us",
+        ),
         _row(
             section,
             "MeshAuthMiddleware(verifier), cached token",
@@ -784,10 +798,6 @@ def jwks_document(count: int) -> dict[str, Any]:
     }
 
 
-def _endpoint_class() -> Any:
-    return getattr(meshauth, "JWKSEndpoint", None) or _optional("meshauth._jwks_endpoint", "JWKSEndpoint")
-
-
 def _jwks_response(body: bytes) -> httpx.Response:
     return httpx.Response(
         200, content=body, headers={"Content-Type": "application/jwk-set+json", "Cache-Control": "max-age=300"}
@@ -795,11 +805,12 @@ def _jwks_response(body: bytes) -> httpx.Response:
 
 
 def bench_jwks(doc: dict[str, Any], scale: Scale) -> list[Row]:
+    # Long on purpose: one section's operations are measured interleaved, round by round, and
+    # each row reads its numbers from that one run; split up, the ratios would mix runs.
     section = f"JWKS with {JWKS_KEYS:,} keys: cold load (DESIGN 7 row 5)"
     body = json.dumps(doc).encode("utf-8")
     from_dict = jwt.PyJWKSet.from_dict
-    load_keys = _optional("meshauth._keyset", "load_keys")
-    endpoint_class = _endpoint_class()
+    endpoint_class = JWKSEndpoint
     first_kid = doc["keys"][0]["kid"]
 
     class _MockedPyJWKClient(jwt.PyJWKClient):
@@ -821,17 +832,13 @@ def bench_jwks(doc: dict[str, Any], scale: Scale) -> list[Row]:
         Operation("pyjwt_client", pyjwt_client_cold, 1),
     ]
     client = httpx.Client(transport=httpx.MockTransport(lambda request: _jwks_response(body)))
-    optional: list[Operation] = []
-    if load_keys is not None:
-        optional.append(Operation("load_keys", lambda: load_keys(body), 1))
-    if endpoint_class is not None:
 
-        def endpoint_cold() -> None:
-            with endpoint_class("https://registry.internal/jwks", client=client) as endpoint:
-                if endpoint.get_key(first_kid) is None:
-                    raise LookupError("the endpoint did not find a kid of the document")
+    def endpoint_cold() -> None:
+        with endpoint_class("https://registry.internal/jwks", client=client) as endpoint:
+            if endpoint.get_key(first_kid) is None:
+                raise LookupError("the endpoint did not find a kid of the document")
 
-        optional.append(Operation("endpoint", endpoint_cold, 1))
+    optional = [Operation("load_keys", lambda: load_keys(body), 1), Operation("endpoint", endpoint_cold, 1)]
     try:
         working, errors = _preflight(optional)
         s = interleave(ops + working, min(scale.rounds, scale.jwks_rounds))
@@ -901,7 +908,7 @@ def bench_lookup(doc: dict[str, Any], scale: Scale) -> list[Row]:
         Operation("small", lookups(small.get, small_list), n),
         Operation("large", lookups(large.get, large_list), n),
     ]
-    endpoint_class = _endpoint_class()
+    endpoint_class = JWKSEndpoint
     clients: list[httpx.Client] = []
     endpoints: list[Any] = []
     errors: dict[str, str] = {}
@@ -978,13 +985,8 @@ def bench_concurrent_fetch(doc: dict[str, Any]) -> list[Row]:
     """50 threads verify on a cold JWKSEndpoint: how many fetches reach the registry?"""
     section = "50 concurrent verifiers, cold cache (DESIGN 7 row 6)"
     operation = f"{CONCURRENT_VERIFIERS} threads verify at once: registry fetches"
-    endpoint_class = _endpoint_class()
+    endpoint_class = JWKSEndpoint
     failed_operation = f"{CONCURRENT_VERIFIERS} threads verify at once: verifications that failed"
-    if endpoint_class is None:
-        return [
-            Row(section, operation, budget=1, compare="==", note=MISSING),
-            Row(section, failed_operation, budget=0, compare="==", note=MISSING),
-        ]
     key = SigningKey.generate("ES256")
     small_doc = {"keys": [key.public_jwk(iss="orders"), *doc["keys"][:99]]}
     body = json.dumps(small_doc).encode("utf-8")
@@ -1032,15 +1034,21 @@ def bench_concurrent_fetch(doc: dict[str, Any]) -> list[Row]:
 
 def _pipeline(fx: Fixture, tokens: Sequence[str]) -> list[tuple[str, Operation]]:
     """Cumulative slices of verify() over distinct tokens: each adds one stage to the previous."""
+    # Long on purpose: one section's operations are measured interleaved, round by round, and
+    # each row reads its numbers from that one run; split up, the ratios would mix runs.
     n = len(tokens)
     public_key = fx.es_private.public_key()
     parts = [_split(t) for t in tokens]
     pairs = [(_der(sig), data) for data, sig in parts]
     verifier = Verifier(AUDIENCE, fx.keys)
-    # The private stages of Verifier.verify as of this writing; --profile says
-    # so instead of failing when they change.
-    parse, lookup, key_for = verifier._parse, verifier._lookup, verifier._key_for
-    check_claims = verifier._check_claims
+    # The engine's stages (meshauth._engine.Engine.flow), one at a time.
+    parse, check_claims, profile = verifier.parse, verifier.check_claims, verifier.profile
+    keys = fx.keys
+
+    def lookup(header: tuple[str, str | None], claims: dict[str, Any]) -> Any:
+        found = keys.get_key(header[1] or "")
+        return verifier.check_key(profile, keys, header[0], header[1], found, claims)
+
     record = fx.keys.get_key(fx.es_key.kid)
     assert record is not None
 
@@ -1062,15 +1070,15 @@ def _pipeline(fx: Fixture, tokens: Sequence[str]) -> list[tuple[str, Operation]]
 
     def p3() -> None:
         for t in tokens:
-            header, _, signing_input, signature = parse(t)
-            lookup(header, key_for(header[1])).verify_signature(signature, signing_input)
+            header, payload, signing_input, signature = parse(t)
+            lookup(header, payload).verify_signature(signature, signing_input)
 
     def p4() -> None:
         for t in tokens:
             header, payload, signing_input, signature = parse(t)
-            found = lookup(header, key_for(header[1]))
+            found = lookup(header, payload)
             found.verify_signature(signature, signing_input)
-            check_claims(payload, found)
+            check_claims(profile, payload, found, None)
 
     no_cache = NoTelemetryVerifier(AUDIENCE, fx.keys, cache_size=0)
     quiet = NoTelemetryVerifier(AUDIENCE, fx.keys)
@@ -1078,11 +1086,11 @@ def _pipeline(fx: Fixture, tokens: Sequence[str]) -> list[tuple[str, Operation]]
     return [
         ("raw cryptography verify, DER prepared", Operation("p0", p0, n)),
         ("+ JWS r||s -> DER (raw_to_der)", Operation("p1", p1, n)),
-        ("+ _parse (regex, split, base64url, strict JSON) + sig length check", Operation("p2", p2, n)),
-        ("+ _key_for, _lookup (kid, key validity window, alg)", Operation("p3", p3, n)),
-        ("+ _check_claims (claims rules, Principal)", Operation("p4", p4, n)),
+        ("+ parse (regex, split, base64url, strict JSON) + sig length check", Operation("p2", p2, n)),
+        ("+ key lookup, check_key (kid, key validity window, alg)", Operation("p3", p3, n)),
+        ("+ check_claims (profile claim rules, Principal)", Operation("p4", p4, n)),
         (
-            "+ verify() frame, _finish (telemetry stubbed, cache_size=0)",
+            "+ verify() frame, the flow generator (telemetry stubbed, cache_size=0)",
             Operation("p5", _verify_all(no_cache, tokens), n),
         ),
         ("+ verified-token cache insert", Operation("p6", _verify_all(quiet, tokens), n, setup=quiet.clear_cache)),
@@ -1097,11 +1105,17 @@ def _micro_stages(fx: Fixture, calls: int) -> list[tuple[str, Operation]]:
     """Single stages of verify(), each in a hot loop on one token."""
     verifier = Verifier(AUDIENCE, fx.keys)
     token = fx.orders.mint(AUDIENCE)
-    header, payload, _, signature = verifier._parse(token)
-    record = verifier._lookup(header, verifier._key_for(header[1]))
+    profile = verifier.profile
+    header, payload, _, signature = verifier.parse(token)
+    found = fx.keys.get_key(header[1] or "")
+
+    def lookup() -> Any:
+        return verifier.check_key(profile, fx.keys, header[0], header[1], found, payload)
+
+    record = lookup()
     payload_b64 = token.split(".")[1]
     payload_bytes = _jws.b64url_decode(payload_b64, checked=True)
-    principal, until = verifier._check_claims(payload, record)
+    principal, until = verifier.check_claims(profile, payload, record, None)
     fields = {f.name: getattr(principal, f.name) for f in dataclasses.fields(principal)}
     principal_class = type(principal)
     telemetry = verifier.telemetry
@@ -1109,15 +1123,15 @@ def _micro_stages(fx: Fixture, calls: int) -> list[tuple[str, Operation]]:
     stages: list[tuple[str, Callable[[], object]]] = [
         ("(empty call: loop + lambda overhead, subtracted below)", lambda: None),
         ("raw_to_der(signature)", lambda: _jws.raw_to_der(signature)),
-        ("_parse(token), header cached", lambda: verifier._parse(token)),
+        ("parse(token), header cached", lambda: verifier.parse(token)),
         ("  COMPACT_RE.fullmatch(token)", lambda: _jws.COMPACT_RE.fullmatch(token)),
         ("  b64url_decode(payload)", lambda: _jws.b64url_decode(payload_b64, checked=True)),
         ("  loads_object(payload): strict JSON", lambda: _jws.loads_object(payload_bytes)),
         ("  json.loads(payload): stdlib, for scale", lambda: json.loads(payload_bytes)),
-        ("_key_for + _lookup(header)", lambda: verifier._lookup(header, verifier._key_for(header[1]))),
-        ("_check_claims(payload, record)", lambda: verifier._check_claims(payload, record)),
+        ("get_key + check_key", lookup),
+        ("check_claims(payload, record)", lambda: verifier.check_claims(profile, payload, record, None)),
         ("  Principal(...) alone", lambda: principal_class(**fields)),
-        ("_remember (insert, same key)", lambda: verifier._remember(token, principal, until, record)),
+        ("cache insert, same key", lambda: verifier._cache.put(token, (principal, until, record, fx.keys))),
         ("tracer.start_span (no-op API)", lambda: telemetry.tracer.start_span("meshauth.verify")),
         (
             "start_span + _accepted (no-op API)",
@@ -1186,6 +1200,27 @@ def profile(fx: Fixture, scale: Scale) -> str:
 # -- main --------------------------------------------------------------------------------------
 
 
+def bench_redis_revocation(scale: Scale) -> list[Row]:
+    """DESIGN 7 row 11: from ``revoke`` until 8 verifier processes dropped the key (a Redis at REDIS_URL).
+
+    Without a reachable Redis the group raises: an ERROR row, which fails ``--check``.
+    """
+    section = "Redis registry: revocation applied by 8 verifier processes (DESIGN 7 row 11)"
+    figures = bench_revocation(REDIS_URL, revocations=max(5, min(20, scale.rounds)))
+    p99 = figures["revocation_all_p99_s"]
+    return [
+        Row(
+            section,
+            "revocation applied by every verifier, p99 (s)",
+            ratio=round(p99, 4),
+            baseline="seconds",
+            budget=1.0,
+            unit=" s",
+            note=f"p50 {figures['revocation_all_p50_s'] * 1000:.1f} ms over {figures['revocations']} revocations",
+        )
+    ]
+
+
 def run_all(scale: Scale, *, log: Callable[[str], None]) -> list[Row]:
     fx = Fixture.build()
     rows: list[Row] = []
@@ -1207,6 +1242,8 @@ def run_all(scale: Scale, *, log: Callable[[str], None]) -> list[Row]:
     rows += _guarded("kid lookups", lambda: bench_lookup(doc, scale))
     log("measuring concurrent cold-cache verification ...")
     rows += _guarded("50 concurrent verifiers", lambda: bench_concurrent_fetch(doc))
+    log(f"measuring Redis revocation with 8 verifier processes ({REDIS_URL}) ...")
+    rows += _guarded("Redis registry", lambda: bench_redis_revocation(scale))
     return rows
 
 
@@ -1219,10 +1256,26 @@ def _guarded(name: str, group: Callable[[], list[Row]]) -> list[Row]:
         return [Row(name, f"{name}: the measurement raised", error=_clip(f"{type(exc).__name__}: {exc}"))]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def failures(rows: Sequence[Row], margin: float) -> list[Row]:
+    """The rows that fail ``--check``.
+
+    A budget row over its budget (times ``margin``), a measurement that raised
+    (even on a row without a budget), and a budget row that could not be
+    measured: "n/a" is a failure, not a pass.
+    """
+    return [
+        row
+        for row in rows
+        if row.error or row.passed(margin) is False or (row.budget is not None and row.passed(margin) is None)
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batches and few rounds (< 20 s)")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a budget row fails")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when a budget row fails, errs or cannot be measured"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the machine and the rows as JSON")
     parser.add_argument("--rounds", type=int, metavar="N", help="interleaved rounds per comparison")
     parser.add_argument(
@@ -1239,6 +1292,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="JSON",
         help="print a Markdown table of saved --json runs (one column each) and exit; nothing is measured",
     )
+    return parser
+
+
+def _summary(rows: Sequence[Row], failed: Sequence[Row], margin: float, elapsed: float) -> dict[str, Any]:
+    """Print the verdict line and the pending budgets; return the counts for the JSON report."""
+    budget_rows = [row for row in rows if row.budget is not None]
+    met = [row for row in budget_rows if row.passed(margin) is True]
+    unmeasured = [row for row in budget_rows if row.passed(margin) is None]
+    errors = [row for row in rows if row.error]
+    print(
+        f"\n{len(met)} of {len(budget_rows)} budgets met, "
+        f"{len(failed)} missed or failed, {len(unmeasured)} not measured, {len(errors)} errors; {elapsed:.1f} s"
+    )
+    print(f"\npending: {len(PENDING)} DESIGN 7 budgets not yet measured by this command (never counted as met):")
+    for item in PENDING:
+        print(f"  - {item}")
+    return {
+        "total": len(budget_rows),
+        "failed": len(failed),
+        "unmeasured": len(unmeasured),
+        "errors": len(errors),
+        "pending": list(PENDING),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.markdown:
         results = []
@@ -1269,16 +1349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_all(scale, log=lambda message: print(message, file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - started
     print(format_table(rows, args.margin))
-    budget_rows = [row for row in rows if row.budget is not None]
-    met = [row for row in budget_rows if row.passed(args.margin) is True]
-    unmeasured = [row for row in budget_rows if row.passed(args.margin) is None]
-    errors = [row for row in rows if row.error]
-    # A measurement that raised fails --check even on a row without a budget.
-    failed = [row for row in rows if row.passed(args.margin) is False or row.error]
-    print(
-        f"\n{len(met)} of {len(budget_rows)} budgets met, "
-        f"{len(failed)} missed or failed, {len(unmeasured)} not measured, {len(errors)} errors; {elapsed:.1f} s"
-    )
+    failed = failures(rows, args.margin)
+    counts = _summary(rows, failed, args.margin, elapsed)
     profile_text = None
     if args.profile:
         profile_text = profile(Fixture.build(), scale)
@@ -1291,12 +1363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "margin": args.margin,
             "seconds": round(elapsed, 2),
             "rows": [row.as_dict(args.margin) for row in rows],
-            "budgets": {
-                "total": len(budget_rows),
-                "failed": len(failed),
-                "unmeasured": len(unmeasured),
-                "errors": len(errors),
-            },
+            "budgets": counts,
             "profile": profile_text,
         }
         with open(args.json, "w", encoding="utf-8") as handle:

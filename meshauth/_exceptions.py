@@ -15,6 +15,7 @@ key material.
     │   ├── WrongTokenType              wrong_type
     │   ├── UnsupportedAlgorithm        unsupported_alg
     │   ├── UnknownKey                  unknown_kid
+    │   ├── KeyExpired                  key_expired
     │   ├── BadSignature                bad_signature
     │   ├── MissingClaim                missing_claim
     │   ├── InvalidClaim                invalid_claim
@@ -23,8 +24,18 @@ key material.
     │   ├── TokenExpired                expired
     │   ├── TokenNotYetValid            not_yet_valid
     │   ├── LifetimeTooLong             lifetime_too_long
-    │   └── TokenReplayed               replayed
-    ├── ResponseAuthError               missing_response, nonce_mismatch, ... (mutual auth)
+    │   ├── TokenReplayed               replayed
+    │   ├── MissingCredentials          missing_credentials (no Bearer token in the request)
+    │   ├── WrongScheme                 wrong_scheme (Authorization is not Bearer)
+    │   └── DuplicateAuthorization      duplicate_authorization (Authorization sent twice)
+    ├── ResponseAuthError               the response token's own reason (bad_signature, ...), or:
+    │   ├── MissingResponse             missing_response
+    │   ├── WrongResponder              wrong_responder
+    │   ├── NonceMismatch               nonce_mismatch
+    │   ├── StatusMismatch              status_mismatch
+    │   ├── BodyMismatch                body_mismatch
+    │   └── UnboundBody                 unbound_body
+    ├── InvalidNonce                    invalid_nonce (a bad Meshauth-Nonce request header: HTTP 400)
     ├── AccessDenied                    access_denied (policy)
     ├── BadPath                         bad_path (a request path that cannot be judged: HTTP 400)
     ├── Unavailable                     (a dependency is down or full: HTTP 503, never a bad token)
@@ -42,25 +53,36 @@ __all__ = [
     "AccessDenied",
     "BadPath",
     "BadSignature",
+    "BodyMismatch",
     "ConfigurationError",
+    "DuplicateAuthorization",
     "InvalidClaim",
+    "InvalidNonce",
     "IssuerMismatch",
+    "KeyExpired",
     "KeysUnavailable",
     "LifetimeTooLong",
     "MalformedToken",
     "MeshAuthError",
     "MissingClaim",
+    "MissingCredentials",
+    "MissingResponse",
+    "NonceMismatch",
     "ReplayStoreUnavailable",
     "ResponseAuthError",
+    "StatusMismatch",
     "TokenError",
     "TokenExpired",
     "TokenNotYetValid",
     "TokenReplayed",
     "TokenTooLarge",
     "Unavailable",
+    "UnboundBody",
     "UnknownKey",
     "UnsupportedAlgorithm",
     "WrongAudience",
+    "WrongResponder",
+    "WrongScheme",
     "WrongTokenType",
 ]
 
@@ -74,9 +96,23 @@ class MeshAuthError(Exception):
         expected: what the check wanted, when that is meaningful.
         actual: what the check found, when that is meaningful and not secret.
         kid: the key id involved, if any (key ids are public).
+        caller: the service proven to have signed the token (set only once the
+            signature verified and ``iss`` owns the key), else ``None``.
+        issuer: the configured identity provider a user token was judged
+            against (gateway), else ``None``.
     """
 
     reason: str = "error"
+    status: ClassVar[int] = 500
+    """The HTTP status an inbound request refused with this error gets (one table: the classes)."""
+    error: ClassVar[str] = "server_error"
+    """The ``error`` member of that response's JSON body (RFC 6750 codes where one fits)."""
+    detail: str
+    expected: Any
+    actual: Any
+    kid: str | None
+    caller: str | None
+    issuer: str | None
 
     def __init__(
         self,
@@ -86,6 +122,8 @@ class MeshAuthError(Exception):
         expected: Any = None,
         actual: Any = None,
         kid: str | None = None,
+        caller: str | None = None,
+        issuer: str | None = None,
     ) -> None:
         if reason is not None:
             self.reason = reason
@@ -93,13 +131,25 @@ class MeshAuthError(Exception):
         self.expected = expected
         self.actual = actual
         self.kid = kid
+        self.caller = caller
+        self.issuer = issuer
         super().__init__(self._render())
 
     def _render(self) -> str:
         parts = [f"{self.reason}: {self.detail}"]
-        if self.expected is not None or self.actual is not None:
+        # Only what is known is shown: never "expected None".
+        if self.expected is not None and self.actual is not None:
             parts.append(f"(expected {_short(self.expected)}, found {_short(self.actual)})")
+        elif self.expected is not None:
+            parts.append(f"(expected {_short(self.expected)})")
+        elif self.actual is not None:
+            parts.append(f"(found {_short(self.actual)})")
         return " ".join(parts)
+
+    def __str__(self) -> str:
+        # Rendered again: the fields (kid, caller) may be completed after construction
+        # by the engine that raised the error, before it leaves meshauth.
+        return self._render()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reason={self.reason!r}, detail={self.detail!r})"
@@ -117,6 +167,8 @@ class TokenError(MeshAuthError):
     """A token was rejected. ``reason`` says why; subclasses exist per reason."""
 
     reason = "invalid_token"
+    status = 401
+    error = "invalid_token"
     by_reason: ClassVar[dict[str, type[TokenError]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -149,9 +201,15 @@ class UnsupportedAlgorithm(TokenError):
 
 
 class UnknownKey(TokenError):
-    """The ``kid`` is not in the registry, or the key is outside its validity window."""
+    """The ``kid`` is not in a key set that was read successfully."""
 
     reason = "unknown_kid"
+
+
+class KeyExpired(TokenError):
+    """The key is known but outside its ``nbf``/``exp`` window (plus leeway)."""
+
+    reason = "key_expired"
 
 
 class BadSignature(TokenError):
@@ -208,16 +266,87 @@ class TokenReplayed(TokenError):
     reason = "replayed"
 
 
+class MissingCredentials(TokenError):
+    """The request carries no ``Authorization: Bearer`` token."""
+
+    reason = "missing_credentials"
+    status = 401
+    error = "unauthorized"
+
+
+class WrongScheme(TokenError):
+    """The ``Authorization`` scheme is not ``Bearer``."""
+
+    reason = "wrong_scheme"
+
+
+class DuplicateAuthorization(TokenError):
+    """The request carries more than one ``Authorization`` header."""
+
+    reason = "duplicate_authorization"
+
+
 class ResponseAuthError(MeshAuthError):
-    """A response could not be proven to come from the intended service (mutual auth)."""
+    """A response could not be proven to come from the intended service (mutual auth).
+
+    A response token refused by the token checks keeps that check's reason
+    (``bad_signature``, ``expired``, ...) with the :class:`TokenError` as
+    ``__cause__``; the mutual-auth checks have one subclass each.
+    """
 
     reason = "invalid_response"
+
+
+class MissingResponse(ResponseAuthError):
+    """The response carried no ``Meshauth-Response`` token."""
+
+    reason = "missing_response"
+
+
+class WrongResponder(ResponseAuthError):
+    """The response token was signed by another service than the one called."""
+
+    reason = "wrong_responder"
+
+
+class NonceMismatch(ResponseAuthError):
+    """The response token is bound to another request's nonce."""
+
+    reason = "nonce_mismatch"
+
+
+class StatusMismatch(ResponseAuthError):
+    """The response token is bound to another HTTP status than the one received."""
+
+    reason = "status_mismatch"
+
+
+class BodyMismatch(ResponseAuthError):
+    """The response token is bound to other body bytes than the ones received."""
+
+    reason = "body_mismatch"
+
+
+class UnboundBody(ResponseAuthError):
+    """The response token does not bind the body, and the client did not allow that."""
+
+    reason = "unbound_body"
+
+
+class InvalidNonce(MeshAuthError):
+    """The request's ``Meshauth-Nonce`` header is repeated or not a valid nonce (HTTP 400)."""
+
+    reason = "invalid_nonce"
+    status = 400
+    error = "invalid_request"
 
 
 class AccessDenied(MeshAuthError):
     """The authenticated caller is not allowed to do this (policy decision)."""
 
     reason = "access_denied"
+    status = 403
+    error = "forbidden"
 
 
 class BadPath(MeshAuthError):
@@ -227,6 +356,8 @@ class BadPath(MeshAuthError):
     """
 
     reason = "bad_path"
+    status = 400
+    error = "bad_request"
 
 
 class Unavailable(MeshAuthError):
@@ -237,6 +368,8 @@ class Unavailable(MeshAuthError):
     """
 
     reason = "unavailable"
+    status = 503
+    error = "temporarily_unavailable"
 
 
 class KeysUnavailable(Unavailable):

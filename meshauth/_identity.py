@@ -8,7 +8,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
@@ -19,6 +19,10 @@ from ._names import service_name_problem
 from ._principal import Principal
 from ._telemetry import Telemetry
 from ._verify import RESPONSE_TOKEN_TYPE, SERVICE_TOKEN_TYPE
+
+if TYPE_CHECKING:
+    from ._ephemeral import EphemeralIdentity
+    from ._redis_publish import RedisPublisher
 
 __all__ = ["ServiceIdentity"]
 
@@ -86,6 +90,8 @@ class ServiceIdentity:
         self._telemetry = Telemetry(tracer_provider)
         self._header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": SERVICE_TOKEN_TYPE}))
         self._response_header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": RESPONSE_TOKEN_TYPE}))
+        # header segment -> the key that signs under it, while a rotation keeps two keys
+        self._signers: dict[str, SigningKey] = {}
         # cache key -> (token, refresh at, expires at)
         self._tokens: dict[Any, tuple[str, float, int]] = {}
         self._locks: dict[Any, threading.Lock] = {}
@@ -121,6 +127,42 @@ class ServiceIdentity:
             )
         key = SigningKey.from_file(key_file, env.get("MESHAUTH_KEY_PASSWORD"))
         return cls(service, key, **kwargs)
+
+    @classmethod
+    def ephemeral(  # noqa: PLR0917 - the signature DESIGN section 10 fixes
+        cls,
+        name: str,
+        publisher: RedisPublisher,
+        alg: str = "ES256",
+        ttl: int = DEFAULT_TTL,
+        key_ttl: int = 3600,
+        rotate_every: float = 3600,
+        **kwargs: Any,
+    ) -> EphemeralIdentity:
+        """An identity whose keys live in memory only, published, renewed and rotated through Redis.
+
+        See :class:`meshauth.redis.EphemeralIdentity` (needs the ``redis`` extra).
+        """
+        from ._ephemeral import EphemeralIdentity  # noqa: PLC0415 - needs the optional redis extra
+
+        return EphemeralIdentity(
+            name, publisher, alg=alg, ttl=ttl, key_ttl=key_ttl, rotate_every=rotate_every, **kwargs
+        )
+
+    def _use_key(self, key: SigningKey) -> None:
+        """Sign with ``key`` from now on; tokens minted with the previous key stay valid."""
+        header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": SERVICE_TOKEN_TYPE}))
+        response_header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": RESPONSE_TOKEN_TYPE}))
+        self._signers[self._header] = self.key  # a mint that read the old header still signs consistently
+        self._signers[self._response_header] = self.key
+        self._signers[header] = self._signers[response_header] = key
+        self.key, self._header, self._response_header = key, header, response_header
+        self._tokens.clear()
+
+    def _forget_key(self, key: SigningKey) -> None:
+        for header, signer in list(self._signers.items()):
+            if signer is key:
+                self._signers.pop(header, None)
 
     # -- cached tokens ---------------------------------------------------------------
 
@@ -282,7 +324,7 @@ class ServiceIdentity:
                 span.set_attribute("meshauth.kid", self.key.kid)
                 span.set_attribute("meshauth.alg", self.key.alg)
             signing_input = f"{header_b64}.{b64url_encode(dumps(claims))}"
-            signature = self.key.sign(signing_input.encode("ascii"))
+            signature = self._signers.get(header_b64, self.key).sign(signing_input.encode("ascii"))
             return f"{signing_input}.{b64url_encode(signature)}"
         finally:
             span.end()

@@ -35,11 +35,15 @@ from opentelemetry.trace import Span
 from ._exceptions import (
     AccessDenied,
     BadPath,
+    DuplicateAuthorization,
+    InvalidNonce,
     MalformedToken,
     MeshAuthError,
+    MissingCredentials,
     TokenError,
     TokenTooLarge,
     Unavailable,
+    WrongScheme,
 )
 from ._identity import ServiceIdentity
 from ._paths import decoded_path, routed_path
@@ -142,38 +146,26 @@ def default_reply(exc: BaseException, realm: str, *, retry_after: int = 5) -> Re
 
     The body is ``{"error": ..., "reason": ...}``; it never echoes the token.
     """
+    # The status and error code come from the error's class (MeshAuthError.status
+    # and .error): one table for the middlewares and the gateway.
+    if not isinstance(exc, MeshAuthError):
+        status, error = 500, "server_error"
+    else:
+        status, error = exc.status, exc.error
     headers: list[tuple[str, str]] = []
     quoted_realm = quoted_string(realm)
-    if isinstance(exc, TokenError):
-        status = 401
-        if exc.reason == MISSING_CREDENTIALS:
-            error = "unauthorized"
-            headers.append(("WWW-Authenticate", f"Bearer realm={quoted_realm}"))
-        else:
-            error = "invalid_token"
-            headers.append(
-                (
-                    "WWW-Authenticate",
-                    f'Bearer realm={quoted_realm}, error="invalid_token", '
-                    f"error_description={quoted_string(exc.reason)}",
-                )
-            )
+    if isinstance(exc, MissingCredentials):
+        headers.append(("WWW-Authenticate", f"Bearer realm={quoted_realm}"))
+    elif isinstance(exc, TokenError):
+        description = quoted_string(exc.reason)
+        headers.append(
+            ("WWW-Authenticate", f'Bearer realm={quoted_realm}, error="invalid_token", error_description={description}')
+        )
     elif isinstance(exc, Unavailable):
-        status, error = 503, "temporarily_unavailable"
         headers.append(("Retry-After", str(retry_after)))
-    elif isinstance(exc, AccessDenied):
-        status = 403
-        if exc.reason == INSUFFICIENT_SCOPE:
-            error = INSUFFICIENT_SCOPE
-            headers.append(("WWW-Authenticate", f'Bearer realm={quoted_realm}, error="insufficient_scope"'))
-        else:
-            error = "forbidden"
-    elif isinstance(exc, MeshAuthError) and exc.reason == INVALID_NONCE:
-        status, error = 400, "invalid_request"
-    elif isinstance(exc, BadPath):
-        status, error = 400, "bad_request"
-    else:
-        status, error = 500, "server_error"
+    elif isinstance(exc, AccessDenied) and exc.reason == INSUFFICIENT_SCOPE:
+        error = INSUFFICIENT_SCOPE
+        headers.append(("WWW-Authenticate", f'Bearer realm={quoted_realm}, error="insufficient_scope"'))
     reason = exc.reason if isinstance(exc, MeshAuthError) else INTERNAL_ERROR
     body = _json_body(error, reason)
     headers += [
@@ -194,13 +186,13 @@ def credentials_error(value: bytes, limit: int, *, folded: bool = False) -> Toke
             "the Authorization header exceeds the size limit", expected=f"<= {limit} bytes", actual=len(value)
         )
     if folded and b"," in value:
-        return TokenError("more than one Authorization header", reason=DUPLICATE_AUTHORIZATION, expected=1)
+        return DuplicateAuthorization("more than one Authorization header", expected=1)
     if not value.isascii():
         return MalformedToken("the Authorization header is not ASCII")
     scheme, _, credentials = value.partition(b" ")
     if scheme.lower() != b"bearer":
         # The scheme is not quoted back: a bare token would land in logs.
-        return TokenError("the Authorization scheme is not Bearer", reason=WRONG_SCHEME, expected="Bearer")
+        return WrongScheme("the Authorization scheme is not Bearer", expected="Bearer")
     if not credentials.strip():
         return MalformedToken("the bearer token is empty")
     if _TOKEN68.fullmatch(credentials) is None:
@@ -458,10 +450,7 @@ class RequestGuard:
     def nonce(value: bytes, *, repeated: bool = False) -> str:
         """A validated ``Meshauth-Nonce``: 1 to 256 token68 characters, sent once."""
         if repeated or len(value) > _MAX_NONCE or _TOKEN68.fullmatch(value) is None:
-            raise MeshAuthError(
-                "the Meshauth-Nonce header must be sent once, as 1 to 256 base64url/token68 characters",
-                reason=INVALID_NONCE,
-            )
+            raise InvalidNonce("the Meshauth-Nonce header must be sent once, as 1 to 256 base64url/token68 characters")
         return value.decode("ascii")
 
     def authorize(
@@ -671,14 +660,14 @@ class Requirement:
         """None if ``principal`` meets the requirement, else the 401/403 to send."""
         prefix = f"Bearer realm={quoted_string(realm)}" if realm else "Bearer"
         if not isinstance(principal, Principal):
-            return Refusal(401, "unauthorized", MISSING_CREDENTIALS, prefix)
+            return Refusal(MissingCredentials.status, MissingCredentials.error, MissingCredentials.reason, prefix)
         if self.callers is not None and not any(fnmatch.fnmatchcase(principal.caller, c) for c in self.callers):
-            return Refusal(403, "forbidden", "caller_not_allowed", None)
+            return Refusal(AccessDenied.status, AccessDenied.error, "caller_not_allowed", None)
         if not self.scopes <= principal.scopes:
             needed = quoted_string(" ".join(sorted(self.scopes)))
             separator = ", " if realm else " "
             return Refusal(
-                403,
+                AccessDenied.status,
                 INSUFFICIENT_SCOPE,
                 INSUFFICIENT_SCOPE,
                 f'{prefix}{separator}error="insufficient_scope", scope={needed}',

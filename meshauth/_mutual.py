@@ -8,61 +8,108 @@ and bound to that nonce. :class:`ResponseVerifier` checks it.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final
 
 from opentelemetry import metrics, trace
 
-from ._exceptions import InvalidClaim, IssuerMismatch, MeshAuthError, ResponseAuthError
+from ._engine import Profile
+from ._exceptions import (
+    InvalidClaim,
+    MeshAuthError,
+    MissingResponse,
+    NonceMismatch,
+    ResponseAuthError,
+    WrongResponder,
+)
+from ._keys import KeyRecord
 from ._principal import Principal
 from ._registry import KeySource
 from ._replay import MemoryReplayCache
-from ._verify import RESPONSE_TOKEN_TYPE, Verifier
+from ._verify import RESPONSE_TOKEN_TYPE, Verifier, service_claims, service_profile
 
-__all__ = ["NONCE_HEADER", "RESPONSE_HEADER", "ResponseVerifier", "new_nonce"]
+__all__ = ["NONCE_HEADER", "RESPONSE_HEADER", "ResponseVerifier", "new_nonce", "response_profile"]
 
 NONCE_HEADER: Final = "Meshauth-Nonce"
 RESPONSE_HEADER: Final = "Meshauth-Response"
 MAX_RESPONSE_LIFETIME: Final = 60
-
-# (expected responder, nonce) of the response being verified; a context
-# variable keeps concurrent threads and tasks apart.
-_EXPECTED: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("meshauth_expected_response")
+_NOT_A_RESPONSE_TOKEN: Final = {"meshauth+jwt": " (a service token is never accepted as a response token)"}
 
 
 def _present(token: str | None, service: str) -> str:
     """The response token, or ``missing_response`` when the response carried none."""
     if not token:
-        raise ResponseAuthError(
+        raise MissingResponse(
             f"no {RESPONSE_HEADER} header in the response from {service!r}: "
             "did the callee's middleware get identity=? (it signs responses only with one)",
-            reason="missing_response",
             expected=service,
             actual="nothing",
         )
     return token
 
 
-@contextlib.contextmanager
-def _expecting(service: str, nonce: str) -> Iterator[None]:
-    """Verify a response token inside: its responder and nonce are set, any failure is a ResponseAuthError."""
-    reset = _EXPECTED.set((service, nonce))
-    try:
-        yield
-    except MeshAuthError as exc:
-        raise ResponseAuthError(
-            f"response could not be authenticated: {exc.detail}",
-            reason=exc.reason,
-            expected=exc.expected,
-            actual=exc.actual,
-            kid=exc.kid,
-        ) from exc
-    finally:
-        _EXPECTED.reset(reset)
+def _as_response_error(exc: MeshAuthError) -> ResponseAuthError:
+    """A refused response token as a :class:`ResponseAuthError`, keeping the token check's reason."""
+    if isinstance(exc, ResponseAuthError):
+        return exc
+    return ResponseAuthError(
+        f"response could not be authenticated: {exc.detail}",
+        reason=exc.reason,
+        expected=exc.expected,
+        actual=exc.actual,
+        kid=exc.kid,
+        caller=exc.caller,
+    )
+
+
+def response_claims(caller: str) -> Callable[[dict[str, Any], KeyRecord, Any], Principal]:
+    """The response-token claim rule: the service-token rule, then responder and nonce.
+
+    ``expect`` is the per-call ``(service, nonce)`` of :meth:`ResponseVerifier.verify_response`.
+    """
+    base = service_claims(caller, 0)
+
+    def check(claims: dict[str, Any], record: KeyRecord, expect: Any) -> Principal:
+        if expect is None:
+            raise InvalidClaim("response tokens are checked with verify_response()")
+        service, nonce = expect
+        if claims["iss"] != service or claims["sub"] != service:
+            raise WrongResponder(
+                f"the response was signed by {str(claims['iss'])[:64]!r}, not by {service!r} that was called",
+                expected=service,
+                actual=str(claims["iss"])[:64],
+            )
+        principal = base(claims, record, expect)
+        got = claims["nonce"]
+        if not isinstance(got, str):
+            raise InvalidClaim(
+                "the response token's nonce is not a string", expected="string", actual=type(got).__name__
+            )
+        if not secrets.compare_digest(got.encode("utf-8", "surrogatepass"), nonce.encode("utf-8", "surrogatepass")):
+            raise NonceMismatch(
+                "the response is bound to another request (its nonce is not the one sent)",
+                expected="the nonce sent with this request",
+                actual="another nonce",
+            )
+        return principal
+
+    return check
+
+
+def response_profile(caller: str, *, leeway: float = 30) -> Profile[Principal]:
+    """The profile of response tokens addressed to ``caller`` (mutual authentication)."""
+    service = service_profile(caller, leeway=leeway, max_lifetime=MAX_RESPONSE_LIFETIME, max_actors=0)
+    return dataclasses.replace(
+        service,
+        name="response",
+        types=frozenset({RESPONSE_TOKEN_TYPE}),
+        claims=response_claims(caller),
+        required_claims=(*service.required_claims, "nonce"),
+        typ_refused_hint=_NOT_A_RESPONSE_TOKEN,
+    )
 
 
 def new_nonce() -> str:
@@ -99,7 +146,8 @@ class ResponseVerifier(Verifier):
     ) -> None:
         # Every response token is unique (its nonce), so there is nothing to cache; but an
         # accepted one is remembered for its lifetime, so a client that reuses a nonce
-        # cannot be shown an old answer twice.
+        # cannot be shown an old answer twice. Responses answer this client's own requests,
+        # so one responder may use the whole capacity (no per-issuer share).
         super().__init__(
             caller,
             keys,
@@ -108,48 +156,35 @@ class ResponseVerifier(Verifier):
             clock=clock,
             cache_size=0,
             max_actors=0,
-            replay_cache=MemoryReplayCache(max_entries=200_000, grace=leeway, clock=clock),
+            replay_cache=MemoryReplayCache(max_entries=200_000, max_per_issuer=200_000, grace=leeway, clock=clock),
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
+
+    def _profile(
+        self, audience: str, leeway: float, max_lifetime: int, max_token_bytes: int, max_actors: int
+    ) -> Profile[Principal]:
+        return response_profile(audience, leeway=leeway)
 
     def verify_response(self, token: str | None, *, service: str, nonce: str) -> Principal:
         """Check that ``token`` proves ``service`` answered the request carrying ``nonce``.
 
         Raises:
-            ResponseAuthError: with ``reason`` ``missing_response``,
-                ``wrong_responder``, ``nonce_mismatch`` or the token's own
-                rejection reason (``bad_signature``, ``expired``, ...).
+            ResponseAuthError: a :class:`~meshauth.MissingResponse`,
+                :class:`~meshauth.WrongResponder` or
+                :class:`~meshauth.NonceMismatch`, or the token's own rejection
+                reason (``bad_signature``, ``expired``, ...).
         """
         token = _present(token, service)
-        with _expecting(service, nonce):
-            return self.verify(token)
+        try:
+            return self._verify(token, (service, nonce), True)
+        except MeshAuthError as exc:
+            raise _as_response_error(exc) from exc
 
     async def averify_response(self, token: str | None, *, service: str, nonce: str) -> Principal:
         """Async form of :meth:`verify_response` (for async key sources)."""
         token = _present(token, service)
-        with _expecting(service, nonce):
-            return await self.averify(token)
-
-    def _check_extra_claims(self, claims: dict[str, Any]) -> None:
-        expected = _EXPECTED.get(None)
-        if expected is None:
-            raise InvalidClaim("response tokens are checked with verify_response()", reason="invalid_claim")
-        service, nonce = expected
-        if claims["iss"] != service or claims["sub"] != service:
-            raise IssuerMismatch(
-                "the response was signed by another service",
-                reason="wrong_responder",
-                expected=service,
-                actual=str(claims["iss"])[:64],
-            )
-        got = claims.get("nonce")
-        if not isinstance(got, str):
-            raise InvalidClaim("the response token has no nonce", expected="string", actual=type(got).__name__)
-        if not secrets.compare_digest(got.encode("utf-8", "surrogatepass"), nonce.encode("utf-8", "surrogatepass")):
-            raise InvalidClaim(
-                "the response is bound to another request",
-                reason="nonce_mismatch",
-                expected="the nonce sent with this request",
-                actual="another nonce",
-            )
+        try:
+            return await self._averify(token, (service, nonce), True)
+        except MeshAuthError as exc:
+            raise _as_response_error(exc) from exc

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, NoReturn, TypeVar
 
 from ._exceptions import AccessDenied, BadPath, ConfigurationError
+from ._idp_tokens import UserPrincipal
 from ._paths import canonical_path
 from ._principal import Principal
 
@@ -27,7 +28,7 @@ __all__ = ["Decision", "Policy", "normalize_path"]
 _DEFAULTS: Final = ("allow", "deny")
 _MODES: Final = ("audit", "enforce")
 _TOP_LEVEL_KEYS: Final = ("default", "delegators", "mode", "rules")
-_RULE_FIELDS: Final = ("callers", "methods", "name", "paths", "scopes", "subjects")
+_RULE_FIELDS: Final = ("callers", "groups", "issuers", "methods", "name", "paths", "scopes", "subjects")
 # A websocket handshake is judged as this method; only a rule naming it opens a socket.
 WEBSOCKET: Final = "WEBSOCKET"
 
@@ -64,6 +65,9 @@ class Decision:
     mode: str
     path: str | None
     rule_name: str | None = None
+    refused_by: str | None = None
+    """For ``no_matching_rule``: the field (``callers``, ``issuers``, ``subjects``, ``groups``) that
+    refused the first rule matching the method and path, when one did."""
 
     @property
     def rule_label(self) -> str | int | None:
@@ -93,6 +97,8 @@ class _Rule:
     name: str | None = None
     websocket: bool = False
     caller_patterns: tuple[str, ...] = ()
+    issuers: frozenset[str] | None = None
+    groups: frozenset[str] | None = None
 
 
 class Policy:
@@ -107,7 +113,15 @@ class Policy:
     - ``methods``: exact upper-case HTTP methods, ``"*"`` for any;
     - ``paths``: globs where ``*``, ``?`` and ``[...]`` never match ``/`` and
       ``**`` matches anything, ``/`` included;
-    - ``scopes``: all of them must be in :attr:`Principal.scopes`.
+    - ``scopes``: all of them must be in :attr:`Principal.scopes`;
+    - ``issuers``: exact identity-provider issuers; such a rule judges end users
+      verified from an IdP token (the gateway's ``UserPrincipal``, which has an
+      ``issuer`` and ``groups``), never a service;
+    - ``groups``: at least one of them must be in the user's ``groups``.
+
+    A rule with ``callers`` judges services only. An end user (a principal
+    with an ``issuer``) is vouched for by the IdP, so the delegation rule below
+    does not apply to it.
 
     A delegated call (``subject != caller``) is denied with
     ``"delegation_not_allowed"`` before any rule is tried, whatever ``default``
@@ -275,7 +289,7 @@ class Policy:
 
     # -- decisions -----------------------------------------------------------
 
-    def decide(self, principal: Principal, method: str, raw_path: str) -> Decision:
+    def decide(self, principal: Principal | UserPrincipal, method: str, raw_path: str) -> Decision:
         """Decide whether ``principal`` may call ``method raw_path``; never raises.
 
         ``raw_path`` is the request target as received, still percent-encoded
@@ -286,13 +300,22 @@ class Policy:
         if isinstance(normalized, _InvalidPath):
             return self._deny("bad_path", normalized.detail, None)
 
-        if principal.subject != principal.caller:
-            refused = self._refused_delegation(principal)
-            if refused is not None:
-                return self._deny("delegation_not_allowed", refused, normalized)
-
-        caller = principal.caller
+        # An end user from an identity provider (the gateway's UserPrincipal) has an
+        # issuer and groups and no caller; a service's Principal has neither.
+        issuer: str | None = None
+        caller: str | None = None
+        groups: frozenset[str] = frozenset()
         subject = principal.subject
+        if isinstance(principal, UserPrincipal):
+            issuer, groups = principal.issuer, principal.groups
+        else:
+            caller = principal.caller
+            if subject != caller:
+                refused = self._refused_delegation(principal)
+                if refused is not None:
+                    return self._deny("delegation_not_allowed", refused, normalized)
+        # The field that refused the first rule matching method and path.
+        refused_by: str | None = None
         # Scopes a rule wanted that the token lacked, when that rule matched in
         # every other respect: the denial is then "insufficient_scope" (RFC 6750).
         shortfall: frozenset[str] | None = None
@@ -302,11 +325,20 @@ class Policy:
                 continue
             if method == WEBSOCKET and not rule.websocket:
                 continue  # a two-way socket needs a rule that names it
-            if rule.callers is not None and not rule.callers(caller):
+            if rule.callers is not None and (caller is None or not rule.callers(caller)):
+                if refused_by is None and (rule.paths is None or rule.paths(normalized)):
+                    refused_by = "callers"
                 continue
             if rule.paths is not None and not rule.paths(normalized):
                 continue
+            if rule.issuers is not None and issuer not in rule.issuers:
+                refused_by = refused_by or "issuers"
+                continue
             if rule.subjects is not None and not rule.subjects(subject):
+                refused_by = refused_by or "subjects"
+                continue
+            if rule.groups is not None and rule.groups.isdisjoint(groups):
+                refused_by = refused_by or "groups"
                 continue
             if rule.scopes is not None and not rule.scopes <= principal.scopes:
                 if shortfall is None:
@@ -321,6 +353,20 @@ class Policy:
                 _remember(known, normalized, decision)
             return decision
 
+        return self._no_rule(principal, method, normalized, shortfall, refused_by)
+
+    def _no_rule(
+        self,
+        principal: Principal | UserPrincipal,
+        method: str,
+        normalized: str,
+        shortfall: frozenset[str] | None,
+        refused_by: str | None,
+    ) -> Decision:
+        """The decision when no rule allowed the request: the default, or a denial that says why."""
+        subject = principal.subject
+        issuer = principal.issuer if isinstance(principal, UserPrincipal) else None
+        caller = principal.caller if isinstance(principal, Principal) else None
         if self._allow_by_default:
             decision = self._allowed_by_default.get(normalized)
             if decision is None:
@@ -343,14 +389,16 @@ class Policy:
                 f"only with scopes it lacks: {_clip(missing)}",
                 normalized,
             )
+        who = f"caller {_clip(caller)}" if issuer is None else f"user {_clip(subject)} of {_clip(issuer)}"
         detail = (
-            f"no rule allows caller {_clip(caller)}"
-            + (f" for subject {_clip(subject)}" if subject != caller else "")
+            f"no rule allows {who}"
+            + (f" for subject {_clip(subject)}" if issuer is None and subject != caller else "")
             + f" to {_clip(method)} {_clip(normalized)}"
+            + (f" (refused by its {refused_by})" if refused_by else "")
         )
-        return self._deny("no_matching_rule", detail, normalized)
+        return self._deny("no_matching_rule", detail, normalized, refused_by)
 
-    def check(self, principal: Principal, method: str, raw_path: str) -> Decision:
+    def check(self, principal: Principal | UserPrincipal, method: str, raw_path: str) -> Decision:
         """Like :meth:`decide`, but raise AccessDenied when the request is not allowed.
 
         The exception's ``reason`` is the decision's reason code.
@@ -386,8 +434,8 @@ class Policy:
                     problems.append(f"{where}: {pattern!r} has no key in the registry{hint}")
         return problems
 
-    def _deny(self, reason: str, detail: str, path: str | None) -> Decision:
-        return Decision(self._audit, False, None, reason, detail, self._mode, path)
+    def _deny(self, reason: str, detail: str, path: str | None, refused_by: str | None = None) -> Decision:
+        return Decision(self._audit, False, None, reason, detail, self._mode, path, refused_by=refused_by)
 
     def _refused_delegation(self, principal: Principal) -> str | None:
         """Why a delegated call is refused, or None if every actor may delegate."""
@@ -526,6 +574,8 @@ def _load_rule(raw: object, source: str, where: str, index: int) -> _Rule:
         name = raw["name"]
         if not isinstance(name, str) or not name.strip() or len(name) > 128:
             _fail(source, f"{where}.name", f"expected a rule name of 1 to 128 characters, found {_clip(name)}")
+    issuers = frozenset(_string_list(raw["issuers"], source, f"{where}.issuers")) if "issuers" in raw else None
+    groups = frozenset(_string_list(raw["groups"], source, f"{where}.groups")) if "groups" in raw else None
     if "scopes" in raw:
         scope_list = _string_list(raw["scopes"], source, f"{where}.scopes")
         for scope in scope_list:
@@ -537,7 +587,19 @@ def _load_rule(raw: object, source: str, where: str, index: int) -> _Rule:
                 )
         scopes = frozenset(scope_list)
     label = f"rule {name!r}" if name is not None else f"rules[{index}]"
-    return _Rule(callers, subjects, methods, paths, scopes, f"allowed by {label}", name, websocket, caller_patterns)
+    return _Rule(
+        callers,
+        subjects,
+        methods,
+        paths,
+        scopes,
+        f"allowed by {label}",
+        name,
+        websocket,
+        caller_patterns,
+        issuers,
+        groups,
+    )
 
 
 def _load_methods(value: object, source: str, where: str) -> frozenset[str] | None:

@@ -15,11 +15,9 @@ from typing import Any, Final
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from ._exceptions import TokenError
+from ._exceptions import DuplicateAuthorization, MissingCredentials
 from ._identity import ServiceIdentity
 from ._middleware import (
-    DUPLICATE_AUTHORIZATION,
-    MISSING_CREDENTIALS,
     PRINCIPAL_KEY,
     ErrorHook,
     RequestGuard,
@@ -149,9 +147,9 @@ class MeshAuthMiddleware:
         try:
             path = guard.asgi_path(scope)
             if authorization is None:
-                raise TokenError("the request has no bearer credentials", reason=MISSING_CREDENTIALS)
+                raise MissingCredentials("the request has no bearer credentials")
             if repeated:
-                raise TokenError("more than one Authorization header", reason=DUPLICATE_AUTHORIZATION, expected=1)
+                raise DuplicateAuthorization("more than one Authorization header", expected=1)
             principal = await self._verifier.averify(guard.bearer(authorization), audit=False)
             if nonce_value is not None and self._identity is not None:
                 nonce = guard.nonce(nonce_value, repeated=nonce_repeated)

@@ -28,10 +28,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from ._exceptions import MeshAuthError, TokenError, Unavailable
+from ._exceptions import MeshAuthError, MissingCredentials, TokenError, Unavailable
 from ._identity import ServiceIdentity
 from ._middleware import (
-    MISSING_CREDENTIALS,
     ErrorHook,
     Reply,
     RequestGuard,
@@ -197,7 +196,7 @@ class MeshAuthMiddleware:
         path = _judged_path(request, self.mount)
         authorization = request.META.get("HTTP_AUTHORIZATION")
         if authorization is None:
-            raise TokenError("the request has no bearer credentials", reason=MISSING_CREDENTIALS)
+            raise MissingCredentials("the request has no bearer credentials")
         return _Credentials(self.guard.bearer(str(authorization).encode("latin-1", "replace"), folded=True), path)
 
     def _admit(self, request: HttpRequest, principal: Principal, path: str) -> _Admitted | HttpResponse:
@@ -323,7 +322,7 @@ class MeshAuthentication:
         """The ``WWW-Authenticate`` value of a 401: the middleware's challenge for the same failure."""
         refusal = getattr(request, "_meshauth_refusal", None)
         realm = _verifier().audience
-        exc = refusal if refusal is not None else TokenError("no credentials", reason=MISSING_CREDENTIALS)
+        exc = refusal if refusal is not None else MissingCredentials("no credentials")
         return dict(default_reply(exc, realm).headers)["WWW-Authenticate"]
 
 

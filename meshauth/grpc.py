@@ -31,9 +31,9 @@ from typing import Any, Final, NamedTuple
 from opentelemetry import trace
 
 from ._challenge import read_challenge, warn_refused
-from ._exceptions import MeshAuthError, TokenError
+from ._exceptions import DuplicateAuthorization, MeshAuthError, MissingCredentials
 from ._identity import ServiceIdentity
-from ._middleware import DUPLICATE_AUTHORIZATION, MISSING_CREDENTIALS, Reply, RequestGuard
+from ._middleware import Reply, RequestGuard
 from ._policy import Decision, Policy
 from ._principal import Principal
 from ._telemetry import AUDIT_LOGGER
@@ -129,9 +129,9 @@ class _ServerGuard:
     def token(self, context: Any) -> str:
         values = [value for key, value in context.invocation_metadata() if key == "authorization"]
         if not values:
-            raise TokenError("the call has no bearer credentials", reason=MISSING_CREDENTIALS)
+            raise MissingCredentials("the call has no bearer credentials")
         if len(values) > 1:
-            raise TokenError("more than one authorization metadata entry", reason=DUPLICATE_AUTHORIZATION, expected=1)
+            raise DuplicateAuthorization("more than one authorization metadata entry", expected=1)
         value = values[0]
         return self.guard.bearer(value if isinstance(value, bytes) else value.encode("latin-1", "replace"))
 

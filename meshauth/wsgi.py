@@ -10,10 +10,9 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from ._exceptions import TokenError
+from ._exceptions import MissingCredentials
 from ._identity import ServiceIdentity
 from ._middleware import (
-    MISSING_CREDENTIALS,
     PRINCIPAL_KEY,
     ErrorHook,
     RequestGuard,
@@ -110,7 +109,7 @@ class MeshAuthMiddleware:
         try:
             path = guard.wsgi_path(environ, self._mount)
             if authorization is None:
-                raise TokenError("the request has no bearer credentials", reason=MISSING_CREDENTIALS)
+                raise MissingCredentials("the request has no bearer credentials")
             # PEP 3333: header values are latin-1 "bytes as str"; encoding recovers the bytes.
             token = guard.bearer(_latin1(authorization), folded=True)
             principal = self._verifier.verify(token, audit=False)

@@ -165,3 +165,24 @@ def make_endpoint(server: JWKSServer, clock: FakeClock) -> Iterator[Callable[...
     yield make
     for endpoint in made:
         endpoint.close()
+
+
+@pytest.fixture
+def redis_namespace() -> Iterator[tuple[str, str]]:
+    """(URL of the shared Redis, a namespace of its own), dropped afterwards."""
+    from redis_support import SHARED_URL, drop_namespace, shared_client, unique_namespace
+
+    client = shared_client()
+    namespace = unique_namespace()
+    yield SHARED_URL, namespace
+    drop_namespace(client, namespace)
+    client.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A private redis-server this test may stop, restart or reconfigure."""
+    from redis_support import private_redis
+
+    with private_redis() as server:
+        yield server

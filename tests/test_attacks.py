@@ -37,6 +37,7 @@ from meshauth import (
     BadSignature,
     InvalidClaim,
     IssuerMismatch,
+    KeyExpired,
     KeysUnavailable,
     LifetimeTooLong,
     MalformedToken,
@@ -69,6 +70,7 @@ REASON_CLASS: dict[str, type[TokenError]] = {
     "wrong_type": WrongTokenType,
     "unsupported_alg": UnsupportedAlgorithm,
     "unknown_kid": UnknownKey,
+    "key_expired": KeyExpired,
     "bad_signature": BadSignature,
     "missing_claim": MissingClaim,
     "invalid_claim": InvalidClaim,
@@ -390,12 +392,14 @@ def test_algorithm_attacks(world: World, caplog: pytest.LogCaptureFixture, build
     check(world, caplog, build(world), expected)
 
 
-def test_alg_none_with_empty_signature_is_rejected_as_syntax(world: World, caplog: pytest.LogCaptureFixture) -> None:
-    # The classic "alg":"none" token ends in a dot. The profile requires three
-    # non-empty segments, so it fails the syntax check before 'alg' is read.
-    header = b64(enc(world.header(alg="none")))
-    token = f"{header}.{b64(enc(world.claims()))}."
-    assert_rejected(world, caplog, token, "malformed")
+def test_alg_none_with_empty_signature_is_rejected(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    # The classic "alg":"none" token ends in a dot. Every profile reads the
+    # header first and names the real problem: the algorithm. An empty
+    # signature under an allowed algorithm is a syntax error.
+    token = f"{b64(enc(world.header(alg='none')))}.{b64(enc(world.claims()))}."
+    assert_rejected(world, caplog, token, "unsupported_alg")
+    unsigned = f"{b64(enc(world.header()))}.{b64(enc(world.claims()))}."
+    assert_rejected(world, caplog, unsigned, "malformed")
 
 
 def test_registered_algorithms_are_accepted(world: World) -> None:
@@ -525,11 +529,11 @@ def test_kid_tricks(world: World, caplog: pytest.LogCaptureFixture, build: Case,
 @pytest.mark.parametrize(
     ("window", "expected"),
     [
-        pytest.param({"not_before": 100}, "unknown_kid", id="not-yet-valid-key"),
-        pytest.param({"not_before": 31}, "unknown_kid", id="not-yet-valid-key-just-beyond-leeway"),
+        pytest.param({"not_before": 100}, "key_expired", id="not-yet-valid-key"),
+        pytest.param({"not_before": 31}, "key_expired", id="not-yet-valid-key-just-beyond-leeway"),
         pytest.param({"not_before": 30}, ACCEPT, id="not-yet-valid-key-within-leeway"),
-        pytest.param({"expires": -100}, "unknown_kid", id="expired-key"),
-        pytest.param({"expires": -31}, "unknown_kid", id="expired-key-just-beyond-leeway"),
+        pytest.param({"expires": -100}, "key_expired", id="expired-key"),
+        pytest.param({"expires": -31}, "key_expired", id="expired-key-just-beyond-leeway"),
         pytest.param({"expires": -30}, ACCEPT, id="expired-key-within-leeway"),
         pytest.param({"not_before": -100, "expires": 100}, ACCEPT, id="inside-window"),
     ],
@@ -1415,7 +1419,7 @@ def test_cached_token_stops_when_its_key_window_ends(world: World, caplog: pytes
     token = world.token()
     assert_accepted(world, token, verifier=verifier)
     world.clock.advance(60 + 31)  # key expired beyond leeway; token itself still valid
-    assert_rejected(world, caplog, token, "unknown_kid", verifier=verifier)
+    assert_rejected(world, caplog, token, "key_expired", verifier=verifier)
 
 
 def test_one_caller_cannot_poison_the_cached_claims_of_the_next(world: World) -> None:
@@ -1480,12 +1484,16 @@ def test_every_reason_is_covered_without_leaks(world: World, caplog: pytest.LogC
     replay = _replay_verifier(world)
     replayed = world.token(claims=world.claims(jti="replayed-once"))
     replay.verify(replayed)
+    retired = MemoryKeys()
+    retired.add_key(world.key(), "orders", expires=world.now - 60)
+    expired_key = Verifier("payments", retired, clock=world.clock)
     representatives = {
         "too_large": (big, world.verifier),
         "malformed": (world.token(world.header(jku="https://attacker.example/")), world.verifier),
         "wrong_type": (world.token(world.header(typ="JWT")), world.verifier),
         "unsupported_alg": (world.token(world.header(alg="HS256")), world.verifier),
         "unknown_kid": (world.token(world.header(kid="nope")), world.verifier),
+        "key_expired": (world.token(), expired_key),
         "bad_signature": (_bad_signature(world, world.token()), world.verifier),
         "missing_claim": (world.token(claims=world.claims(jti=DROP)), world.verifier),
         "invalid_claim": (world.token(claims=world.claims(iat=1.5)), world.verifier),
@@ -1503,7 +1511,7 @@ def test_every_reason_is_covered_without_leaks(world: World, caplog: pytest.LogC
     audited = [r.meshauth["reason"] for r in caplog.records if r.name == "meshauth.audit"]  # type: ignore[attr-defined]
     assert set(REASON_CLASS) <= set(audited)
     reasons_in_spans = {(s.attributes or {}).get("meshauth.reason") for s in world.spans.get_finished_spans()}
-    assert set(REASON_CLASS) - {"replayed"} <= reasons_in_spans
+    assert set(REASON_CLASS) - {"replayed", "key_expired"} <= reasons_in_spans  # those two: other verifiers
 
 
 def test_the_leak_check_catches_leaks(world: World) -> None:

@@ -23,7 +23,7 @@ import meshauth
 from meshauth import KeysUnavailable
 from meshauth._discovery import DISCOVERY_PATH, DiscoveredKeys
 from meshauth.gateway import create_app, parse_config
-from meshauth.gateway._proxy import open_issuer_keys
+from meshauth.gateway._sources import open_issuer_keys
 from meshauth.testing import FakeClock
 
 AUDIENCE = "api-gateway"

@@ -231,7 +231,7 @@ def teapot(exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
 def test_on_error_hook_by_dotted_path(live: Mesh, configure: Any) -> None:
     configure(ON_ERROR=f"{__name__}.teapot")
     response = Client().get("/charges")
-    assert (response.status_code, response.content) == (418, b"refused: TokenError")
+    assert (response.status_code, response.content) == (418, b"refused: MissingCredentials")
     configure(ON_ERROR=42)
     with pytest.raises(meshauth.MeshAuthError, match="ON_ERROR"):
         Client().get("/charges")

@@ -118,3 +118,22 @@ def test_integration_examples(example: str, expected: list[str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == expected
+
+
+def test_three_replicas_on_redis_example(redis_namespace: tuple[str, str]) -> None:
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install 'meshauth[redis]')")
+    url, namespace = redis_namespace
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "replicas_redis.py"), "--redis", url, "--namespace", namespace],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("replica ")]
+    assert len(lines) == 9 and all("payments saw orders" in line for line in lines)
+    own = {line.split("(kid ")[1].split("...")[0] for line in lines}
+    seen = {line.rsplit("with kid ", 1)[1].split("...")[0] for line in lines}
+    assert len(own) == 3 and seen == own  # three replicas, three keys, each verified as orders
+    assert "replicas exited [0, 0, 0]; keys of orders left in the registry: 0" in result.stdout

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,15 +17,16 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from opentelemetry.trace import SpanKind, StatusCode
 
 import meshauth
 from meshauth import JWKSEndpoint, JWKSFile, StaticKeys
 from meshauth._idp_keys import IdPKeyParser, parse_idp_jwk
-from meshauth.gateway import Gateway, IssuerConfig, create_app, load_config, serve
-from meshauth.gateway._idp import UserTokenVerifier, is_service_token
+from meshauth.gateway import Gateway, IssuerConfig, UserTokenVerifier, create_app, load_config, serve
+from meshauth.gateway._idp import is_service_token
 from meshauth.testing import FakeClock
 
 IDP = "https://idp.example.com"
@@ -440,7 +442,7 @@ def _bad_tokens(t: Tokens) -> dict[str, tuple[str, str]]:
         "wrong audience": (t.user(aud="someone-else"), "wrong_audience"),
         "unsigned": (t.unsigned(), "unsupported_alg"),
         "hs256 with the public key": (t.hs256_with_public_key(), "unsupported_alg"),
-        "oversized": (t.user(padding="x" * 9000), "too_large"),
+        "oversized": (t.user(padding="x" * 17000), "too_large"),  # IdP tokens: 16 KiB by default
         "not a jwt": ("abc.def", "malformed"),
         "unknown kid": (t.user(kid="nope"), "unknown_kid"),
         "pinned key, other alg": (t.user(alg="PS256", kid="rsa-pinned"), "unsupported_alg"),
@@ -908,18 +910,24 @@ def test_lifespan_protocol_and_websocket_refusal(harness: Harness) -> None:
 
 def test_audit_is_one_json_line_per_request_without_tokens(harness: Harness) -> None:
     good = harness.tokens.user()
-    expired = harness.tokens.user(exp=int(harness.clock()) - 100)
+    now = int(harness.clock())
+    expired = harness.tokens.user(iat=now - 700, exp=now - 100)
+    elsewhere = harness.tokens.user(aud="billing-api")
 
     async def scenario(client: httpx.AsyncClient) -> None:
-        for token in (good, expired, good, harness.tokens.tampered()):
+        for token in (good, expired, good, harness.tokens.tampered(), elsewhere):
             await client.get("/orders?access_token=secret-in-query", headers={"Authorization": f"Bearer {token}"})
 
     harness.run(scenario)
     text = (harness.dir / "audit.jsonl").read_text()
     lines = text.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
     records = [json.loads(line) for line in lines]
-    assert [r["reason"] for r in records] == ["ok", "expired", "ok", "bad_signature"]
+    assert [r["reason"] for r in records] == ["ok", "expired", "ok", "bad_signature", "wrong_audience"]
+    # The detail keeps what was expected and what was found, in words.
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 100))
+    assert re.search(rf"the token expired {when}, 10[01] s ago \(now 20[-0-9T:]+Z, leeway 30 s\)", records[1]["detail"])
+    assert "the token is for 'billing-api', not for 'api-gateway'" in records[4]["detail"]
     assert all(r["trace_id"] and r["event"] == "gateway.request" for r in records)
     assert "secret-in-query" not in text
     assert_no_token_leak(text, good, expired, harness.tokens.tampered())
@@ -968,16 +976,17 @@ def test_user_token_claims(idp: IdPKeys) -> None:
     assert reason(tokens.user(aud=[1])) == "invalid_claim"
     assert reason(tokens.user(sub="")) == "invalid_claim"
     assert reason(tokens.user(iss=None)) == "missing_claim"
-    assert reason(tokens.user(iat=now + 3600)) == "not_yet_valid"
+    assert reason(tokens.user(iat=now + 3600, exp=now + 4000)) == "not_yet_valid"
     assert (
         reason(tokens.raw({"alg": "RS256", "kid": "rsa-1", "typ": "meshauth+jwt"}, tokens.claims(), b"s"))
         == "wrong_type"
     )
-    assert reason(tokens.raw({"alg": "RS256", "typ": "JWT"}, tokens.claims(), b"s")) == "malformed"
+    # No kid, and the issuer's key set holds several keys: which one is meant is unknown.
+    assert reason(tokens.raw({"alg": "RS256", "typ": "JWT"}, tokens.claims(), b"s")) == "unknown_kid"
     assert reason(tokens.raw({"alg": "RS256", "kid": "rsa-1", "crit": ["exp"]}, tokens.claims(), b"s")) == "malformed"
     assert reason(tokens.raw({"alg": "RS256", "kid": "rsa-1"}, tokens.claims())) == "malformed"
     # The leeway applies: 20 s after exp is still fine with 30 s of leeway.
-    assert asyncio.run(verifier.averify(tokens.user(exp=now - 20))).subject == "alice"
+    assert asyncio.run(verifier.averify(tokens.user(iat=now - 300, exp=now - 20))).subject == "alice"
     assert is_service_token(tokens.user()) is False
 
 
@@ -1203,7 +1212,7 @@ def test_startup_failure_is_reported_through_lifespan(harness: Harness, tmp_path
 def test_url_registry_uses_jwks_endpoint(harness: Harness) -> None:
     import dataclasses
 
-    from meshauth.gateway._proxy import open_registry
+    from meshauth.gateway._sources import open_registry
 
     keys = open_registry("http://127.0.0.1:9/jwks.json")
     assert type(keys).__name__ == "JWKSEndpoint"
@@ -1241,3 +1250,87 @@ def test_idp_documents_that_are_not_key_sets() -> None:
     for document in ("{", "[]", '{"keys": {}}', b"\xff"):
         with pytest.raises(meshauth.ConfigurationError, match="idp"):
             idp_keys(document, source="idp")
+
+
+# -- the hostile-token suite through the gateway, over HTTP -----------------------------------------
+
+_KIDS = {"RS256": "rsa-1", "PS256": "rsa-ps", "ES256": "ec-1"}
+
+
+def _signer(idp: IdPKeys, alg: str) -> Callable[[bytes], bytes]:
+    if alg == "ES256":
+
+        def sign_es256(data: bytes) -> bytes:
+            r, s = decode_dss_signature(idp.ec.sign(data, ec.ECDSA(hashes.SHA256())))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+        return sign_es256
+    pad = padding.PKCS1v15() if alg == "RS256" else padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    return lambda data: idp.rsa.sign(data, pad, hashes.SHA256())
+
+
+def _hostile_http_tokens(t: Tokens, alg: str) -> dict[str, tuple[str, str]]:
+    sign = _signer(t.idp, alg)
+    header = {"alg": alg, "kid": _KIDS[alg], "typ": "JWT"}
+    claims = t.claims()
+
+    def token(head: dict[str, Any] = header, body: dict[str, Any] = claims, *, raw_payload: str | None = None) -> str:
+        signing_input = f"{b64(json.dumps(head).encode())}.{raw_payload or b64(json.dumps(body).encode())}"
+        return f"{signing_input}.{b64(sign(signing_input.encode()))}"
+
+    swapped = {"RS256": "PS256", "PS256": "RS256", "ES256": "RS256"}[alg]
+    swap_input = f"{b64(json.dumps({**header, 'alg': swapped}).encode())}.{b64(json.dumps(claims).encode())}"
+    now = int(t.clock())
+    return {
+        "alg none": (
+            f"{b64(json.dumps({**header, 'alg': 'none'}).encode())}.{b64(json.dumps(claims).encode())}.",
+            "unsupported_alg",
+        ),
+        "hs256 with the public key": (t.hs256_with_public_key(), "unsupported_alg"),
+        "alg swapped on the same key": (
+            f"{swap_input}.{b64(_signer(t.idp, swapped)(swap_input.encode()))}",
+            "unsupported_alg",
+        ),
+        "jku": (token({**header, "jku": "https://attacker.example/keys"}), "malformed"),
+        "jwk": (token({**header, "jwk": {"kty": "oct", "k": "c2VjcmV0"}}), "malformed"),
+        "x5u": (token({**header, "x5u": "https://attacker.example/cert"}), "malformed"),
+        "x5c": (token({**header, "x5c": ["MIIB"]}), "malformed"),
+        "crit": (token({**header, "crit": ["exp"]}), "malformed"),
+        "kid unknown": (token({**header, "kid": "rsa-2"}), "unknown_kid"),
+        "kid traversal": (token({**header, "kid": "../idp-jwks.json"}), "unknown_kid"),
+        "kid a number": (token({**header, "kid": 7}), "malformed"),
+        "no kid, several keys": (token({"alg": alg, "typ": "JWT"}), "unknown_kid"),
+        "duplicate claim": (
+            token(raw_payload=b64(json.dumps(claims)[:-1].encode() + b', "sub": "mallory"}')),
+            "malformed",
+        ),
+        "non-canonical base64url": (token(raw_payload=b64(json.dumps(claims).encode()) + "="), "malformed"),
+        "exp a string": (token(body={**claims, "exp": "never"}), "invalid_claim"),
+        "expired": (token(body={**claims, "iat": now - 700, "exp": now - 100}), "expired"),
+        "oversized": (token(body={**claims, "padding": "x" * 17000}), "too_large"),
+    }
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256"])
+def test_hostile_user_tokens_over_http(harness: Harness, alg: str) -> None:
+    bad = _hostile_http_tokens(harness.tokens, alg)
+    hinted = harness.tokens.raw({"alg": alg, "kid": _KIDS[alg], "x5t": "aGludA"}, harness.tokens.claims())
+    sign = _signer(harness.tokens.idp, alg)
+    signing_input = hinted.rsplit(".", 1)[0]
+    hinted = f"{signing_input}.{b64(sign(signing_input.encode()))}"
+
+    async def scenario(client: httpx.AsyncClient) -> dict[str, httpx.Response]:
+        answers = {
+            name: await client.get("/orders/1", headers={"Authorization": f"Bearer {token}"})
+            for name, (token, _) in bad.items()
+        }
+        answers["x5t"] = await client.get("/orders/1", headers={"Authorization": f"Bearer {hinted}"})
+        return answers
+
+    responses = harness.run(scenario)
+    assert responses.pop("x5t").status_code == 200  # an IdP's certificate hint is allowed and ignored
+    assert len(harness.upstream.seen) == 1  # nothing else reached the upstream
+    for name, (token, reason) in bad.items():
+        response = responses[name]
+        assert (response.status_code, response.json()) == (401, {"error": "invalid_token", "reason": reason}), name
+        assert_no_token_leak(response.text, token)

@@ -12,9 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import meshauth
 from meshauth._exceptions import AccessDenied, ConfigurationError
 from meshauth._policy import Decision, Policy
 from meshauth._principal import Principal
+from meshauth.testing import Mesh
 from tests.test_paths import CANONICAL, REFUSED
 
 
@@ -733,3 +735,58 @@ def test_the_middleware_warns_at_start_up_about_unknown_callers(caplog: pytest.L
     with caplog.at_level("WARNING", logger="meshauth"):
         MeshAuthMiddleware(lambda *a: None, verifier, policy=policy)
     assert "policy.toml: rules[0].callers: 'ordres' has no key in the registry (did you mean 'orders'?)" in caplog.text
+
+
+# -- end users from identity providers (the gateway's routes) ----------------------------------
+
+
+def _user(issuer: str = "https://idp.example.com", subject: str = "alice", groups: tuple[str, ...] = ("staff",)) -> Any:
+    from meshauth.gateway import UserPrincipal
+
+    return UserPrincipal(
+        issuer, subject, "api", frozenset(groups), frozenset({"orders:read"}), None, 0, "k", "RS256", {}
+    )
+
+
+def test_issuers_and_groups_judge_end_users() -> None:
+    policy = meshauth.Policy.from_dict(
+        {
+            "rules": [
+                {
+                    "name": "staff of our IdP",
+                    "issuers": ["https://idp.example.com"],
+                    "subjects": ["alice", "bob"],
+                    "groups": ["staff", "admins"],
+                    "scopes": ["orders:read"],
+                }
+            ]
+        }
+    )
+    assert policy.decide(_user(), "GET", "/orders").rule_name == "staff of our IdP"
+    for user, field in [
+        (_user(issuer="https://evil.example.com"), "issuers"),
+        (_user(subject="mallory"), "subjects"),
+        (_user(groups=("contractors",)), "groups"),
+    ]:
+        decision = policy.decide(user, "GET", "/orders")
+        assert (decision.allowed, decision.reason, decision.refused_by) == (False, "no_matching_rule", field)
+        assert f"(refused by its {field})" in decision.detail and "user " in decision.detail
+
+
+def test_a_rule_for_services_never_admits_an_end_user_and_the_reverse() -> None:
+    services = meshauth.Policy.from_dict({"rules": [{"callers": ["*"]}]})
+    denied = services.decide(_user(), "GET", "/orders")
+    assert not denied.allowed and denied.refused_by == "callers"
+    users = meshauth.Policy.from_dict({"rules": [{"issuers": ["https://idp.example.com"]}]})
+    mesh = Mesh(["orders", "payments"])
+    principal = meshauth.Verifier("payments", mesh.keys, clock=mesh.clock).verify(
+        mesh.identity("orders").mint("payments")
+    )
+    refused = users.decide(principal, "GET", "/orders")
+    assert not refused.allowed and refused.refused_by == "issuers"
+
+
+def test_end_users_are_not_judged_by_the_delegation_rule() -> None:
+    # The IdP vouches for the user: no delegators needed, unlike a service acting for someone.
+    policy = meshauth.Policy.from_dict({"rules": [{"subjects": ["alice"]}]})
+    assert policy.decide(_user(), "GET", "/").allowed

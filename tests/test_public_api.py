@@ -38,6 +38,10 @@ def test_exception_tree() -> None:
         "not_yet_valid",
         "lifetime_too_long",
         "replayed",
+        "key_expired",
+        "missing_credentials",
+        "wrong_scheme",
+        "duplicate_authorization",
     }
 
 

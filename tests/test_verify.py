@@ -6,11 +6,16 @@ Hostile inputs live in test_attacks.py and test_fuzz.py.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import time
+from typing import Any
 
 import pytest
 from opentelemetry.trace import StatusCode
 
 import meshauth
+from meshauth._jws import b64url_encode
 from meshauth.testing import FakeClock, MemoryKeys, Mesh
 
 
@@ -73,8 +78,12 @@ def test_expiry_and_leeway(mesh: Mesh, clock: FakeClock) -> None:
 def test_token_from_the_future(mesh: Mesh, clock: FakeClock) -> None:
     future = FakeClock(clock() + 120)  # a signer whose clock runs ahead
     token = meshauth.ServiceIdentity("orders", mesh.signing_keys["orders"], clock=future).mint("payments")
-    with pytest.raises(meshauth.TokenNotYetValid, match="'iat' lies in the future"):
+    with pytest.raises(meshauth.TokenNotYetValid) as info:
         mesh.verifier("payments").verify(token)
+    # When, by how much, and what to do about it, in words.
+    assert "issued 120 s in the future" in info.value.detail
+    assert "caller's clock is ahead" in info.value.detail and "leeway 30 s" in info.value.detail
+    assert re.search(r"\(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, now \d{4}-", info.value.detail)
     clock.advance(100)
     assert mesh.verifier("payments", leeway=30).verify(token).caller == "orders"
 
@@ -115,8 +124,12 @@ def test_key_validity_window_ends_cached_and_new_verifications(clock: FakeClock)
     token = identity.token_for("payments")
     verifier.verify(token)
     clock.advance(101)
-    with pytest.raises(meshauth.UnknownKey, match="validity window"):
+    with pytest.raises(meshauth.KeyExpired) as info:
         verifier.verify(token)
+    expired_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(clock()) - 101 + 100))
+    assert info.value.reason == "key_expired"
+    assert f"of 'orders' expired {expired_at} (1 s ago, leeway 0 s)" in info.value.detail
+    assert key.kid[:13] in info.value.detail
 
 
 def test_cache_is_bounded(mesh: Mesh) -> None:
@@ -267,7 +280,7 @@ def test_unexpected_internal_errors_fail_closed(mesh: Mesh) -> None:
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("defect")
 
-    verifier._check_claims = explode  # type: ignore[method-assign]
+    verifier.check_claims = explode  # type: ignore[method-assign,assignment]
     with pytest.raises(meshauth.MalformedToken, match="could not be processed") as info:
         verifier.verify(mesh.identity("orders").mint("payments"))
     assert isinstance(info.value.__cause__, RuntimeError)
@@ -335,3 +348,68 @@ def test_many_threads_and_tasks_share_one_verifier(mesh: Mesh) -> None:
     assert errors == []
     # Inserts below the limit take no lock, so racing threads may each add one more.
     assert len(verifier._verified) <= 16 + len(threads)
+
+
+def test_messages_say_when_by_how_much_and_what_to_do(mesh: Mesh, clock: FakeClock) -> None:
+    def iso(ts: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(ts)))
+
+    now = int(clock())
+    orders = mesh.identity("orders")
+    verifier = mesh.verifier("payments")
+    # A token not valid before a time: when, how far ahead, with the leeway.
+    with pytest.raises(meshauth.TokenNotYetValid) as early:
+        verifier.verify(_signed(mesh, {"nbf": now + 90}))
+    assert f"not valid before {iso(now + 90)}, 90 s from now (now {iso(now)}, leeway 30 s)" in early.value.detail
+    # An expired token: when, how long ago.
+    token = orders.mint("payments")
+    clock.advance(300 + 45)
+    with pytest.raises(meshauth.TokenExpired) as late:
+        verifier.verify(token)
+    assert f"the token expired {iso(now + 300)}, 45 s ago (now {iso(now + 345)}, leeway 30 s)" in late.value.detail
+    assert late.value.expected == f"exp after {iso(now + 315)}" and late.value.actual == f"exp {iso(now + 300)}"
+    assert "None" not in str(late.value)
+
+
+def test_unknown_kid_names_the_claimed_issuer_and_the_registry(mesh: Mesh) -> None:
+    stranger = meshauth.ServiceIdentity("orders", meshauth.SigningKey.generate(), clock=mesh.clock)
+    with pytest.raises(meshauth.UnknownKey) as info:
+        mesh.verifier("payments").verify(stranger.mint("payments"))
+    detail = info.value.detail
+    assert f"no key {stranger.key.kid!r} in " in detail
+    assert "the token claims to come from 'orders' (unverified)" in detail
+    assert info.value.actual == stranger.key.kid and "expected None" not in str(info.value)
+
+
+def test_unknown_kid_gives_the_key_sets_size_and_age(tmp_path: Any, clock: FakeClock) -> None:
+    key = meshauth.SigningKey.generate()
+    path = tmp_path / "registry.json"
+    path.write_text(
+        json.dumps({"keys": [key.public_jwk(iss="orders"), meshauth.SigningKey.generate().public_jwk(iss="billing")]})
+    )
+    verifier = meshauth.Verifier("payments", meshauth.JWKSFile(path), clock=clock)
+    stranger = meshauth.ServiceIdentity("orders", meshauth.SigningKey.generate(), clock=clock)
+    with pytest.raises(meshauth.UnknownKey) as info:
+        verifier.verify(stranger.mint("payments"))
+    assert re.search(r" in 2 keys, read \d+ s ago; the token claims to come from 'orders'", info.value.detail)
+
+
+def test_a_key_not_valid_yet_says_when_it_will_be(clock: FakeClock) -> None:
+    keys = MemoryKeys()
+    key = meshauth.SigningKey.generate()
+    keys.add_key(key, "shipping", not_before=int(clock()) + 120)
+    token = meshauth.ServiceIdentity("shipping", key, clock=clock).mint("payments")
+    with pytest.raises(meshauth.KeyExpired) as info:
+        meshauth.Verifier("payments", keys, clock=clock).verify(token)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(clock()) + 120))
+    assert f"of 'shipping' is not valid before {when} (in 120 s, leeway 30 s)" in info.value.detail
+
+
+def _signed(mesh: Mesh, extra: dict[str, Any]) -> str:
+    """A service token from orders with extra claims, signed with its registered key."""
+    now = int(mesh.clock())
+    key = mesh.signing_keys["orders"]
+    header = {"alg": "ES256", "kid": key.kid, "typ": "meshauth+jwt"}
+    claims = {"iss": "orders", "sub": "orders", "aud": "payments", "iat": now, "exp": now + 300, "jti": "j" * 22}
+    signing_input = ".".join(b64url_encode(json.dumps(part).encode()) for part in (header, {**claims, **extra}))
+    return f"{signing_input}.{b64url_encode(key.sign(signing_input.encode()))}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import importlib
 import json
 import math
@@ -12,12 +13,12 @@ import os
 import re
 import stat
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any, Final
 
+from .._files import write_atomic as _write_atomic
 from .._keys import SigningKey
 
 EXIT_OK: Final = 0
@@ -168,31 +169,40 @@ def _read_file(path: str, what: str, limit: int = _MAX_INPUT_BYTES) -> bytes:
 
 
 def _write_new(path: str, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the first byte on; never replaces a file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    """Create ``path`` complete or not at all; never replaces a file (``FileExistsError``).
 
-
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Replace ``path`` in one step: readers see the old file or the new one, never half of it.
-
-    The temporary file is created 0600 by ``mkstemp`` and only widened to ``mode``
-    before the rename, so a private key is never readable by others, even briefly.
+    The data goes to a temporary file first, which is then hard-linked into
+    place: a run killed at any point leaves no empty or partial ``path``
+    behind, only a temporary file that the next run under :func:`_exclusive`
+    removes.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    _write_atomic(path, data, mode, replace=False)
+
+
+@contextlib.contextmanager
+def _exclusive(*paths: str) -> Iterator[None]:
+    """Hold an exclusive lock for writing ``paths`` (one lock file per directory and first name).
+
+    Every writer of these files holds the lock for its whole read-modify-write,
+    so concurrent runs queue instead of losing each other's changes. Temporary
+    files that a killed run left next to ``paths`` are removed: no live writer
+    can own them while we hold the lock.
+    """
+    first = os.path.abspath(paths[0])
+    directory = os.path.dirname(first)
+    lock_path = os.path.join(directory, f".{os.path.basename(first)}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for path in paths:
+            prefix = f".{os.path.basename(path)}."
+            for name in os.listdir(directory):
+                if name.startswith(prefix) and name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(directory, name))
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _password(variable: str | None) -> str | None:

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .._exceptions import ConfigurationError, MeshAuthError, ResponseAuthError
 from .._httpx import ServiceAuth
 from .._identity import ServiceIdentity
 from .._jwks_endpoint import JWKSEndpoint
+from .._jws import b64url_decode, b64url_encode, dumps
 from .._keys import SigningKey
 from .._mutual import ResponseVerifier
 from .._policy import Policy
@@ -224,8 +225,15 @@ class World:
         self._write_registry(SERVICES)
 
         self.idp_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        idp_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.idp_key.public_key()))
-        idp_jwk.update({"kid": "idp-1", "alg": "RS256", "use": "sig"})
+        numbers = self.idp_key.public_key().public_numbers()
+        idp_jwk = {
+            "kty": "RSA",
+            "n": b64url_encode(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
+            "e": b64url_encode(numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")),
+            "kid": "idp-1",
+            "alg": "RS256",
+            "use": "sig",
+        }
         (directory / "idp-jwks.json").write_text(json.dumps({"keys": [idp_jwk]}))
 
         def serve(app: App) -> str:
@@ -352,15 +360,18 @@ class World:
             "exp": now + expires_in,
             "groups": list(groups),
         }
-        return jwt.encode(claims, self.idp_key, algorithm="RS256", headers={"kid": "idp-1"})
+        header = {"alg": "RS256", "kid": "idp-1", "typ": "JWT"}
+        signing_input = f"{b64url_encode(dumps(header))}.{b64url_encode(dumps(claims))}"
+        signature = self.idp_key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{b64url_encode(signature)}"
 
 
 def _tamper(token: str) -> str:
     """Change the payload (alice becomes mallory) and keep the old signature."""
     header, payload, signature = token.split(".")
-    claims = json.loads(jwt.utils.base64url_decode(payload))
+    claims = json.loads(b64url_decode(payload))
     claims["sub"] = "mallory"
-    forged = jwt.utils.base64url_encode(json.dumps(claims).encode()).decode()
+    forged = b64url_encode(json.dumps(claims).encode())
     return f"{header}.{forged}.{signature}"
 
 

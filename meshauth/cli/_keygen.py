@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from .._files import write_atomic as _write_atomic
 from .._keys import ALGORITHMS, SigningKey
 from .._names import service_name_problem
 from ._common import (
@@ -14,11 +15,11 @@ from ._common import (
     EXIT_OK,
     _add_json,
     _command,
+    _exclusive,
     _password,
     _print_fields,
     _print_json,
     _UsageError,
-    _write_atomic,
     _write_new,
 )
 
@@ -41,14 +42,13 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     jwk_data = (json.dumps(jwk, indent=2) + "\n").encode("utf-8")
     pem = key.to_pem(password)
     try:
-        if args.force:
-            _write_atomic(pem_path, pem, 0o600)
-            _write_atomic(jwk_path, jwk_data, _PUBLIC_FILE_MODE)
-        else:
-            _write_new(pem_path, pem, 0o600)
-            _write_new(jwk_path, jwk_data, _PUBLIC_FILE_MODE)
+        with _exclusive(pem_path, jwk_path):
+            write = _write_atomic if args.force else _write_new
+            write(pem_path, pem, 0o600)
+            write(jwk_path, jwk_data, _PUBLIC_FILE_MODE)
     except FileExistsError as exc:
-        raise _UsageError(f"{exc.filename} appeared meanwhile; refusing to overwrite it (use --force)") from None
+        where = exc.filename2 or exc.filename
+        raise _UsageError(f"{where} appeared meanwhile; refusing to overwrite it (use --force)") from None
     if args.json:
         _print_json(
             {"service": service, "kid": key.kid, "alg": key.alg, "private_key": pem_path, "public_jwk": jwk_path}

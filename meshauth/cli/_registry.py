@@ -11,12 +11,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from .._files import write_atomic as _write_atomic
 from .._jws import strict_json_loads
 from .._keys import KeyRecord, check_jwk
 from .._registry import DEFAULT_MAX_BYTES, JWKSFile, KeySet, parse_registry_document
 from .._verify import (
     MAX_LEEWAY,
 )
+from . import _redis
 from ._common import (
     _PUBLIC_FILE_MODE,
     DEFAULT_LEEWAY,
@@ -28,6 +30,7 @@ from ._common import (
     _bounded,
     _command,
     _err,
+    _exclusive,
     _iso,
     _load_signing_key,
     _optional_module,
@@ -38,7 +41,6 @@ from ._common import (
     _safe,
     _timestamp_arg,
     _UsageError,
-    _write_atomic,
 )
 
 
@@ -106,8 +108,6 @@ def _cmd_registry_add(args: argparse.Namespace) -> int:
     if args.key is not None:
         key = _load_signing_key(args.key, args.password_env)
         candidates.append((args.key, key.public_jwk(iss=args.service)))
-    document = _read_registry(args.file, missing_ok=True)
-    present = {jwk.get("kid") for jwk in document["keys"] if isinstance(jwk, Mapping)}
     if args.nbf is not None and args.exp is not None and args.exp <= args.nbf:
         raise _UsageError(f"--exp ({_iso(args.exp)}) must be later than --nbf ({_iso(args.nbf)})")
     if args.exp is not None and args.exp <= time.time() and not args.force:
@@ -115,6 +115,22 @@ def _cmd_registry_add(args: argparse.Namespace) -> int:
             f"--exp {_iso(args.exp)} is {int(time.time() - args.exp)} s in the past: the key would never verify "
             "(give a later --exp, e.g. +90d, or --force to add it anyway)"
         )
+    with _exclusive(args.file):  # the whole read-modify-write: concurrent adds queue, none is lost
+        added, keyset = _add_entries(args, candidates)
+    now = time.time()
+    new_kids = {entry["kid"] for entry in added}
+    summaries = [_key_summary(record, now) for record in keyset if record.kid in new_kids]
+    if args.json:
+        _print_json({"file": args.file, "added": summaries})
+        return EXIT_OK
+    for summary in summaries:
+        _out(f"added {summary['kid']} ({summary['service']}, {summary['alg']}, {summary['status']}) to {args.file}")
+    return EXIT_OK
+
+
+def _add_entries(args: argparse.Namespace, candidates: list[tuple[str, Any]]) -> tuple[list[Any], KeySet]:
+    document = _read_registry(args.file, missing_ok=True)
+    present = {jwk.get("kid") for jwk in document["keys"] if isinstance(jwk, Mapping)}
     added: list[Mapping[str, Any]] = []
     window = {name: value for name, value in (("nbf", args.nbf), ("exp", args.exp)) if value is not None}
     for where, jwk in candidates:
@@ -127,28 +143,12 @@ def _cmd_registry_add(args: argparse.Namespace) -> int:
         present.add(kid)
         added.append(entry)
     document["keys"] = [*document["keys"], *added]
-    keyset = _write_registry(args.file, document)
-    now = time.time()
-    new_kids = {entry["kid"] for entry in added}
-    summaries = [_key_summary(record, now) for record in keyset if record.kid in new_kids]
-    if args.json:
-        _print_json({"file": args.file, "added": summaries})
-        return EXIT_OK
-    for summary in summaries:
-        _out(f"added {summary['kid']} ({summary['service']}, {summary['alg']}, {summary['status']}) to {args.file}")
-    return EXIT_OK
+    return added, _write_registry(args.file, document)
 
 
 def _cmd_registry_remove(args: argparse.Namespace) -> int:
-    document = _read_registry(args.file)
-    keys = document["keys"]
-    kids = [jwk.get("kid") if isinstance(jwk, Mapping) else None for jwk in keys]
-    missing = [kid for kid in args.kids if kid not in kids]
-    if missing:
-        raise _UsageError(f"kid {missing[0]} is not in {args.file}; nothing was changed")
-    removed = [jwk for jwk in keys if isinstance(jwk, Mapping) and jwk.get("kid") in args.kids]
-    document["keys"] = [jwk for jwk in keys if not (isinstance(jwk, Mapping) and jwk.get("kid") in args.kids)]
-    _write_registry(args.file, document)
+    with _exclusive(args.file):
+        removed = _remove_entries(args)
     summaries = [{"kid": jwk.get("kid"), "service": jwk.get("iss")} for jwk in removed]
     if args.json:
         _print_json({"file": args.file, "removed": summaries})
@@ -159,8 +159,29 @@ def _cmd_registry_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_registry_list(args: argparse.Namespace) -> int:
+def _remove_entries(args: argparse.Namespace) -> list[Any]:
     document = _read_registry(args.file)
+    keys = document["keys"]
+    kids = [jwk.get("kid") if isinstance(jwk, Mapping) else None for jwk in keys]
+    missing = [kid for kid in args.kids if kid not in kids]
+    if missing:
+        raise _UsageError(f"kid {missing[0]} is not in {args.file}; nothing was changed")
+    removed = [jwk for jwk in keys if isinstance(jwk, Mapping) and jwk.get("kid") in args.kids]
+    document["keys"] = [jwk for jwk in keys if not (isinstance(jwk, Mapping) and jwk.get("kid") in args.kids)]
+    _write_registry(args.file, document)
+    return removed
+
+
+def _file(args: argparse.Namespace) -> str:
+    if args.file is None:
+        raise _UsageError(f"registry {args.action}: name the registry FILE, or give --redis URL before the action")
+    return str(args.file)
+
+
+def _cmd_registry_list(args: argparse.Namespace) -> int:
+    if args.redis:
+        return _redis.cmd_list(args)
+    document = _read_registry(_file(args))
     # Not strict: a listing should still show the good keys of a broken file.
     keyset = KeySet.from_jwks(document, source=args.file, strict=False)
     now = time.time()
@@ -235,25 +256,49 @@ def _cmd_registry_check(args: argparse.Namespace) -> int:
     return EXIT_REJECTED if errors else EXIT_OK
 
 
+# What `registry --redis URL serve` tells HTTP clients to cache: revocation reaches them within it.
+REDIS_SERVE_MAX_AGE = 30
+
+
 def _cmd_registry_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: PLC0415 - optional dependency, only this command needs it
     except ModuleNotFoundError:
         raise _UsageError("registry serve needs uvicorn: pip install 'meshauth[gateway]'") from None
     publish = _optional_module("meshauth._publish", "registry serve")
-    source = JWKSFile(args.file)  # fails now, not on the first request, if the file is bad
+    address = _listen_address(args)
+    # Either source fails now, not on the first request, if it cannot be read.
+    source, what = _redis.serve_source(args) if args.redis else (JWKSFile(_file(args)), _file(args))
+    if args.max_age is None:  # HTTP clients keep a copy this long: short for the Redis registry's fast changes
+        args.max_age = REDIS_SERVE_MAX_AGE if args.redis else DEFAULT_MAX_AGE
     app = publish.jwks_app(source, max_age=args.max_age)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     # Binding here (not in uvicorn) gives the real port for --port 0 before serving starts.
-    listener = socket.create_server((args.host, args.port), family=family)
-    with listener:
-        port = listener.getsockname()[1]
-        host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
-        url = f"http://{host}:{port}{publish.DEFAULT_PATH}"
-        _out(f"serving {args.file} at {url} (max-age {args.max_age} s; Ctrl-C to stop)")
-        config = uvicorn.Config(app, log_level="warning", access_log=False, ws="none")
-        uvicorn.Server(config).run(sockets=[listener])
+    listener = socket.create_server(address, family=family)
+    try:
+        with listener:
+            port = listener.getsockname()[1]
+            host = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+            url = f"http://{host}:{port}{publish.DEFAULT_PATH}"
+            _out(f"serving {what} at {url} (max-age {args.max_age} s; Ctrl-C to stop)")
+            config = uvicorn.Config(app, log_level="warning", access_log=False, ws="none")
+            uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
     return EXIT_OK
+
+
+def _listen_address(args: argparse.Namespace) -> tuple[str, int]:
+    if args.listen is None:
+        if args.port is None:
+            raise _UsageError("registry serve: give --port N (or --listen HOST:PORT)")
+        return str(args.host), int(args.port)
+    host, sep, port = str(args.listen).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _UsageError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8900")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def add_parser(commands: Any) -> None:
@@ -261,11 +306,14 @@ def add_parser(commands: Any) -> None:
     registry = _command(
         commands,
         "registry",
-        "maintain, check and serve a registry JWKS file",
-        "Maintain the key registry: a JWKS file listing every service's public keys.",
-        "  meshauth registry add registry.json keys/orders.jwk.json\n  meshauth registry list registry.json",
+        "maintain, check and serve a registry JWKS file (or the Redis registry)",
+        "Maintain the key registry: a JWKS file listing every service's public keys,\n"
+        "or (with --redis URL) the registry that replicas keep on Redis.",
+        "  meshauth registry add registry.json keys/orders.jwk.json\n  meshauth registry list registry.json\n"
+        "  meshauth registry --redis redis://127.0.0.1:6379/0 list",
     )
     actions = registry.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _redis.add_actions(registry, actions)
 
     add = _command(
         actions,
@@ -309,7 +357,7 @@ def add_parser(commands: Any) -> None:
         "(valid, not-yet, expired) now.",
         "  meshauth registry list registry.json --json",
     )
-    listing.add_argument("file", metavar="FILE", help="the registry JWKS file")
+    listing.add_argument("file", nargs="?", metavar="FILE", help="the registry JWKS file (not with --redis)")
     _add_json(listing)
     listing.set_defaults(run=_cmd_registry_list)
 
@@ -362,18 +410,21 @@ def add_parser(commands: Any) -> None:
         actions,
         "serve",
         "serve the registry over HTTP",
-        "Serve a registry file as a JWKS endpoint (application/jwk-set+json, ETag,\n"
-        "Cache-Control). The file is re-read when it changes. Needs uvicorn (meshauth[gateway]).",
-        "  meshauth registry serve registry.json --port 8900",
+        "Serve a registry file, or the Redis registry (--redis URL), as a JWKS endpoint\n"
+        "(application/jwk-set+json, ETag, Cache-Control), following changes. Needs uvicorn\n"
+        "(meshauth[gateway]).",
+        "  meshauth registry serve registry.json --port 8900\n"
+        "  meshauth registry --redis redis://127.0.0.1:6379/0 serve --listen 127.0.0.1:8900",
     )
-    serve.add_argument("file", metavar="FILE", help="the registry JWKS file")
-    serve.add_argument("--port", type=_bounded(int, 0, 65535), required=True, metavar="N", help="0: any free port")
+    serve.add_argument("file", nargs="?", metavar="FILE", help="the registry JWKS file (not with --redis)")
+    serve.add_argument("--port", type=_bounded(int, 0, 65535), metavar="N", help="0: any free port")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address and port to bind (instead of --host/--port)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument(
         "--max-age",
         type=_bounded(int, 0, 7 * 86400),
-        default=DEFAULT_MAX_AGE,
+        default=None,
         metavar="S",
-        help=f"Cache-Control max-age in seconds (default {DEFAULT_MAX_AGE})",
+        help=f"Cache-Control max-age in seconds (default {DEFAULT_MAX_AGE}; {REDIS_SERVE_MAX_AGE} with --redis)",
     )
     serve.set_defaults(run=_cmd_registry_serve)

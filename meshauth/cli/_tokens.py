@@ -53,6 +53,7 @@ from ._common import (
     _safe,
     _UsageError,
 )
+from ._redis import redis_module
 
 
 def _cmd_mint(args: argparse.Namespace) -> int:
@@ -70,6 +71,9 @@ def _cmd_mint(args: argparse.Namespace) -> int:
 
 
 def _open_registry(location: str, *, allow_http: bool) -> KeySource:
+    if location.startswith(("redis://", "rediss://", "unix://")):
+        redis_keys: KeySource = redis_module().RedisKeys(location, follow=False)
+        return redis_keys
     if location.startswith(("https://", "http://")):
         endpoint = _optional_module("meshauth._jwks_endpoint", "URL registries")
         source: KeySource = endpoint.JWKSEndpoint(location, allow_http=allow_http)
@@ -326,7 +330,9 @@ def add_parser(commands: Any) -> None:
         "  echo $TOKEN | meshauth verify - --registry https://keys.example.com/jwks.json --aud payments --json",
     )
     verify.add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin")
-    verify.add_argument("--registry", required=True, metavar="FILE|URL", help="registry JWKS file or https URL")
+    verify.add_argument(
+        "--registry", required=True, metavar="FILE|URL", help="registry JWKS file, https URL or redis:// URL"
+    )
     verify.add_argument("--aud", "--audience", required=True, metavar="NAME", help="the verifying service")
     verify.add_argument(
         "--leeway",

@@ -21,18 +21,24 @@ See ``docs/gateway.md`` for the configuration reference.
 
 from __future__ import annotations
 
+from .. import _public
+from .._idp_tokens import UserPrincipal, UserTokenVerifier
 from ._check import check
 from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
-from ._idp import UserPrincipal, UserTokenVerifier
 from ._proxy import Gateway, create_app
+from ._refusals import MethodNotAllowed, NoRoute, UpstreamTimeout, UpstreamUnreachable
 from ._serve import serve
 
 __all__ = [
     "Gateway",
     "GatewayConfig",
     "IssuerConfig",
+    "MethodNotAllowed",
+    "NoRoute",
     "RouteConfig",
     "Timeout",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
     "UserPrincipal",
     "UserTokenVerifier",
     "check",
@@ -41,3 +47,6 @@ __all__ = [
     "parse_config",
     "serve",
 ]
+
+
+_public.show_as_public(globals(), __all__, __name__)

@@ -16,12 +16,14 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 from .._discovery import discovery_url
 from .._exceptions import ConfigurationError
 from .._idp_keys import IDP_ALGORITHMS, IdPKeyParser
+from .._idp_tokens import DEFAULT_IDP_TOKEN_BYTES
 from .._jwks_http import check_url
 from .._keys import SigningKey
 from .._names import service_name_problem
@@ -62,7 +64,20 @@ _TOP_LEVEL: Final = (
     "trusted_proxies",
     "workers",
 )
-_ISSUER_KEYS: Final = ("algorithms", "audience", "discovery", "issuer", "jwks", "leeway")
+_ISSUER_KEYS: Final = (
+    "algorithms",
+    "audience",
+    "audience_claim",
+    "discovery",
+    "groups_claim",
+    "issuer",
+    "jwks",
+    "leeway",
+    "max_token_bytes",
+    "require",
+    "scope_claims",
+)
+_CLAIM_PATH: Final = re.compile(r"[A-Za-z0-9_:\-]+(\.[A-Za-z0-9_:\-]+)*")
 _ROUTE_KEYS: Final = (
     "accept_service_tokens",
     "callers",
@@ -96,16 +111,26 @@ class Timeout:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class IssuerConfig:
-    """One external identity provider whose user tokens the gateway accepts."""
+    """One external identity provider whose user tokens the gateway accepts (DESIGN section 8)."""
 
     issuer: str
     jwks: str
     """An absolute file path or an http(s) URL; empty with ``discovery``."""
-    audience: str
+    audience: str | tuple[str, ...]
+    """The audience the gateway expects; with several, any one of them."""
     algorithms: tuple[str, ...]
     leeway: float = 30.0
     discovery: bool = False
     """Find the key set's URL in ``<issuer>/.well-known/openid-configuration`` (OpenID Connect discovery)."""
+    audience_claim: str = "aud"
+    """The claim holding the audience: ``client_id`` for Cognito access tokens."""
+    groups_claim: str = "groups"
+    """A dotted path: ``realm_access.roles`` (Keycloak), ``cognito:groups``, ``roles`` (Entra app roles)."""
+    scope_claims: tuple[str, ...] = ("scope", "scp")
+    """Claims whose values together are the user's scopes (Auth0 adds ``permissions``)."""
+    require: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Exact claim values a token must carry (a list allows any of them): ``{"token_use": "access"}``."""
+    max_token_bytes: int = DEFAULT_IDP_TOKEN_BYTES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -333,13 +358,48 @@ class _Loader:
                 IssuerConfig(
                     issuer=name,
                     jwks=jwks,
-                    audience=self.string(table["audience"], f"{where}.audience"),
+                    audience=self.audience(table["audience"], f"{where}.audience"),
                     algorithms=algorithms,
                     leeway=leeway,
                     discovery=discovery,
+                    **self.issuer_claims(table, where),
                 )
             )
         return tuple(issuers)
+
+    def audience(self, value: object, where: str) -> str | tuple[str, ...]:
+        if isinstance(value, str):
+            return self.string(value, where)
+        return self.strings(value, where)
+
+    def issuer_claims(self, table: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The issuer options that say where a provider puts audience, groups and scopes."""
+        options: dict[str, Any] = {}
+        for key in ("audience_claim", "groups_claim"):
+            if key in table:
+                path = self.string(table[key], f"{where}.{key}")
+                if not _CLAIM_PATH.fullmatch(path):
+                    self.fail(f"{where}.{key}", f"expected a claim name or dotted path, found {_clip(path)}")
+                options[key] = path
+        if "scope_claims" in table:
+            options["scope_claims"] = self.strings(table["scope_claims"], f"{where}.scope_claims", allow_empty=True)
+        if "require" in table:
+            require = table["require"]
+            if not isinstance(require, Mapping):
+                self.fail(f"{where}.require", "expected a table of claim = value (or a list of values)")
+            for claim, wanted in require.items():
+                values = wanted if isinstance(wanted, list) else [wanted]
+                if not values or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values):
+                    self.fail(f"{where}.require.{claim}", "expected a string or number, or a list of them")
+            options["require"] = MappingProxyType(
+                {claim: tuple(v) if isinstance(v, list) else v for claim, v in require.items()}
+            )
+        if "max_token_bytes" in table:
+            size = table["max_token_bytes"]
+            if type(size) is not int or not 1024 <= size <= 1 << 20:
+                self.fail(f"{where}.max_token_bytes", f"expected an integer from 1024 to 1048576, found {size!r}")
+            options["max_token_bytes"] = size
+        return options
 
     def issuer_keys(self, table: Mapping[str, Any], issuer: str, discovery: bool, where: str) -> str:
         """The ``jwks`` location, or ``""`` with ``discovery = true`` (exactly one of them)."""

@@ -27,8 +27,9 @@ from typing import Any, Final
 from .._exceptions import ConfigurationError
 from .._telemetry import audit
 from ._config import GatewayConfig, load_config
+from ._exchange import AUDIT_EVENT
 from ._export import start_export
-from ._proxy import AUDIT_EVENT, Gateway, create_app
+from ._proxy import Gateway, create_app
 from ._server import HTTPServer, Refusal
 from ._server_config import Limits
 from ._tracing import start_trace

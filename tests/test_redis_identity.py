@@ -1,0 +1,256 @@
+"""Ephemeral identities, the publisher and the shared replay cache against real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import meshauth
+from meshauth.testing import FakeClock
+
+pytest.importorskip("redis_support")
+pytest.importorskip("redis", reason="redis-py is not installed (pip install 'meshauth[redis]')")
+
+from meshauth.redis import EphemeralIdentity, RedisKeys, RedisPublisher, RedisReplayCache
+
+
+@pytest.fixture
+def wall() -> FakeClock:
+    return FakeClock(time.time())
+
+
+@pytest.fixture
+def publisher(redis_namespace: tuple[str, str], wall: FakeClock) -> RedisPublisher:
+    url, namespace = redis_namespace
+    return RedisPublisher(url, namespace, clock=wall)
+
+
+@pytest.fixture
+def keys(redis_namespace: tuple[str, str]) -> Iterator[RedisKeys]:
+    url, namespace = redis_namespace
+    source = RedisKeys(url, namespace, follow=False)
+    yield source
+    source.close()
+
+
+def replica(publisher: RedisPublisher, wall: FakeClock, **options: Any) -> EphemeralIdentity:
+    options = {"ttl": 60, "key_ttl": 600, "rotate_every": 300, "leeway": 30, **options}
+    return meshauth.ServiceIdentity.ephemeral("orders", publisher, background=False, clock=wall, **options)
+
+
+def stored(publisher: RedisPublisher, service: str = "orders") -> dict[str, Any]:
+    import json
+
+    raw = publisher.client.hgetall(publisher.ns.keys(service))
+    return {kid.decode(): json.loads(value) for kid, value in raw.items()}
+
+
+def test_ephemeral_publishes_its_key_with_a_window_and_deletes_it_on_close(
+    publisher: RedisPublisher, keys: RedisKeys, wall: FakeClock
+) -> None:
+    me = replica(publisher, wall)
+    assert me.key.kid in stored(publisher)
+    jwk = stored(publisher)[me.key.kid]
+    assert jwk["iss"] == "orders" and jwk["exp"] - jwk["nbf"] == 600 and "d" not in jwk
+    keys.reload()
+    verifier = meshauth.Verifier("payments", keys, clock=wall)
+    assert verifier.verify(me.token_for("payments")).caller == "orders"
+    me.close()
+    assert stored(publisher) == {}
+
+
+def test_key_ttl_must_cover_two_token_lifetimes(publisher: RedisPublisher, wall: FakeClock) -> None:
+    with pytest.raises(ValueError, match="at least twice"):
+        replica(publisher, wall, ttl=300, key_ttl=599)
+
+
+def test_renews_every_third_of_key_ttl(publisher: RedisPublisher, wall: FakeClock) -> None:
+    me = replica(publisher, wall, rotate_every=10_000)
+    first_exp = stored(publisher)[me.key.kid]["exp"]
+    wall.advance(150)
+    me.maintain()
+    assert stored(publisher)[me.key.kid]["exp"] == first_exp  # not yet
+    wall.advance(51)
+    me.maintain()
+    assert stored(publisher)[me.key.kid]["exp"] == int(wall()) + 600
+    me.close()
+
+
+def test_republishes_at_once_when_redis_lost_its_key(publisher: RedisPublisher, wall: FakeClock) -> None:
+    me = replica(publisher, wall)
+    publisher.client.delete(publisher.ns.keys("orders"))  # as after a restart with nothing on disk
+    me.maintain()
+    assert me.key.kid in stored(publisher)
+    me.close()
+
+
+def test_rotation_publishes_waits_switches_keeps_then_deletes(
+    publisher: RedisPublisher, keys: RedisKeys, wall: FakeClock
+) -> None:
+    me = replica(publisher, wall, propagation=2.0)
+    verifier = meshauth.Verifier("payments", keys, clock=wall)
+    old = me.key
+    wall.advance(300)
+    me.maintain()  # publishes the next key, still signs with the old one
+    assert me.key is old and len(stored(publisher)) == 2
+    old_token = me.token_for("payments")
+    wall.advance(2)
+    me.maintain()  # propagation waited: switch
+    assert me.key is not old
+    new_token = me.token_for("payments")
+    assert new_token != old_token
+    keys.reload()
+    assert verifier.verify(old_token).caller == "orders"  # the old key is kept for its last tokens
+    assert verifier.verify(new_token).kid == me.key.kid
+    wall.advance(60 + 30 - 1)
+    me.maintain()
+    assert old.kid in stored(publisher)
+    wall.advance(1)
+    me.maintain()  # ttl + leeway after the switch: the old key goes
+    assert list(stored(publisher)) == [me.key.kid]
+    me.close()
+
+
+def test_a_revoked_key_rotates_at_once_and_never_comes_back(
+    publisher: RedisPublisher, keys: RedisKeys, wall: FakeClock
+) -> None:
+    me = replica(publisher, wall)
+    revoked = me.key
+    assert publisher.revoke(revoked.kid) == ["orders"]
+    me.maintain()
+    assert me.key is not revoked
+    assert list(stored(publisher)) == [me.key.kid]
+    publisher.client.delete(publisher.ns.revoked)  # even if the tombstone were lost...
+    wall.advance(1000)
+    me.maintain()  # ...renewal and republication never bring the revoked kid back
+    assert revoked.kid not in stored(publisher)
+    keys.reload()
+    assert meshauth.Verifier("payments", keys, clock=wall).verify(me.token_for("payments")).caller == "orders"
+    me.close()
+
+
+def test_start_up_waits_bounded_then_says_why() -> None:
+    from redis_support import free_port
+
+    port = free_port()
+    publisher = RedisPublisher(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(
+        meshauth.Unavailable, match=rf"could not publish its key to redis 127.0.0.1:{port}/0 within 0.5 s"
+    ):
+        meshauth.ServiceIdentity.ephemeral("orders", publisher, startup_timeout=0.5)
+    assert time.monotonic() - started < 3
+
+
+def test_background_maintenance_survives_an_outage_and_republishes(redis_server: Any) -> None:
+    publisher = RedisPublisher(redis_server.url, timeout=0.3)
+    me = meshauth.ServiceIdentity.ephemeral("orders", publisher, check_every=0.05)
+    keys = RedisKeys(redis_server.url, block=0.2, timeout=0.3)
+    verifier = meshauth.Verifier("payments", keys)
+    redis_server.stop()
+    time.sleep(0.3)  # maintenance fails a few times (with backoff) meanwhile
+    assert verifier.verify(me.mint("payments")).caller == "orders"  # from memory
+    redis_server.start()  # empty
+    deadline = time.monotonic() + 10
+    while me.key.kid.encode() not in redis_server.client().hkeys(publisher.ns.keys("orders")):
+        assert time.monotonic() < deadline, "the replica did not republish"
+        time.sleep(0.02)
+    me.close()
+    keys.close()
+
+
+def test_replay_cache_is_shared_by_replicas(redis_namespace: tuple[str, str], mesh: Any) -> None:
+    url, namespace = redis_namespace
+    first = mesh.verifier("payments", replay_cache=RedisReplayCache(url, namespace, clock=mesh.clock))
+    second = mesh.verifier("payments", replay_cache=RedisReplayCache(url, namespace, clock=mesh.clock))
+    once = mesh.identity("orders").mint("payments")
+    assert first.verify(once).caller == "orders"
+    with pytest.raises(meshauth.TokenReplayed):
+        second.verify(once)  # another replica, same store
+    assert second.verify(mesh.identity("billing").mint("payments")).caller == "billing"
+
+
+def test_replay_entries_expire_with_the_token(redis_namespace: tuple[str, str], clock: FakeClock) -> None:
+    url, namespace = redis_namespace
+    cache = RedisReplayCache(url, namespace, clock=clock)
+    assert cache.add("orders", "j1", clock() + 5)
+    assert not cache.add("orders", "j1", clock() + 5)
+    assert cache.add("billing", "j1", clock() + 5)
+    ttl = cache.client.pttl(cache.ns.jti("orders", "j1"))
+    assert 4000 < ttl <= 5000
+
+
+def test_unreachable_replay_store_is_503_not_replayed(mesh: Any) -> None:
+    from redis_support import free_port
+
+    cache = RedisReplayCache(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    verifier = mesh.verifier("payments", replay_cache=cache)
+    with pytest.raises(meshauth.ReplayStoreUnavailable, match="unreachable"):
+        verifier.verify(mesh.identity("orders").mint("payments"))
+
+
+def test_the_guide_snippet_runs(redis_server: Any) -> None:
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "registry.md").read_text()
+    section = guide[guide.index("## Scaling out on Redis") :]
+    block = re.search(r"^```py\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    assert block is not None
+    code = block.group(1).replace("redis://orders:secret@redis.internal:6379/0", redis_server.url)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "registry.md", "exec"), namespace)  # noqa: S102 - the guide's own example
+    client = redis_server.client()
+    assert client.smembers("{meshauth}:services") == {b"orders"}  # it published
+    assert client.hgetall("{meshauth}:keys:orders") == {}  # and on close deleted its key
+
+
+def test_renewal_prunes_keys_of_replicas_that_died(publisher: RedisPublisher, wall: FakeClock) -> None:
+    dead = replica(publisher, wall)  # never closed: its process "died"
+    alive = replica(publisher, wall, rotate_every=10_000)
+    wall.advance(600 + 31)  # the dead replica's key expired, plus leeway
+    alive.maintain()
+    assert list(stored(publisher)) == [alive.key.kid]
+    del dead
+
+
+def test_many_threads_share_one_replay_decision(redis_namespace: tuple[str, str]) -> None:
+    import threading
+
+    url, namespace = redis_namespace
+    caches = [RedisReplayCache(url, namespace) for _ in range(4)]  # four replicas
+    barrier = threading.Barrier(32)
+    results: list[bool] = []
+
+    def add(n: int) -> None:
+        barrier.wait(5)
+        results.append(caches[n % 4].add("orders", "same-jti", time.time() + 60))
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results.count(True) == 1 and len(results) == 32
+
+
+def test_async_verifiers_on_redis_keys(redis_namespace: tuple[str, str]) -> None:
+    import asyncio
+
+    url, namespace = redis_namespace
+    publisher = RedisPublisher(url, namespace)
+    me = meshauth.ServiceIdentity.ephemeral("orders", publisher, background=False)
+    keys = RedisKeys(url, namespace)
+    verifier = meshauth.Verifier("payments", keys)
+
+    async def main() -> list[str]:
+        tokens = [me.mint("payments") for _ in range(200)]
+        principals = await asyncio.gather(*(verifier.averify(token) for token in tokens))
+        return [p.caller for p in principals]
+
+    assert asyncio.run(main()) == ["orders"] * 200
+    me.close()
+    keys.close()
