@@ -391,6 +391,14 @@ class RequestGuard:
         self._judged: dict[tuple[object, ...], str] = {}
         if policy is not None:
             _warn_unknown_callers(policy, verifier)
+        elif verifier.max_actors > 0:
+            # Without a policy nothing checks who may act for a user: any caller with a key can.
+            logger.warning(
+                "meshauth middleware for %r accepts calls made on behalf of users but has no policy: any "
+                "service in the registry may act for any user here; pass policy= with 'delegators', or "
+                "Verifier(max_actors=0) if this service takes no such calls",
+                verifier.audience,
+            )
         self.tracer = (
             trace.get_tracer("meshauth", "0.1.0", tracer_provider=tracer_provider)
             if tracer_provider is not None

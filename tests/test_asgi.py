@@ -712,3 +712,16 @@ def test_websocket_max_age_closes_the_socket(mesh: Mesh, token: str) -> None:
 
 def bearer_headers(token: str) -> list[tuple[bytes, bytes]]:
     return [(b"authorization", f"Bearer {token}".encode())]
+
+
+def test_a_service_accepting_delegated_calls_without_a_policy_is_warned_at_start_up(
+    mesh: Mesh, app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="meshauth"):
+        MeshAuthMiddleware(app, mesh.verifier("payments"))
+    assert "accepts calls made on behalf of users but has no policy" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="meshauth"):
+        MeshAuthMiddleware(app, meshauth.Verifier("payments", mesh.keys, max_actors=0, clock=mesh.clock))
+        MeshAuthMiddleware(app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict({"rules": []}))
+    assert "has no policy" not in caplog.text

@@ -34,6 +34,11 @@ def test_demo_runs_every_scenario_as_expected(tmp_path: pytest.TempPathFactory) 
     ]:
         assert re.search(rf"{status}\s+{reason}\s+trace [0-9a-f]{{32}}", out), (status, reason)
     assert "payments charged alice for the chain orders <- gateway" in out
+    last = out.splitlines()[-1]
+    assert (
+        last
+        == f"browse the audit log: meshauth console --audit {tmp_path}/audit.jsonl --registry {tmp_path}/registry.json"
+    )
     # the span tree shows the delegated hop and the mutual-auth check
     assert "meshauth.verify [accepted] caller=gateway subject=alice audience=orders" in out
     assert "meshauth.response.verify [rejected: wrong_responder]" in out

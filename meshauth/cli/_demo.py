@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -425,7 +426,7 @@ def _span_tree(spans: list[Any]) -> list[str]:
     return lines
 
 
-def run(directory: Path, *, show_spans: bool, out: Callable[[str], None]) -> int:
+def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: bool = True) -> int:
     """Run the demo in ``directory``; returns the exit code."""
     started = time.monotonic()
     tracing = _Tracing()
@@ -511,6 +512,8 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None]) -> int
         out(
             f"audit log: {len(records)} records, one per decision of the gateway and the services, in {world.audit_log}"
         )
+        log, registry = shlex.quote(str(world.audit_log)), shlex.quote(str(world.registry_path))
+        browse = f"meshauth console --audit {log} --registry {registry}"
         if tracing.enabled and show_spans:
             tracing.settle()
             out("")
@@ -527,6 +530,10 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None]) -> int
     passed = sum(o.passed for o in outcomes)
     out("")
     out(f"{passed} of {len(outcomes)} scenarios behaved as expected in {time.monotonic() - started:.1f} s")
+    if kept:
+        out(f"browse the audit log: {browse}")
+    else:  # the temporary directory is removed when the demo ends
+        out("browse an audit log: meshauth demo --dir demo; meshauth console --audit demo/audit.jsonl")
     return 0 if passed == len(outcomes) else 1
 
 
@@ -557,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.dir.mkdir(parents=True, exist_ok=True)
             return run(args.dir, show_spans=not args.no_spans, out=out)
         with tempfile.TemporaryDirectory(prefix="meshauth-demo-") as directory:
-            return run(Path(directory), show_spans=not args.no_spans, out=out)
+            return run(Path(directory), show_spans=not args.no_spans, out=out, kept=False)
     except ModuleNotFoundError as exc:
         print(f"meshauth demo needs {exc.name}: pip install 'meshauth[demo]'", file=sys.stderr)
         return 2
