@@ -92,6 +92,8 @@ _PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
 _MAX_AUDIT_PATH: Final = 1024
 
 logger = logging.getLogger("meshauth")
+# Start-up advice about the configuration (policy names, missing policy), apart from per-request logs.
+setup_logger = logging.getLogger("meshauth.setup")
 
 ErrorHook = Callable[[BaseException], "tuple[int, Sequence[tuple[str, str]], bytes] | None"]
 """``on_error(exc) -> (status, headers, body) | None``: replace the default error reply; None keeps it."""
@@ -393,7 +395,7 @@ class RequestGuard:
             _warn_unknown_callers(policy, verifier)
         elif verifier.max_actors > 0:
             # Without a policy nothing checks who may act for a user: any caller with a key can.
-            logger.warning(
+            setup_logger.warning(
                 "meshauth middleware for %r accepts calls made on behalf of users but has no policy: any "
                 "service in the registry may act for any user here; pass policy= with 'delegators', or "
                 "Verifier(max_actors=0) if this service takes no such calls",
@@ -628,7 +630,7 @@ def _warn_unknown_callers(policy: Policy, verifier: Verifier) -> None:
         return
     if isinstance(snapshot, KeySet):
         for problem in policy.unknown_callers(record.owner for record in snapshot):
-            logger.warning("meshauth policy %s: %s", policy.source, problem)
+            setup_logger.warning("meshauth policy %s: %s", policy.source, problem)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -177,11 +177,12 @@ def test_registry_add_list_remove_round_trip(cli: Run, tmp_path: Path, orders: d
     assert header.split() == ["KID", "SERVICE", "ALG", "STATUS", "NOT", "BEFORE", "EXPIRES"]
     assert rows[1].split()[:4] == [payments["kid"], "payments", "EdDSA", "valid"]
 
-    code, stdout, _ = cli("registry", "remove", str(path), orders["kid"])
+    # "--": a kid is base64url and may start with "-", which argparse would read as an option
+    code, stdout, _ = cli("registry", "remove", str(path), "--", orders["kid"])
     assert code == 0
     assert f"removed {orders['kid']} (orders)" in stdout
     assert _registry_kids(path) == [payments["kid"]]
-    code, stdout, _ = cli("registry", "remove", str(path), payments["kid"], "--json")
+    code, stdout, _ = cli("registry", "remove", "--json", str(path), "--", payments["kid"])
     assert json.loads(stdout) == {"file": str(path), "removed": [{"kid": payments["kid"], "service": "payments"}]}
     code, stdout, _ = cli("registry", "list", str(path))
     assert code == 0

@@ -54,7 +54,7 @@ def test_list_shows_services_kids_ages_and_expiry(capsys: pytest.CaptureFixture[
 def test_revoke_and_revoke_service(capsys: pytest.CaptureFixture[str], published: Any) -> None:
     url, namespace, orders, payments = published
     keys = RedisKeys(url, namespace, follow=False)
-    code, stdout, _ = run(capsys, "registry", "--redis", url, "--namespace", namespace, "revoke", orders.kid)
+    code, stdout, _ = run(capsys, "registry", "--redis", url, "--namespace", namespace, "revoke", "--", orders.kid)
     assert code == 0 and "removed from orders" in stdout
     code, stdout, _ = run(
         capsys, "registry", "--redis", url, "--namespace", namespace, "revoke-service", "payments", "--json"

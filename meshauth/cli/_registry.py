@@ -345,7 +345,12 @@ def add_parser(commands: Any) -> None:
         "  meshauth registry remove registry.json 3kQ0...kid",
     )
     remove.add_argument("file", metavar="FILE", help="the registry JWKS file")
-    remove.add_argument("kids", nargs="+", metavar="KID", help="key ids to remove (see registry list)")
+    remove.add_argument(
+        "kids",
+        nargs="+",
+        metavar="KID",
+        help="key ids to remove (see registry list); put them after -- when one starts with -",
+    )
     _add_json(remove)
     remove.set_defaults(run=_cmd_registry_remove)
 
