@@ -17,7 +17,7 @@ import os
 import stat
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import httpx
@@ -27,7 +27,7 @@ from ._keys import KeyRecord, SigningKey
 from ._policy import Policy
 from ._registry import KeySet
 
-__all__ = ["Check", "DoctorSettings", "run_checks"]
+__all__ = ["Check", "DoctorSettings", "report_lines", "run_checks"]
 
 OK: Final = "ok"
 FAIL: Final = "fail"
@@ -48,6 +48,17 @@ class Check:
 
     def as_dict(self) -> dict[str, str | None]:
         return dataclasses.asdict(self)
+
+
+def report_lines(checks: Sequence[Check], clean: Callable[[object], str] = str) -> list[str]:
+    """The report for people: ``STATUS  name  message`` aligned, and a ``fix:`` line under a failure."""
+    width = max((len(check.name) for check in checks), default=0)
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status.upper():<4}  {check.name:<{width}}  {clean(check.message)}")
+        if check.fix:
+            lines.append(f"      {'':<{width}}  fix: {clean(check.fix)}")
+    return lines
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

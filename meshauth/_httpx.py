@@ -30,6 +30,7 @@ from ._identity import ServiceIdentity
 from ._mutual import NONCE_HEADER, RESPONSE_HEADER, ResponseVerifier, new_nonce
 from ._principal import Principal
 from ._registry import KeySource
+from ._response_body import bind_body
 from ._txn import TXN_TOKEN_HEADER
 
 __all__ = ["ServiceAuth"]
@@ -37,9 +38,6 @@ __all__ = ["ServiceAuth"]
 AudienceSpec = str | Mapping[str, str] | Callable[[httpx.Request], str]
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-# Responses that by design carry no response token (DESIGN section 4): the
-# callee refused the caller's token, or could not read its registry.
-_UNSIGNED_STATUSES: Final = frozenset({401, 503})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,12 +123,17 @@ class ServiceAuth(httpx.Auth):
 
     With ``verify_responses`` (a key source, or a ready
     :class:`~meshauth.ResponseVerifier` for this service), every request also
-    carries a fresh ``Meshauth-Nonce``, and every response except a ``401`` or
-    ``503`` must carry a ``Meshauth-Response`` token signed by the audience
-    service and bound to that nonce; otherwise
+    carries a fresh ``Meshauth-Nonce``, and every response, whatever its
+    status, must carry a ``Meshauth-Response`` token signed by the audience
+    service, addressed to this service (``"-"`` only on a ``401``), bound to
+    that nonce and to the status received; otherwise
     :class:`~meshauth.ResponseAuthError` is raised (after closing the
-    response). The check reads headers only, before the body, so it works with
-    ``client.stream(...)``.
+    response). The token's ``body_sha256`` is checked on the bytes as they
+    arrive: a body that differs raises :class:`~meshauth.BodyMismatch` when
+    it has been read (``response.read()``, or the end of
+    ``client.stream(...)``), before it is handed out whole. A response whose
+    token does not bind the body (a streamed or large answer) raises
+    :class:`~meshauth.UnboundBody` unless ``allow_unbound_body=True``.
 
     ``on_behalf_of`` (the inbound request's :class:`~meshauth.Principal`)
     makes every request part of that request's transaction: the principal's
@@ -157,6 +160,7 @@ class ServiceAuth(httpx.Auth):
         audience: AudienceSpec,
         *,
         verify_responses: KeySource | ResponseVerifier | None = None,
+        allow_unbound_body: bool = False,
         fresh_tokens: bool = False,
         scope: str | None = None,
         on_behalf_of: Principal | None = None,
@@ -167,6 +171,7 @@ class ServiceAuth(httpx.Auth):
         if not isinstance(identity, ServiceIdentity):
             raise TypeError("identity must be a meshauth.ServiceIdentity")
         self.identity = identity
+        self.allow_unbound_body = allow_unbound_body
         self.on_behalf_of = on_behalf_of
         self.txn_token = None if on_behalf_of is None else on_behalf_of.txn_token
         self.fresh_tokens = bool(fresh_tokens)
@@ -211,7 +216,7 @@ class ServiceAuth(httpx.Auth):
             response = yield retry  # retried once: whatever comes back is the answer
             assert isinstance(response, httpx.Response)
 
-        if nonce is not None and response.status_code not in _UNSIGNED_STATUSES:
+        if nonce is not None:
             yield _ResponseCheck(response, audience, nonce)
 
     def _fresh(self, audience: str) -> str:
@@ -271,23 +276,33 @@ class ServiceAuth(httpx.Auth):
 
     def _check_sync(self, check: _ResponseCheck) -> None:
         assert self.response_verifier is not None
+        response = check.response
         try:
-            self.response_verifier.verify_response(
-                check.response.headers.get(RESPONSE_HEADER), service=check.service, nonce=check.nonce
+            proof = self.response_verifier.verify_response(
+                response.headers.get(RESPONSE_HEADER),
+                service=check.service,
+                nonce=check.nonce,
+                status=response.status_code,
             )
+            bind_body(response, proof, check.service, allow_unbound=self.allow_unbound_body)
         except BaseException:
             # An unauthenticated answer is never handed out, not even its body.
-            check.response.close()
+            response.close()
             raise
 
     async def _check_async(self, check: _ResponseCheck) -> None:
         assert self.response_verifier is not None
+        response = check.response
         try:
-            await self.response_verifier.averify_response(
-                check.response.headers.get(RESPONSE_HEADER), service=check.service, nonce=check.nonce
+            proof = await self.response_verifier.averify_response(
+                response.headers.get(RESPONSE_HEADER),
+                service=check.service,
+                nonce=check.nonce,
+                status=response.status_code,
             )
+            bind_body(response, proof, check.service, allow_unbound=self.allow_unbound_body)
         except BaseException:
-            await check.response.aclose()
+            await response.aclose()
             raise
 
     # -- audiences ---------------------------------------------------------------------

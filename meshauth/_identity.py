@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import threading
@@ -334,16 +335,26 @@ class ServiceIdentity:
         finally:
             span.end()
 
-    def mint_response(self, caller: str, nonce: str, *, ttl: int = 30) -> str:
-        """A response token (mutual auth) bound to ``caller`` and its request ``nonce``."""
+    def mint_response(
+        self, caller: str, nonce: str, *, status: int = 200, body: bytes | None = None, ttl: int = 30
+    ) -> str:
+        """A response token (mutual auth) for ``caller``, bound to its request ``nonce`` and the answer.
+
+        ``status`` is the HTTP status sent; ``body`` the body bytes exactly as
+        sent (``body_sha256``), or None when the body is not known before the
+        headers go out (a streamed answer: the token then does not bind it).
+        ``caller`` is ``"-"`` when the request named none that could be read.
+        """
         if not isinstance(caller, str) or not caller:
-            raise ValueError("caller must be a non-empty service name")
+            raise ValueError("caller must be a non-empty service name (or '-')")
         if not isinstance(nonce, str) or not nonce or len(nonce) > 256:
             raise ValueError("nonce must be a non-empty string of at most 256 characters")
         if not 0 < ttl <= MAX_RESPONSE_TTL:
             raise ValueError(f"a response token lives at most {MAX_RESPONSE_TTL} s")
+        if type(status) is not int or not 100 <= status <= 599:
+            raise ValueError(f"status must be an HTTP status code, found {status!r}")
         now = int(self._clock())
-        claims = {
+        claims: dict[str, Any] = {
             "iss": self.name,
             "sub": self.name,
             "aud": caller,
@@ -351,7 +362,10 @@ class ServiceIdentity:
             "exp": now + ttl,
             "jti": secrets.token_urlsafe(16),
             "nonce": nonce,
+            "status": status,
         }
+        if body is not None:
+            claims["body_sha256"] = b64url_encode(hashlib.sha256(body).digest())
         return self._sign(self._response_header, claims, caller)
 
     def _mint(self, audience: str, *, scope: str | None, ttl: int, txn_token: str | None) -> tuple[str, int]:

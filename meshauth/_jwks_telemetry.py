@@ -73,7 +73,7 @@ class FetchTelemetry:
                 span.set_attribute("meshauth.jwks.keys", len(snapshot.keys))
             if outcome == "rejected":
                 span.set_attribute("error.type", reason)
-                span.set_status(Status(StatusCode.ERROR))
+                span.set_status(Status(StatusCode.ERROR, f"rejected: {reason}"))
         span.end()
         attributes = {"meshauth.outcome": outcome, "meshauth.reason": reason}
         self.counter.add(1, attributes)

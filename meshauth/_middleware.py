@@ -476,6 +476,15 @@ class RequestGuard:
                 return token.decode("ascii")
         raise credentials_error(value, self.limit, folded=folded)
 
+    def read_nonce(self, value: bytes | None, repeated: bool) -> tuple[str | None, MeshAuthError | None]:
+        """The request's nonce (None without one), or the error a bad one gets, to raise later."""
+        if value is None:
+            return None, None
+        try:
+            return self.nonce(value, repeated=repeated), None
+        except MeshAuthError as exc:
+            return None, exc
+
     @staticmethod
     def nonce(value: bytes, *, repeated: bool = False) -> str:
         """A validated ``Meshauth-Nonce``: 1 to 256 token68 characters, sent once."""

@@ -23,6 +23,8 @@ from ._exceptions import (
     MissingResponse,
     NonceMismatch,
     ResponseAuthError,
+    StatusMismatch,
+    WrongAudience,
     WrongResponder,
 )
 from ._keys import KeyRecord
@@ -36,6 +38,8 @@ __all__ = ["NONCE_HEADER", "RESPONSE_HEADER", "ResponseVerifier", "new_nonce", "
 NONCE_HEADER: Final = "Meshauth-Nonce"
 RESPONSE_HEADER: Final = "Meshauth-Response"
 MAX_RESPONSE_LIFETIME: Final = 60
+NO_CALLER: Final = "-"
+_DIGEST_LENGTH: Final = 43  # unpadded base64url of 32 bytes
 _NOT_A_RESPONSE_TOKEN: Final = {"meshauth+jwt": " (a service token is never accepted as a response token)"}
 
 
@@ -66,16 +70,17 @@ def _as_response_error(exc: MeshAuthError) -> ResponseAuthError:
 
 
 def response_claims(caller: str) -> Callable[[dict[str, Any], KeyRecord, Any], Principal]:
-    """The response-token claim rule: the service-token rule, then responder and nonce.
+    """The response-token claim rule: the service-token rule, then responder, nonce, status and digest.
 
-    ``expect`` is the per-call ``(service, nonce)`` of :meth:`ResponseVerifier.verify_response`.
+    ``expect`` is the per-call ``(service, nonce, status)`` of
+    :meth:`ResponseVerifier.verify_response` (``status`` None: not checked).
     """
     base = service_claims(caller)
 
     def check(claims: dict[str, Any], record: KeyRecord, expect: Any) -> Principal:
         if expect is None:
             raise InvalidClaim("response tokens are checked with verify_response()")
-        service, nonce = expect
+        service, nonce, status = expect
         if claims["iss"] != service or claims["sub"] != service:
             raise WrongResponder(
                 f"the response was signed by {str(claims['iss'])[:64]!r}, not by {service!r} that was called",
@@ -94,9 +99,38 @@ def response_claims(caller: str) -> Callable[[dict[str, Any], KeyRecord, Any], P
                 expected="the nonce sent with this request",
                 actual="another nonce",
             )
+        _check_status_and_digest(claims, status)
         return principal
 
     return check
+
+
+def _check_status_and_digest(claims: dict[str, Any], status: int | None) -> None:
+    signed = claims["status"]
+    if type(signed) is not int:
+        raise InvalidClaim(
+            "the response token's 'status' is not an integer", expected="int", actual=type(signed).__name__
+        )
+    if status is not None and signed != status:
+        raise StatusMismatch(
+            f"the response token was signed for status {signed}, but the response has status {status}",
+            expected=signed,
+            actual=status,
+        )
+    if claims["aud"] == NO_CALLER and signed != 401:
+        # "-" says the request named no caller that could be read: only a 401 may say that.
+        raise WrongAudience(
+            f"the response is addressed to no caller ('-') with status {signed}; only a 401 may be",
+            expected="this service",
+            actual=NO_CALLER,
+        )
+    digest = claims.get("body_sha256")
+    if digest is not None and (type(digest) is not str or len(digest) != _DIGEST_LENGTH):
+        raise InvalidClaim(
+            "the response token's 'body_sha256' is not a base64url SHA-256 digest",
+            expected=f"{_DIGEST_LENGTH} characters",
+            actual=type(digest).__name__,
+        )
 
 
 def response_profile(caller: str, *, leeway: float = 30) -> Profile[Principal]:
@@ -107,7 +141,8 @@ def response_profile(caller: str, *, leeway: float = 30) -> Profile[Principal]:
         name="response",
         types=frozenset({RESPONSE_TOKEN_TYPE}),
         claims=response_claims(caller),
-        required_claims=(*service.required_claims, "nonce"),
+        required_claims=(*service.required_claims, "nonce", "status"),
+        audiences=frozenset({caller, NO_CALLER}),
         typ_refused_hint=_NOT_A_RESPONSE_TOKEN,
     )
 
@@ -163,8 +198,12 @@ class ResponseVerifier(Verifier):
     def _profile(self, audience: str, leeway: float, max_lifetime: int, max_token_bytes: int) -> Profile[Principal]:
         return response_profile(audience, leeway=leeway)
 
-    def verify_response(self, token: str | None, *, service: str, nonce: str) -> Principal:
-        """Check that ``token`` proves ``service`` answered the request carrying ``nonce``.
+    def verify_response(self, token: str | None, *, service: str, nonce: str, status: int | None = None) -> Principal:
+        """Check that ``token`` proves ``service`` answered the request carrying ``nonce`` with ``status``.
+
+        The token's ``body_sha256`` (``principal.claims``), when present, is
+        the digest the received body must have: :class:`~meshauth.ServiceAuth`
+        checks it on the bytes as they arrive.
 
         Raises:
             ResponseAuthError: a :class:`~meshauth.MissingResponse`,
@@ -174,14 +213,16 @@ class ResponseVerifier(Verifier):
         """
         token = _present(token, service)
         try:
-            return self._verify(token, (service, nonce), True)
+            return self._verify(token, (service, nonce, status), True)
         except MeshAuthError as exc:
             raise _as_response_error(exc) from exc
 
-    async def averify_response(self, token: str | None, *, service: str, nonce: str) -> Principal:
+    async def averify_response(
+        self, token: str | None, *, service: str, nonce: str, status: int | None = None
+    ) -> Principal:
         """Async form of :meth:`verify_response` (for async key sources)."""
         token = _present(token, service)
         try:
-            return await self._averify(token, (service, nonce), True)
+            return await self._averify(token, (service, nonce, status), True)
         except MeshAuthError as exc:
             raise _as_response_error(exc) from exc

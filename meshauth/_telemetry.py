@@ -19,11 +19,10 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from ._exceptions import MalformedToken, MeshAuthError
 
-__all__ = ["AUDIT_LOGGER", "Telemetry", "audit", "span_ids"]
+__all__ = ["AUDIT_LOGGER", "Telemetry", "audit", "escape_line_breaks", "span_ids"]
 
 AUDIT_LOGGER = logging.getLogger("meshauth.audit")
 _VERSION = "0.1.0"
-_ERROR = Status(StatusCode.ERROR)
 _ACCEPTED: Final = {"meshauth.outcome": "accepted", "meshauth.reason": "ok"}
 
 
@@ -114,6 +113,16 @@ def span_ids(span: Span | None = None) -> tuple[str | None, str | None]:
     return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: a log reader may start a new
+# record at any of them, so a user-controlled subject must not contain them raw.
+_UNSAFE: Final = {code: f"\\u{code:04x}" for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
+
+
+def escape_line_breaks(text: str) -> str:
+    """``text`` with every control character and line separator written as a ``\\uXXXX`` escape."""
+    return text.translate(_UNSAFE)
+
+
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -149,7 +158,8 @@ def mark_rejected(span: Span, error: BaseException, reason: str, outcome: str = 
         span.set_attribute("meshauth.outcome", outcome)
         span.set_attribute("meshauth.reason", reason)
         span.set_attribute("error.type", type(error).__name__)
-        span.set_status(_ERROR)
+        # A short description (outcome and reason code), never the message: it may quote request data.
+        span.set_status(Status(StatusCode.ERROR, f"{outcome}: {reason}"))
 
 
 def audit(
@@ -195,6 +205,8 @@ def audit(
     for key, value in fields.items():
         record[key] = list(value) if isinstance(value, tuple) else value
     summary = " ".join(
-        f"{key}={record[key]}" for key in ("caller", "subject", "audience", "method", "path") if record.get(key)
+        f"{key}={escape_line_breaks(str(record[key]))}"
+        for key in ("caller", "subject", "audience", "method", "path")
+        if record.get(key)
     )
     AUDIT_LOGGER.log(level, "%s %s: %s %s", event, outcome, reason, summary, extra={"meshauth": record})

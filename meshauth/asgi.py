@@ -27,6 +27,7 @@ from ._middleware import (
 )
 from ._policy import Decision, Policy
 from ._principal import Principal
+from ._proof import DEFAULT_SIGN_BODY_LIMIT, AsgiProof, bearer_text, unverified_caller
 from ._telemetry import AUDIT_LOGGER
 from ._verify import Verifier
 
@@ -39,8 +40,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _RESPONSE_HEADER: Final = b"meshauth-response"
-# Messages that open a response: each gets the response token (mutual auth).
-_RESPONSE_STARTS: Final = frozenset({"http.response.start", "websocket.accept", "websocket.http.response.start"})
 _AUTHENTICATED: Final = frozenset({"http", "websocket"})
 _WS_POLICY_VIOLATION: Final = 1008
 
@@ -85,7 +84,16 @@ class MeshAuthMiddleware:
     servers deliver them.
     """
 
-    __slots__ = ("_exclude", "_guard", "_identity", "_policy", "_verifier", "_websocket_max_age", "app")
+    __slots__ = (
+        "_exclude",
+        "_guard",
+        "_identity",
+        "_policy",
+        "_sign_body_limit",
+        "_verifier",
+        "_websocket_max_age",
+        "app",
+    )
 
     def __init__(
         self,
@@ -99,8 +107,10 @@ class MeshAuthMiddleware:
         on_error: ErrorHook | None = None,
         retry_after: int = 5,
         websocket_max_age: float | None = None,
+        sign_body_limit: int = DEFAULT_SIGN_BODY_LIMIT,
     ) -> None:
         self.app = app
+        self._sign_body_limit = sign_body_limit
         if websocket_max_age is not None and not websocket_max_age > 0:
             raise ValueError(f"websocket_max_age must be a positive number of seconds, found {websocket_max_age!r}")
         self._websocket_max_age = websocket_max_age
@@ -153,6 +163,9 @@ class MeshAuthMiddleware:
         nonce: str | None = None
         try:
             path = guard.asgi_path(scope)
+            # Read first, so that every answer to this request, refusals included, is signed;
+            # a bad nonce is reported once the caller is known (for the audit record).
+            nonce, bad_nonce = guard.read_nonce(nonce_value if self._identity is not None else None, nonce_repeated)
             if authorization is None:
                 raise MissingCredentials("the request has no bearer credentials")
             if repeated:
@@ -160,10 +173,10 @@ class MeshAuthMiddleware:
             token = guard.bearer(authorization)
             txn_token = guard.txn_token(txn_value, repeated=txn_repeated)
             principal = await self._verifier.averify(token, txn_token, audit=False)
-            if nonce_value is not None and self._identity is not None:
-                nonce = guard.nonce(nonce_value, repeated=nonce_repeated)
+            if bad_nonce is not None:
+                raise bad_nonce
         except Exception as exc:
-            await self._refuse(scope, receive, send, exc, principal=principal)
+            await self._refuse(scope, receive, send, exc, principal=principal, nonce=nonce, authorization=authorization)
             return
 
         decision: Decision | None = None
@@ -188,25 +201,14 @@ class MeshAuthMiddleware:
                 traceparent=asgi_traceparent(scope),
             )
         if nonce is not None:
-            send = self._proving(send, principal.caller, nonce)
+            assert self._identity is not None
+            head = scope.get("method") == "HEAD"
+            proof = AsgiProof(send, self._identity, principal.caller, nonce, self._sign_body_limit, head=head)
+            send = proof.send
         if scope_type == "websocket" and self._websocket_max_age is not None:
             deadline = min(principal.expires_at, time.time() + self._websocket_max_age)
             receive, send = _closing_at(deadline, receive, send)
         await self.app(scope, receive, send)
-
-    def _proving(self, send: Send, caller: str, nonce: str) -> Send:
-        """Wrap ``send`` so that every response start carries a response token for ``caller``."""
-        identity = self._identity
-        assert identity is not None
-
-        async def send_with_proof(message: Message) -> None:
-            if message["type"] in _RESPONSE_STARTS:
-                headers = list(message.get("headers", ()))
-                headers.append((_RESPONSE_HEADER, identity.mint_response(caller, nonce).encode("ascii")))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        return send_with_proof
 
     async def _refuse(
         self,
@@ -218,6 +220,7 @@ class MeshAuthMiddleware:
         principal: Principal | None,
         span: Span | None = None,
         nonce: str | None = None,
+        authorization: bytes | None = None,
     ) -> None:
         guard = self._guard
         reply = guard.reply(exc)
@@ -232,9 +235,11 @@ class MeshAuthMiddleware:
             traceparent=asgi_traceparent(scope),
         )
         headers = reply.asgi_headers()
-        if nonce is not None and principal is not None and self._identity is not None:
-            # Authenticated but refused by policy: the caller may still check who answered.
-            headers.append((_RESPONSE_HEADER, self._identity.mint_response(principal.caller, nonce).encode("ascii")))
+        if nonce is not None and self._identity is not None:
+            # Refusals are signed too: the caller can tell the callee's 401/403/503 from a forged one.
+            caller = principal.caller if principal is not None else unverified_caller(bearer_text(authorization))
+            token = self._identity.mint_response(caller, nonce, status=reply.status, body=reply.body)
+            headers.append((_RESPONSE_HEADER, token.encode("ascii")))
         if scope["type"] == "websocket":
             message = await receive()
             if message.get("type") != "websocket.connect":

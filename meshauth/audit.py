@@ -26,7 +26,7 @@ import os
 import sys
 from typing import IO, Any
 
-from ._telemetry import AUDIT_LOGGER
+from ._telemetry import AUDIT_LOGGER, escape_line_breaks
 
 __all__ = ["AUDIT_LOGGER", "JsonFormatter", "configure"]
 
@@ -50,7 +50,10 @@ class JsonFormatter(logging.Formatter):
             fields.update(extra)
         if record.exc_info and record.exc_info[0] is not None:
             fields["exception"] = record.exc_info[0].__name__
-        return json.dumps(fields, default=str, ensure_ascii=False, separators=(", ", ": "))
+        # json.dumps escapes C0 controls but keeps DEL, C1 controls and U+2028/U+2029 raw (valid JSON,
+        # yet a line break to many log readers); they become \\u escapes, which decode to the same text.
+        text = json.dumps(fields, default=str, ensure_ascii=False, separators=(", ", ": "))
+        return escape_line_breaks(text)
 
 
 def configure(target: str | os.PathLike[str] | IO[str] | None = None, *, level: int = logging.INFO) -> logging.Handler:

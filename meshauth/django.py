@@ -43,6 +43,7 @@ from ._middleware import (
 from ._mutual import NONCE_HEADER, RESPONSE_HEADER
 from ._policy import Decision, Policy
 from ._principal import Principal
+from ._proof import bearer_text, unverified_caller
 from ._telemetry import AUDIT_LOGGER
 from ._verify import Verifier
 
@@ -233,7 +234,11 @@ class MeshAuthMiddleware:
     def _prove(self, response: Any, admitted: _Admitted) -> Any:
         identity = self.guard.identity
         if admitted.nonce is not None and identity is not None:
-            response[RESPONSE_HEADER] = identity.mint_response(admitted.principal.caller, admitted.nonce)
+            # A streamed answer is not known before its headers go out: signed without its body.
+            body = None if getattr(response, "streaming", False) else bytes(response.content)
+            response[RESPONSE_HEADER] = identity.mint_response(
+                admitted.principal.caller, admitted.nonce, status=response.status_code, body=body
+            )
         return response
 
     def _refuse(
@@ -249,8 +254,19 @@ class MeshAuthMiddleware:
         reply = guard.reply(exc)
         guard.audit_refused(exc, reply, principal=principal, span=span, **_request_fields(request))
         response = _http_response(reply)
-        if nonce is not None and principal is not None and guard.identity is not None:
-            response[RESPONSE_HEADER] = guard.identity.mint_response(principal.caller, nonce)
+        if nonce is None and guard.identity is not None and request.META.get(_NONCE_META) is not None:
+            # Refused before the nonce was read (a 401, 503): a valid one still gets a signed answer.
+            raw = str(request.META[_NONCE_META]).encode("latin-1", "replace")
+            nonce = guard.read_nonce(raw, b"," in raw)[0]
+        if nonce is not None and guard.identity is not None:
+            caller = (
+                principal.caller
+                if principal is not None
+                else unverified_caller(bearer_text(request.META.get("HTTP_AUTHORIZATION")))
+            )
+            response[RESPONSE_HEADER] = guard.identity.mint_response(
+                caller, nonce, status=reply.status, body=reply.body
+            )
         return response
 
 

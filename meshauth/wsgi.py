@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -20,6 +20,7 @@ from ._middleware import (
 )
 from ._policy import Decision, Policy
 from ._principal import Principal
+from ._proof import DEFAULT_SIGN_BODY_LIMIT, WsgiProof, bearer_text, unverified_caller
 from ._telemetry import AUDIT_LOGGER
 from ._verify import Verifier
 
@@ -27,7 +28,7 @@ __all__ = ["PRINCIPAL_KEY", "MeshAuthMiddleware"]
 
 _RESPONSE_HEADER: Final = "Meshauth-Response"
 if TYPE_CHECKING:
-    from _typeshed import OptExcInfo
+    pass
 
 
 class MeshAuthMiddleware:
@@ -63,7 +64,7 @@ class MeshAuthMiddleware:
        told to pass it on (``WSGIPassAuthorization On``).
     """
 
-    __slots__ = ("_exclude", "_guard", "_identity", "_mount", "_policy", "_verifier", "app")
+    __slots__ = ("_exclude", "_guard", "_identity", "_mount", "_policy", "_sign_body_limit", "_verifier", "app")
 
     def __init__(
         self,
@@ -77,8 +78,10 @@ class MeshAuthMiddleware:
         on_error: ErrorHook | None = None,
         retry_after: int = 5,
         mount: str = "",
+        sign_body_limit: int = DEFAULT_SIGN_BODY_LIMIT,
     ) -> None:
         self.app = app
+        self._sign_body_limit = sign_body_limit
         if mount and (not mount.startswith("/") or mount.endswith("/")):
             raise ValueError(f"mount is '' or a path like '/api' (no trailing '/'), found {mount!r}")
         self._mount = mount
@@ -108,6 +111,10 @@ class MeshAuthMiddleware:
         nonce: str | None = None
         try:
             path = guard.wsgi_path(environ, self._mount)
+            # Read first, so that every answer to this request, refusals included, is signed;
+            # a bad nonce is reported once the caller is known (for the audit record).
+            raw_nonce = _latin1(nonce_value) if nonce_value is not None and self._identity is not None else None
+            nonce, bad_nonce = guard.read_nonce(raw_nonce, raw_nonce is not None and b"," in raw_nonce)
             if authorization is None:
                 raise MissingCredentials("the request has no bearer credentials")
             # PEP 3333: header values are latin-1 "bytes as str"; encoding recovers the bytes.
@@ -115,11 +122,10 @@ class MeshAuthMiddleware:
             raw_txn = environ.get("HTTP_TXN_TOKEN")
             txn_token = guard.txn_token(None if raw_txn is None else _latin1(raw_txn))
             principal = self._verifier.verify(token, txn_token, audit=False)
-            if nonce_value is not None and self._identity is not None:
-                raw_nonce = _latin1(nonce_value)
-                nonce = guard.nonce(raw_nonce, repeated=b"," in raw_nonce)
+            if bad_nonce is not None:
+                raise bad_nonce
         except Exception as exc:
-            return self._refuse(environ, start_response, exc, principal=principal)
+            return self._refuse(environ, start_response, exc, principal=principal, nonce=nonce)
 
         decision: Decision | None = None
         span: Span | None = None
@@ -141,24 +147,10 @@ class MeshAuthMiddleware:
                 traceparent=environ.get("HTTP_TRACEPARENT"),
             )
         if nonce is not None:
-            start_response = self._proving(start_response, principal.caller, nonce)
+            assert self._identity is not None
+            proof = WsgiProof(self._identity, principal.caller, nonce, self._sign_body_limit, head=method == "HEAD")
+            return proof.run(lambda capture: self.app(environ, capture), start_response)
         return self.app(environ, start_response)
-
-    def _proving(self, start_response: StartResponse, caller: str, nonce: str) -> StartResponse:
-        """Wrap ``start_response`` so that the response carries a response token for ``caller``."""
-        identity = self._identity
-        assert identity is not None
-
-        def start_with_proof(
-            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
-        ) -> Callable[[bytes], object]:
-            # A new list: the app may reuse its own between requests.
-            proven = [*headers, (_RESPONSE_HEADER, identity.mint_response(caller, nonce))]
-            if exc_info is None:
-                return start_response(status, proven)
-            return start_response(status, proven, exc_info)
-
-        return start_with_proof
 
     def _refuse(
         self,
@@ -183,9 +175,15 @@ class MeshAuthMiddleware:
             traceparent=environ.get("HTTP_TRACEPARENT"),
         )
         headers = list(reply.headers)
-        if nonce is not None and principal is not None and self._identity is not None:
-            # Authenticated but refused by policy: the caller may still check who answered.
-            headers.append((_RESPONSE_HEADER, self._identity.mint_response(principal.caller, nonce)))
+        if nonce is not None and self._identity is not None:
+            # Refusals are signed too: the caller can tell the callee's 401/403/503 from a forged one.
+            if principal is not None:
+                caller = principal.caller
+            else:
+                authorization = environ.get("HTTP_AUTHORIZATION")
+                caller = unverified_caller(bearer_text(authorization if isinstance(authorization, str) else None))
+            token = self._identity.mint_response(caller, nonce, status=reply.status, body=reply.body)
+            headers.append((_RESPONSE_HEADER, token))
         start_response(reply.status_line, headers)
         return [reply.body]
 

@@ -13,6 +13,7 @@ from opentelemetry.trace import StatusCode
 from txn_support import in_transaction
 
 import meshauth
+from meshauth._proof import body_digest
 from meshauth.asgi import MeshAuthMiddleware
 from meshauth.testing import FakeClock, Mesh
 
@@ -467,19 +468,54 @@ def test_response_token_on_websocket_accept(mesh: Mesh, app: App, token: str, re
     response_checker.verify_response(headers[b"meshauth-response"].decode(), service="payments", nonce=NONCE)
 
 
-def test_no_response_token_on_401_or_503_or_without_nonce(mesh: Mesh, app: App, token: str, down_keys: Any) -> None:
+def test_every_status_is_signed_and_bound_but_only_with_a_nonce(
+    mesh: Mesh, app: App, token: str, down_keys: Any, response_checker: meshauth.ResponseVerifier
+) -> None:
     identity = mesh.identity("payments")
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), identity=identity)
     response = call(wrapped, headers=[("Meshauth-Nonce", NONCE)])
     assert response.status_code == 401
-    assert "meshauth-response" not in response.headers
+    proof = response_checker.verify_response(
+        response.headers["meshauth-response"], service="payments", nonce=NONCE, status=401
+    )
+    assert (proof.claims["aud"], proof.claims["body_sha256"]) == ("-", body_digest(response.content))
+    # a refused token still names its (claimed) caller as the addressee
+    refused = call(wrapped, headers=[*bearer(token[:-4] + "AAAA"), ("Meshauth-Nonce", NONCE)])
+    proof = response_checker.verify_response(
+        refused.headers["meshauth-response"], service="payments", nonce=NONCE, status=401
+    )
+    assert proof.claims["aud"] == "orders"
     response = call(wrapped, headers=bearer(token))
     assert response.status_code == 200
     assert "meshauth-response" not in response.headers
     down = MeshAuthMiddleware(app, meshauth.Verifier("payments", down_keys), identity=identity)
     response = call(down, headers=[*bearer(token), ("Meshauth-Nonce", NONCE)])
     assert response.status_code == 503
-    assert "meshauth-response" not in response.headers
+    proof = response_checker.verify_response(
+        response.headers["meshauth-response"], service="payments", nonce=NONCE, status=503
+    )
+    assert proof.claims["body_sha256"] == body_digest(response.content)
+
+
+def test_a_body_over_the_limit_is_streamed_unbound(mesh: Mesh, token: str) -> None:
+    checker = meshauth.ResponseVerifier("orders", mesh.keys, clock=mesh.clock)
+
+    async def chunked(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(4):
+            await send({"type": "http.response.body", "body": b"x" * 100, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    for limit, bound in ((1000, True), (250, False)):
+        wrapped = MeshAuthMiddleware(
+            chunked, mesh.verifier("payments"), identity=mesh.identity("payments"), sign_body_limit=limit
+        )
+        response = call(wrapped, headers=[*bearer(token), ("Meshauth-Nonce", NONCE)])
+        assert response.content == b"x" * 400
+        nonce_proof = checker.verify_response(
+            response.headers["meshauth-response"], service="payments", nonce=NONCE, status=200
+        )
+        assert ("body_sha256" in nonce_proof.claims) is bound
 
 
 def test_response_token_on_policy_denial(mesh: Mesh, app: App, token: str, response_checker: Any) -> None:

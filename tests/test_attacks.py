@@ -597,7 +597,7 @@ def test_response_token_is_never_a_service_token(world: World, caplog: pytest.Lo
 
 @pytest.mark.parametrize("typ", ["meshauth-response+jwt", "application/meshauth-response+jwt", "MESHAUTH-RESPONSE+JWT"])
 def test_response_typ_variants_are_accepted(world: World, typ: str) -> None:
-    claims = world.claims(aud="orders", exp=world.now + 30, nonce="n-1")
+    claims = world.claims(aud="orders", exp=world.now + 30, nonce="n-1", status=200)
     token = world.token(world.header(typ=typ), claims)
     checker = ResponseVerifier("orders", world.mesh.keys, clock=world.clock)
     assert checker.verify_response(token, service="orders", nonce="n-1").caller == "orders"

@@ -861,9 +861,13 @@ def test_healthz_and_readyz(harness: Harness) -> None:
         return [await client.get("/healthz"), await client.get("/readyz?verbose=1")]
 
     health, ready = harness.run(scenario)
-    assert health.status_code == 200 and health.json() == {"status": "ok"}
-    assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "registry": True, "issuers": {IDP: True, OTHER_IDP: True}}
+    assert health.status_code == 200 and health.json() == {"ready": True}
+    # Anonymous clients are told readiness only: no issuer URL or key source (verbose or not).
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
+    assert harness.gateway().readiness() == (
+        True,
+        {"status": "ready", "registry": True, "issuers": {IDP: True, OTHER_IDP: True}},
+    )
     assert harness.audit() == []
 
 
@@ -882,8 +886,11 @@ def test_not_ready_while_an_issuer_key_set_cannot_be_fetched(harness: Harness) -
         return result
 
     ready, request = harness.run(scenario, gateway=gateway)
-    assert ready.status_code == 503
-    assert ready.json() == {"status": "not_ready", "registry": True, "issuers": {IDP: False, OTHER_IDP: True}}
+    assert ready.status_code == 503 and ready.json() == {"ready": False}
+    assert gateway.readiness() == (
+        False,
+        {"status": "not_ready", "registry": True, "issuers": {IDP: False, OTHER_IDP: True}},
+    )
     assert request.status_code == 503 and request.json()["reason"] == "keys_unavailable"
     assert "retry-after" in request.headers
     refresh, record = harness.audit()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,20 +27,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import meshauth
+from tests.edge_mesh import AUDIENCE, IDP, START_DEADLINE, free_port
 
 pytestmark = pytest.mark.slow
 
-IDP = "https://idp.example.com"
-AUDIENCE = "api-gateway"
 SERVICE_SCRIPT = Path(__file__).with_name("e2e_service.py")
-START_DEADLINE = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], *, expect: int = 200) -> None:

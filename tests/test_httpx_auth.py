@@ -23,6 +23,7 @@ import meshauth
 from meshauth import ConfigurationError, ResponseAuthError, ResponseVerifier, ServiceIdentity, SigningKey
 from meshauth._httpx import ServiceAuth
 from meshauth._mutual import NONCE_HEADER, RESPONSE_HEADER
+from meshauth._proof import unverified_caller
 from meshauth.testing import FakeClock, Mesh
 
 URL = "https://payments.internal/charges"
@@ -65,12 +66,21 @@ class Callee:
     def nonces(self) -> list[str | None]:
         return [request.headers.get(NONCE_HEADER) for request in self.requests]
 
-    def sign(self, request: httpx.Request, signer: str | None = None) -> dict[str, str]:
+    def sign(
+        self, request: httpx.Request, signer: str | None = None, *, status: int = 200, body: bytes | None = None
+    ) -> dict[str, str]:
         nonce = request.headers.get(NONCE_HEADER)
         if nonce is None:
             return {}
-        caller = self.verifier.verify(bearer(request)).caller
-        return {RESPONSE_HEADER: self.mesh.identity(signer or self.name).mint_response(caller, nonce)}
+        caller = unverified_caller(bearer(request))  # as the middleware does, refused or not
+        token = self.mesh.identity(signer or self.name).mint_response(caller, nonce, status=status, body=body)
+        return {RESPONSE_HEADER: token}
+
+    def answer(self, request: httpx.Request, status: int, document: Any, **headers: str) -> httpx.Response:
+        """A JSON answer, signed (status and body) when the request asked for proof."""
+        body = json.dumps(document).encode()
+        proof = self.sign(request, status=status, body=body)
+        return httpx.Response(status, content=body, headers={"content-type": "application/json", **headers, **proof})
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         with self.lock:
@@ -79,13 +89,15 @@ class Callee:
         if callable(step):
             return step(request)  # type: ignore[no-any-return]
         if step == "invalid":
-            return httpx.Response(401, headers={"WWW-Authenticate": INVALID_TOKEN})
+            return self.answer(request, 401, {"error": "invalid_token"}, **{"WWW-Authenticate": INVALID_TOKEN})
         if step == "missing":
-            return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer realm="payments"'})
+            return self.answer(
+                request, 401, {"error": "unauthorized"}, **{"WWW-Authenticate": 'Bearer realm="payments"'}
+            )
         if step == "unavailable":
-            return httpx.Response(503, json={"error": "keys_unavailable"})
+            return self.answer(request, 503, {"error": "keys_unavailable"})
         principal = self.verifier.verify(bearer(request))
-        return httpx.Response(200, json={"caller": principal.caller}, headers=self.sign(request))
+        return self.answer(request, 200, {"caller": principal.caller})
 
 
 def call(
@@ -597,14 +609,54 @@ def test_forged_response_tokens_are_rejected(mode: str, mesh: Mesh, orders: Serv
 
 
 @pytest.mark.parametrize("script", [("missing",), ("unavailable",), ("invalid", "invalid")], ids=str)
-def test_401_and_503_pass_through_without_response_token(
+def test_signed_401_and_503_are_proven_like_any_answer(
     mode: str, mesh: Mesh, orders: ServiceIdentity, script: tuple[str, ...]
 ) -> None:
     callee = Callee(mesh, script=script)
     response = call(ServiceAuth(orders, audience="payments", verify_responses=mesh.keys), callee, mode)
 
     assert response.status_code in (401, 503)
-    assert RESPONSE_HEADER not in response.headers
+    assert RESPONSE_HEADER in response.headers
+
+
+@pytest.mark.parametrize("status", [401, 503])
+def test_a_forged_unsigned_401_or_503_is_refused(mode: str, mesh: Mesh, orders: ServiceIdentity, status: int) -> None:
+    forged = lambda request: httpx.Response(status, json={"error": "forged"})  # noqa: E731
+    assert _expect_response_error(mode, mesh, orders, forged).reason == "missing_response"
+
+
+def test_status_and_body_are_bound(mode: str, mesh: Mesh, orders: ServiceIdentity, callee: Callee) -> None:
+    def swapped_status(request: httpx.Request) -> httpx.Response:
+        body = b'{"charge":"declined"}'
+        return httpx.Response(201, content=body, headers=callee.sign(request, status=200, body=body))
+
+    def swapped_body(request: httpx.Request) -> httpx.Response:
+        proof = callee.sign(request, status=200, body=b'{"charge":"declined"}')
+        return httpx.Response(200, content=b'{"charge":"approved"}', headers=proof)
+
+    def unbound(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"big", headers=callee.sign(request, status=200, body=None))
+
+    assert _expect_response_error(mode, mesh, orders, swapped_status).reason == "status_mismatch"
+    assert _expect_response_error(mode, mesh, orders, swapped_body).reason == "body_mismatch"
+    assert _expect_response_error(mode, mesh, orders, unbound).reason == "unbound_body"
+    allowed = ServiceAuth(orders, audience="payments", verify_responses=mesh.keys, allow_unbound_body=True)
+    assert call(allowed, unbound, mode).content == b"big"
+
+
+def test_aud_dash_is_accepted_only_on_a_401(mode: str, mesh: Mesh, orders: ServiceIdentity) -> None:
+    payments = mesh.identity("payments")
+
+    def answer(status: int) -> Callable[[httpx.Request], httpx.Response]:
+        def handler(request: httpx.Request) -> httpx.Response:
+            token = payments.mint_response("-", request.headers[NONCE_HEADER], status=status, body=b"{}")
+            return httpx.Response(status, content=b"{}", headers={RESPONSE_HEADER: token})
+
+        return handler
+
+    auth = ServiceAuth(orders, audience="payments", verify_responses=mesh.keys)
+    assert call(auth, answer(401), mode).status_code == 401
+    assert _expect_response_error(mode, mesh, orders, answer(200)).reason == "wrong_audience"
 
 
 def test_other_errors_still_need_a_response_token(mode: str, mesh: Mesh, orders: ServiceIdentity) -> None:
@@ -669,13 +721,26 @@ def test_streaming_response_with_valid_token_is_readable(mesh: Mesh, orders: Ser
     auth = ServiceAuth(orders, audience="payments", verify_responses=mesh.keys)
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, stream=TrackedStream(), headers=callee.sign(request))
+        return httpx.Response(200, stream=TrackedStream(), headers=callee.sign(request, body=b"secret ledger"))
 
     with (
         httpx.Client(auth=auth, transport=httpx.MockTransport(handler)) as client,
         client.stream("GET", URL) as response,
     ):
         assert b"".join(response.iter_bytes()) == b"secret ledger"
+
+
+def test_a_streamed_body_that_differs_fails_at_its_end(mesh: Mesh, orders: ServiceIdentity, callee: Callee) -> None:
+    auth = ServiceAuth(orders, audience="payments", verify_responses=mesh.keys)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=TrackedStream(), headers=callee.sign(request, body=b"another ledger"))
+
+    with httpx.Client(auth=auth, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(meshauth.BodyMismatch), client.stream("GET", URL) as response:
+            response.read()
+        with pytest.raises(meshauth.BodyMismatch):
+            client.get(URL)
 
 
 def test_response_verification_is_traced_but_outbound_auth_adds_no_span(
@@ -838,18 +903,21 @@ def payments_app(mesh: Mesh, verifier: meshauth.Verifier, signer: str = "payment
         credentials = headers.get(b"authorization", b"").decode("latin-1")
         status, body = 200, b""
         extra: list[tuple[bytes, bytes]] = []
+        caller = "-"
         try:
             principal = verifier.verify(credentials.removeprefix("Bearer "))
         except meshauth.TokenError as exc:
             challenge = f'Bearer realm="payments", error="invalid_token", error_description="{exc.reason}"'
             status, body = 401, json.dumps({"error": "invalid_token", "reason": exc.reason}).encode()
             extra.append((b"www-authenticate", challenge.encode()))
+            caller = unverified_caller(credentials.removeprefix("Bearer "))
         else:
             body = json.dumps({"caller": principal.caller, "path": scope["path"]}).encode()
-            nonce = headers.get(b"meshauth-nonce")
-            if nonce is not None:
-                answer = identity.mint_response(principal.caller, nonce.decode("ascii"))
-                extra.append((b"meshauth-response", answer.encode()))
+            caller = principal.caller
+        nonce = headers.get(b"meshauth-nonce")
+        if nonce is not None:
+            answer = identity.mint_response(caller, nonce.decode("ascii"), status=status, body=body)
+            extra.append((b"meshauth-response", answer.encode()))
         await send(
             {
                 "type": "http.response.start",

@@ -187,6 +187,7 @@ def _response(clock: FakeClock) -> Target:
             "exp": now + 30,
             "jti": "r" * 22,
             "nonce": NONCE,
+            "status": 200,
         },
         sign=key.sign,
         verifiers=[averify, verify],  # the sync one last: it remembers accepted tokens

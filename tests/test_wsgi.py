@@ -14,6 +14,7 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 import meshauth
+from meshauth._proof import body_digest
 from meshauth.testing import FakeClock, Mesh
 from meshauth.wsgi import MeshAuthMiddleware
 
@@ -276,7 +277,10 @@ def test_mutual_auth(mesh: Mesh, token: str) -> None:
         wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), identity=identity)
         result = run(wrapped, environ_for(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_MESHAUTH_NONCE=NONCE))
         assert result.status == status
-        checker.verify_response(result.headers["meshauth-response"], service="payments", nonce=NONCE)
+        proof = checker.verify_response(
+            result.headers["meshauth-response"], service="payments", nonce=NONCE, status=int(status[:3])
+        )
+        assert proof.claims["body_sha256"] == body_digest(result.body)
         assert app.bodies[0].closed
     app = App()
     wrapped = MeshAuthMiddleware(
@@ -284,7 +288,11 @@ def test_mutual_auth(mesh: Mesh, token: str) -> None:
     )
     unauthenticated = run(wrapped, environ_for(HTTP_MESHAUTH_NONCE=NONCE))
     assert unauthenticated.status_code == 401
-    assert "meshauth-response" not in unauthenticated.headers
+    proof = checker.verify_response(
+        unauthenticated.headers["meshauth-response"], service="payments", nonce=NONCE, status=401
+    )
+    assert proof.claims["aud"] == "-"  # the request named no caller
+    assert proof.claims["body_sha256"] == body_digest(unauthenticated.body)
     denied = run(wrapped, environ_for(method="PUT", HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_MESHAUTH_NONCE=NONCE))
     assert denied.status_code == 403
     checker.verify_response(denied.headers["meshauth-response"], service="payments", nonce=NONCE)
@@ -320,10 +328,9 @@ def test_exc_info_passes_through_start_response(mesh: Mesh, token: str) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), identity=mesh.identity("payments"))
     body = wrapped(environ_for(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_MESHAUTH_NONCE=NONCE), start_response)
     assert list(body) == [b"failed"]
-    assert [c[0] for c in calls] == ["200 OK", "500 Internal Server Error"]
-    assert calls[0][2] is None
-    assert calls[1][2][0] is ValueError
-    assert all(any(k == "Meshauth-Response" for k, _ in c[1]) for c in calls)
+    # The body is held to be signed, so no header had gone out: only the final status is sent, signed.
+    assert [c[0] for c in calls] == ["500 Internal Server Error"]
+    assert any(k == "Meshauth-Response" for k, _ in calls[0][1])
 
 
 def test_on_error_hook(mesh: Mesh, app: App) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from .._doctor import FAIL, DoctorSettings, run_checks
+from .._doctor import FAIL, DoctorSettings, report_lines, run_checks
 from ._common import EXIT_OK, EXIT_REJECTED, _add_json, _command, _out, _password, _print_json, _safe
 
 __all__ = ["add_parser"]
@@ -26,10 +26,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"ok": healthy, "checks": [check.as_dict() for check in checks]})
     else:
-        width = max(len(check.name) for check in checks)
-        for check in checks:
-            line = f"{check.status.upper():<4}  {check.name:<{width}}  {_safe(check.message)}"
-            _out(line + (f"\n      {'':<{width}}  fix: {_safe(check.fix)}" if check.fix else ""))
+        for line in report_lines(checks, _safe):
+            _out(line)
     return EXIT_OK if healthy else EXIT_REJECTED
 
 

@@ -27,7 +27,7 @@ def run_demo(argv: list[str]) -> int:
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
     gateway = _optional_module("meshauth.gateway", "gateway")
-    result = gateway.serve(args.config)
+    result = gateway.check(args.config) if args.check else gateway.serve(args.config)
     return EXIT_OK if result is None else int(result)
 
 
@@ -47,7 +47,12 @@ def add_parser(commands: Any) -> None:
         "gateway",
         "run the delegating API gateway",
         "Run the gateway described by a TOML configuration file. Needs meshauth[gateway].",
-        "  meshauth gateway --config gateway.toml",
+        "  meshauth gateway --config gateway.toml\n  meshauth gateway --check --config gateway.toml",
     )
     gateway.add_argument("--config", required=True, metavar="FILE", help="the gateway's TOML configuration")
+    gateway.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the file, load the key, reach the registry and every issuer's key set; exit 0 or 1",
+    )
     gateway.set_defaults(run=_cmd_gateway)

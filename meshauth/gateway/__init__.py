@@ -8,6 +8,7 @@ upstream service); the user's own token stays at the gateway.
 Run it from the command line (``pip install 'meshauth[gateway]'``)::
 
     meshauth gateway --config gateway.toml
+    meshauth gateway --check --config gateway.toml   # validate, load keys, reach key sets
     python -m meshauth.gateway --config gateway.toml
 
 or build the ASGI app yourself::
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from .. import _public
 from .._idp_tokens import UserPrincipal, UserTokenVerifier
+from ._check import check
 from ._config import GatewayConfig, IssuerConfig, RouteConfig, Timeout, load_config, parse_config
 from ._proxy import Gateway, create_app
 from ._refusals import MethodNotAllowed, NoRoute, UpstreamTimeout, UpstreamUnreachable
@@ -39,6 +41,7 @@ __all__ = [
     "UpstreamUnreachable",
     "UserPrincipal",
     "UserTokenVerifier",
+    "check",
     "create_app",
     "load_config",
     "parse_config",

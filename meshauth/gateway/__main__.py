@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ._check import check
 from ._serve import serve
 
 
@@ -15,8 +16,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="meshauth gateway", description="Run the meshauth gateway (a JWT-verifying reverse proxy)."
     )
     parser.add_argument("--config", required=True, help="the gateway's TOML configuration file")
+    parser.add_argument("--check", action="store_true", help="check the configuration and its key sets; exit 0 or 1")
     args = parser.parse_args(argv)
-    return serve(args.config)
+    return check(args.config) if args.check else serve(args.config)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .._keys import SigningKey
 from .._names import service_name_problem
 from .._registry import JWKSFile
 from ._forwarded import DEFAULT_MAX_HOPS
+from ._server_config import Limits, TelemetrySettings, parse_limits, parse_telemetry, parse_workers
 
 __all__ = [
     "IDP_ALGORITHMS",
@@ -51,14 +52,17 @@ _TOP_LEVEL: Final = (
     "audit_log",
     "issuers",
     "key_file",
+    "limits",
     "listen",
     "max_forwarded_hops",
     "max_token_bytes",
     "registry",
     "routes",
     "service",
+    "telemetry",
     "timeout",
     "trusted_proxies",
+    "workers",
 )
 _ISSUER_KEYS: Final = (
     "algorithms",
@@ -184,6 +188,9 @@ class GatewayConfig:
     timeout: Timeout = Timeout()
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
     source: str = "<config>"
+    workers: int = 1
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    telemetry: TelemetrySettings = dataclasses.field(default_factory=TelemetrySettings)
     signing_key: SigningKey | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -313,6 +320,9 @@ class _Loader:
             timeout=timeout,
             max_token_bytes=max_token_bytes,
             source=self.source,
+            workers=parse_workers(document.get("workers", 1), self.fail),
+            limits=parse_limits(document.get("limits", {}), self.fail),
+            telemetry=parse_telemetry(document.get("telemetry", {}), self.fail),
             signing_key=signing_key,
         )
 

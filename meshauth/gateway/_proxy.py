@@ -79,6 +79,7 @@ from ._upstream import (
     ForwardingHeaders,
     already_read,
     connection_tokens,
+    declared_length,
     request_body,
     upstream_transport,
     watch_disconnect,
@@ -93,6 +94,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+_DROPPED_RESPONSE_PREFIXES: Final = (b"meshauth-", b"x-meshauth-")
 HEALTH_PATH: Final = "/healthz"
 READY_PATH: Final = "/readyz"
 
@@ -282,12 +284,11 @@ class Gateway:
         query_at = raw_path.find("?")
         if query_at >= 0:
             raw_path = raw_path[:query_at]
-        if raw_path == HEALTH_PATH:
-            await self._send_json(send, 200, {"status": "ok"})
-            return
-        if raw_path == READY_PATH:
-            ready, document = self.readiness()
-            await self._send_json(send, 200 if ready else 503, document)
+        if raw_path in (HEALTH_PATH, READY_PATH):
+            # Anonymous clients learn only whether the gateway is ready, never its issuers or sources.
+            ready, _document = self.readiness()
+            status = 200 if ready or raw_path == HEALTH_PATH else 503
+            await self._send_json(send, status, {"ready": ready})
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         peer = scope.get("client")
@@ -311,7 +312,7 @@ class Gateway:
             attached = otel_context.attach(request.trace.context)  # verify and mint spans join the request's trace
             try:
                 verified = await self._verify_token(route, token, scope["headers"])
-                self._authorize(route, request.method, path, verified)
+                self._authorize(route, request.method, path, verified, client=request.client)
                 admission = self._admit(route, verified, token, request.client)
             finally:
                 otel_context.detach(attached)
@@ -319,8 +320,8 @@ class Gateway:
         except MeshAuthError as exc:
             error = exc
             result = await self._reject(send, exc)
-        except ClientGone:
-            result = Result(499, "error", "client_disconnected")
+        except ClientGone as gone:
+            result = Result(gone.status, gone.outcome, gone.reason)
         except Exception as exc:
             # A defect: answer 500 if still possible, log the type only (an
             # exception message could quote request data).
@@ -405,7 +406,9 @@ class Gateway:
         delegated = self.identity.mint(audience, scope=service.scope or None, ttl=ttl, txn_token=service.txn_token)
         return Admission(delegated, None, service.txn_token, service.transaction, service.txn_issuer)
 
-    def _authorize(self, route: Route, method: str, path: str, verified: Verified) -> None:
+    def _authorize(
+        self, route: Route, method: str, path: str, verified: Verified, *, client: str | None = None
+    ) -> None:
         """The route's method, the gateway's delegation rules, then the route's policy (``meshauth.Policy``)."""
         span = self.telemetry.tracer.start_span("meshauth.authorize")
         user, service, subject = verified.user, verified.service, verified.subject
@@ -428,7 +431,8 @@ class Gateway:
         if span.is_recording():
             span.set_attribute("meshauth.audience", route.config.service)
             span.set_attribute("meshauth.subject", subject)
-            caller = service.caller if service is not None else user.issuer if user is not None else None
+            # For a user, the caller as the gateway sees it: the client address (past trusted proxies).
+            caller = service.caller if service is not None else client
             if caller:
                 span.set_attribute("meshauth.caller", caller)
             if error is None:
@@ -494,7 +498,7 @@ class Gateway:
             if span.is_recording():
                 span.set_attribute("http.response.status_code", response.status_code)
                 if response.status_code >= 400:  # an error for a CLIENT span (HTTP semantic conventions)
-                    span.set_status(Status(StatusCode.ERROR))
+                    span.set_status(Status(StatusCode.ERROR, f"upstream answered {response.status_code}"))
             try:
                 result = await self._relay(response, receive, send)
             finally:
@@ -521,7 +525,7 @@ class Gateway:
     ) -> UpstreamUnreachable:
         if span.is_recording():
             span.set_attribute("error.type", type(exc).__name__)
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {type(exc).__name__}"))
         return kind(f"upstream call failed: {type(exc).__name__}")
 
     async def _relay(self, response: httpx.Response, receive: Receive, send: SentTracker) -> Result:
@@ -530,7 +534,8 @@ class Gateway:
         headers = [
             (name, value)
             for name, value in ((k.lower(), v) for k, v in response.headers.raw)
-            if name not in HOP_BY_HOP and name not in named
+            # An upstream's Meshauth-* headers answer a nonce the gateway never sent for the client.
+            if name not in HOP_BY_HOP and name not in named and not name.startswith(_DROPPED_RESPONSE_PREFIXES)
         ]
         status = response.status_code
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -544,11 +549,17 @@ class Gateway:
         try:
             # A transport may hand back a response it already read (httpx.MockTransport).
             chunks = already_read(response) if response.is_stream_consumed else response.aiter_raw()
+            # With a Content-Length the last chunk is known when it arrives: sent as the last
+            # message, it leaves with the head in one write when the body is one chunk.
+            left, ended = declared_length(response), False
             async for chunk in chunks:
                 if gone.is_set():
                     return Result(status, "error", "client_disconnected")
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                left -= len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": left != 0})
+                ended = left == 0
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             return Result(status, "accepted", "ok")
         except httpx.TimeoutException as exc:
             # Too late for a 504: the status line is sent. Ending without the

@@ -15,6 +15,7 @@ from typing import Any, Final
 import httpx
 
 from ._forwarded import client_address, forwarded_host, forwarded_proto, normal_address
+from ._upstream_client import UpstreamTransport
 
 __all__ = [
     "HOP_BY_HOP",
@@ -22,6 +23,7 @@ __all__ = [
     "ForwardingHeaders",
     "already_read",
     "connection_tokens",
+    "declared_length",
     "request_body",
     "upstream_transport",
     "watch_disconnect",
@@ -72,7 +74,16 @@ _DROPPED_PREFIXES: Final = (b"meshauth-", b"x-meshauth-", b"x-forwarded-")
 
 
 class ClientGone(Exception):
-    """The client disconnected while its request body was being forwarded."""
+    """The client disconnected, or the server cut its request body short, while it was being forwarded."""
+
+    def __init__(self, message: MutableMapping[str, Any]) -> None:
+        reason = message.get("meshauth.reason")
+        status = message.get("meshauth.status")
+        super().__init__(reason)
+        # A server that cut the body short (too slow, too large) says why in the disconnect message.
+        self.reason = reason if isinstance(reason, str) else "client_disconnected"
+        self.status = status if isinstance(status, int) else 499
+        self.outcome = "rejected" if isinstance(status, int) else "error"
 
 
 class ForwardingHeaders:
@@ -108,6 +119,8 @@ class ForwardingHeaders:
                 named = named | connection_tokens([value.decode("latin-1")])
         for raw_name, value in inbound:
             name = raw_name.lower()
+            if name == b"content-length":
+                has_body = True  # even when Connection names it: the body is there all the same
             if name in _NOT_FORWARDED or name.startswith(_DROPPED_PREFIXES) or name in named or name in injected:
                 if name == b"x-forwarded-for":
                     forwarded_for.append(value)
@@ -120,8 +133,6 @@ class ForwardingHeaders:
                 elif name == b"transfer-encoding":
                     has_body = True
                 continue
-            if name == b"content-length":
-                has_body = True
             out.append((name, value))
         peer = scope.get("client")
         peer_host = peer[0] if peer else ""
@@ -179,6 +190,12 @@ def connection_tokens(values: list[str]) -> frozenset[bytes]:
     return frozenset(names)
 
 
+def declared_length(response: httpx.Response) -> int:
+    """The response's Content-Length, or -1 (never reached by subtracting chunk sizes) without one."""
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else -1
+
+
 async def already_read(response: httpx.Response) -> AsyncIterator[bytes]:
     yield response.content
 
@@ -187,7 +204,7 @@ async def request_body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone
+            raise ClientGone(message)
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
@@ -203,9 +220,7 @@ async def watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
             return
 
 
-def upstream_transport() -> httpx.AsyncHTTPTransport:
+def upstream_transport() -> httpx.AsyncBaseTransport:
     # Upstreams are internal: no HTTP(S)_PROXY from the environment applies
     # (a transport never reads it), and no retries behind the client's back.
-    return httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30), retries=0
-    )
+    return UpstreamTransport(max_idle=128, keepalive_expiry=30)
