@@ -12,10 +12,9 @@ service token binds the exact Txn-Token it forwards (``tth``).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ._engine import Engine, Profile, frozen_claims, nonempty_str
 from ._exceptions import InvalidClaim, IssuerMismatch, MissingTxnToken, TxnMismatch, UntrustedTxnIssuer
@@ -51,9 +50,8 @@ def txn_hash(txn_token: str) -> str:
     return b64url_encode(hashlib.sha256(txn_token.encode("ascii")).digest())
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Transaction:
-    """A verified Txn-Token: what a principal inside the transaction carries."""
+class Transaction(NamedTuple):
+    """A verified Txn-Token: what a principal inside the transaction carries (a tuple: cheap to build)."""
 
     issuer: str
     subject: str
@@ -65,22 +63,33 @@ class Transaction:
     tth: str
 
 
+_EMPTY: Final[Mapping[str, Any]] = frozen_claims({})
+
+
 def _object_claim(claims: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """``tctx`` / ``rctx``: absent, or a JSON object (frozen: the verification is shared through the cache)."""
     value = claims.get(name)
     if value is None and name not in claims:
-        return frozen_claims({})
-    if not isinstance(value, Mapping):
+        return _EMPTY
+    if type(value) is not dict:
         raise InvalidClaim(f"'{name}' must be a JSON object", expected="object", actual=type(value).__name__)
-    return value
+    return frozen_claims(value)
+
+
+def _text(claims: Mapping[str, Any], name: str, limit: int) -> str:
+    value = claims[name]
+    if type(value) is str and 0 < len(value) <= limit:
+        return value
+    return nonempty_str(claims, name, limit)  # raises with the words for this claim
 
 
 def txn_claims(txn_issuers: frozenset[str]) -> Callable[[dict[str, Any], KeyRecord, Any], Transaction]:
     """The Txn-Token claim rule: ``iss`` owns the key and is a trusted issuer; ``txn``, ``sub``, ``scope``."""
 
     def check(claims: dict[str, Any], record: KeyRecord, token: Any) -> Transaction:
-        issuer = nonempty_str(claims, "iss", 256)
-        subject = nonempty_str(claims, "sub")
-        transaction = nonempty_str(claims, "txn", 256)
+        issuer = _text(claims, "iss", 256)
+        subject = _text(claims, "sub", 1024)
+        transaction = _text(claims, "txn", 256)
         scope = claims.get("scope", "")
         if type(scope) is not str:
             raise InvalidClaim(
@@ -102,14 +111,13 @@ def txn_claims(txn_issuers: frozenset[str]) -> Callable[[dict[str, Any], KeyReco
                 expected=sorted(txn_issuers),
                 actual=issuer,
             )
-        frozen = frozen_claims(claims)
         return Transaction(
             issuer,
             subject,
             transaction,
             frozenset(scope.split()),
-            _object_claim(frozen, "tctx"),
-            _object_claim(frozen, "rctx"),
+            _object_claim(claims, "tctx"),
+            _object_claim(claims, "rctx"),
             workload,
             txn_hash(token),
         )
