@@ -280,41 +280,31 @@ class ServiceIdentity:
         request_context: Mapping[str, Any] | None = None,
         ttl: int = 300,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        txn: str | None = None,
     ) -> str:
         """A Transaction Token for ``subject`` (DESIGN section 9): issued once per user request, then forwarded.
 
         Only services listed in a verifier's ``txn_issuers`` are trusted to issue
         them (by default the gateway). ``context`` becomes ``tctx`` (e.g. the
         user's groups), ``request_context`` ``rctx`` (e.g. the client address).
+        ``txn``, the transaction id, is 128 random bits unless the caller has
+        one already (e.g. to log it before the token is issued).
         """
-        return self.issue_transaction(
-            subject, scope=scope, context=context, request_context=request_context, ttl=ttl, trust_domain=trust_domain
-        )[0]
-
-    def issue_transaction(
-        self,
-        subject: str,
-        *,
-        scope: str | Iterable[str] | None = None,
-        context: Mapping[str, Any] | None = None,
-        request_context: Mapping[str, Any] | None = None,
-        ttl: int = 300,
-        trust_domain: str = DEFAULT_TRUST_DOMAIN,
-    ) -> tuple[str, str]:
-        """Like :meth:`issue_txn_token`; returns the Txn-Token and its transaction id (``txn``)."""
         if not isinstance(subject, str) or not subject:
             raise ValueError("subject must be a non-empty string (the end user)")
         if not isinstance(trust_domain, str) or not trust_domain:
             raise ValueError("trust_domain must be a non-empty string")
         if not isinstance(ttl, int) or not 0 < ttl <= MAX_TXN_LIFETIME:
             raise ValueError(f"a Txn-Token lives 1 to {MAX_TXN_LIFETIME} s")
+        if txn is not None and (not isinstance(txn, str) or not 0 < len(txn) <= 256):
+            raise ValueError("txn must be a non-empty string of at most 256 characters")
         now = int(self._clock())
         claims: dict[str, Any] = {
             "iss": self.name,
             "aud": trust_domain,
             "iat": now,
             "exp": now + ttl,
-            "txn": secrets.token_urlsafe(16),
+            "txn": secrets.token_urlsafe(16) if txn is None else txn,
             "sub": subject,
             "scope": _scope_text(scope) or "",
             "req_wl": self.name,
@@ -323,17 +313,7 @@ class ServiceIdentity:
             claims["rctx"] = dict(request_context)
         if context is not None:
             claims["tctx"] = dict(context)
-        span = self._telemetry.start_span("meshauth.txn.issue")
-        try:
-            if span.is_recording():
-                span.set_attribute("meshauth.txn_issuer", self.name)
-                span.set_attribute("meshauth.subject", subject)
-                span.set_attribute("meshauth.transaction", claims["txn"])
-            signing_input = f"{self._txn_header}.{b64url_encode(dumps(claims))}"
-            signature = self._signers.get(self._txn_header, self.key).sign(signing_input.encode("ascii"))
-            return f"{signing_input}.{b64url_encode(signature)}", claims["txn"]
-        finally:
-            span.end()
+        return self._sign(self._txn_header, claims, trust_domain, span_name="meshauth.txn.issue")
 
     def mint_response(
         self, caller: str, nonce: str, *, status: int = 200, body: bytes | None = None, ttl: int = 30
@@ -390,10 +370,10 @@ class ServiceIdentity:
             claims["tth"] = txn_hash(txn_token)
         return self._sign(self._header, claims, audience), claims["exp"]
 
-    def _sign(self, header_b64: str, claims: dict[str, Any], audience: str) -> str:
+    def _sign(self, header_b64: str, claims: dict[str, Any], audience: str, *, span_name: str = "meshauth.mint") -> str:
         # A plain span, not a current one: minting starts no child work, and
         # attaching a context would cost more than the JSON encoding.
-        span = self._telemetry.start_span("meshauth.mint")
+        span = self._telemetry.start_span(span_name)
         try:
             if span.is_recording():
                 span.set_attribute("meshauth.caller", self.name)
@@ -401,6 +381,9 @@ class ServiceIdentity:
                 span.set_attribute("meshauth.subject", claims["sub"])
                 span.set_attribute("meshauth.kid", self.key.kid)
                 span.set_attribute("meshauth.alg", self.key.alg)
+                if "txn" in claims:  # a Txn-Token: this service issues it
+                    span.set_attribute("meshauth.txn_issuer", self.name)
+                    span.set_attribute("meshauth.transaction", claims["txn"])
             signing_input = f"{header_b64}.{b64url_encode(dumps(claims))}"
             signature = self._signers.get(header_b64, self.key).sign(signing_input.encode("ascii"))
             return f"{signing_input}.{b64url_encode(signature)}"

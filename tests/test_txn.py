@@ -200,3 +200,16 @@ def test_pyjwt_verifies_a_meshauth_txn_token_with_the_registry_jwks(txn_mesh: Me
     claims = jwt.decode(token, jwks[kid].key, algorithms=["ES256"], audience="meshauth", issuer="gateway")
     assert claims["sub"] == "alice" and claims["tctx"] == {"groups": ["staff"]}
     assert jwt.get_unverified_header(token)["typ"] == "txntoken+jwt"
+
+
+def test_issuing_is_traced_as_meshauth_txn_issue(txn_mesh: Mesh, telemetry: Any) -> None:
+    gateway = meshauth.ServiceIdentity(
+        "gateway", txn_mesh.signing_keys["gateway"], clock=txn_mesh.clock, tracer_provider=telemetry.tracer_provider
+    )
+    token = gateway.issue_txn_token("alice", txn="my-transaction-id-0001")
+    (span,) = telemetry.spans("meshauth.txn.issue")
+    attributes = dict(span.attributes)
+    assert attributes["meshauth.txn_issuer"] == "gateway" and attributes["meshauth.subject"] == "alice"
+    assert attributes["meshauth.transaction"] == "my-transaction-id-0001" == _decode(token)[1]["txn"]
+    assert attributes["meshauth.audience"] == "meshauth"
+    assert token not in json.dumps(attributes) and token.rsplit(".", 1)[1] not in json.dumps(attributes)

@@ -32,6 +32,7 @@ import email.utils
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final
@@ -390,13 +391,15 @@ class Gateway:
         audience = route.config.service
         if user is not None:
             ttl = max(1, min(self.identity.ttl, MAX_TXN_LIFETIME, int(user.expires_at - now)))
-            txn_token, transaction = self.identity.issue_transaction(
+            transaction = secrets.token_urlsafe(16)  # 128 random bits, for the audit record too
+            txn_token = self.identity.issue_txn_token(
                 user.subject,
                 scope=sorted(user.scopes),
                 context={"groups": sorted(user.groups), "idp": user.issuer},
                 request_context={"req_ip": client} if client else None,
                 ttl=ttl,
                 trust_domain=self.service_verifier.trust_domain,
+                txn=transaction,
             )
             delegated = self.identity.mint(audience, scope=sorted(user.scopes) or None, ttl=ttl, txn_token=txn_token)
             user_token = token if route.config.forward_user_token else None
