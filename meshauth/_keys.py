@@ -246,6 +246,13 @@ def check_jwk(jwk: Any, where: str) -> tuple[str, str, str]:
     if problem is not None or not isinstance(owner, str):
         # A name with glob characters could match other services in a policy.
         raise ConfigurationError(f"{where}: 'iss' (owning service): {problem}", reason="invalid_registry")
+    _check_use_and_window(jwk, where)
+    _check_coordinates(jwk, where, ("x", "y") if kty == "EC" else ("x",))
+    return kid, alg, owner
+
+
+def _check_use_and_window(jwk: Mapping[str, Any], where: str) -> None:
+    """``use``/``key_ops`` allow verifying; ``nbf``/``exp`` are integer NumericDates."""
     if jwk.get("use", "sig") != "sig":
         raise ConfigurationError(
             f"{where}: 'use' must be 'sig'", reason="invalid_registry", expected="sig", actual=jwk.get("use")
@@ -263,7 +270,11 @@ def check_jwk(jwk: Any, where: str) -> tuple[str, str, str]:
                 expected="integer",
                 actual=jwk[member],
             )
-    for member in ("x", "y") if kty == "EC" else ("x",):
+
+
+def _check_coordinates(jwk: Mapping[str, Any], where: str, members: tuple[str, ...]) -> None:
+    """Each public coordinate is a base64url string of 32 bytes (P-256 and Ed25519)."""
+    for member in members:
         value = jwk.get(member)
         if not isinstance(value, str):
             raise ConfigurationError(
@@ -283,7 +294,6 @@ def check_jwk(jwk: Any, where: str) -> tuple[str, str, str]:
                 expected=32,
                 actual=size,
             )
-    return kid, alg, owner
 
 
 def parse_jwk(jwk: Mapping[str, Any], where: str = "key") -> KeyRecord:

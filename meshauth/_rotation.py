@@ -206,146 +206,156 @@ def check_registry(
     keys = _parse(document, findings, "registry")
     if keys is None:
         return findings
-    tail = max_token_lifetime + leeway
+    rules = _Rules(now, max_token_lifetime + leeway, leeway, max_age, warn_within)
     by_service: dict[str, list[_Key]] = {}
     for key in keys:
         by_service.setdefault(key.service, []).append(key)
-    expected = list(dict.fromkeys(services)) if services is not None else None
-    if expected is not None:
-        for name in expected:
-            if name not in by_service:
-                findings.append(
-                    Finding("error", "no_valid_key", name, None, "the registry has no key for this service")
-                )
-        for name in by_service:
-            if name not in expected:
-                findings.append(
-                    Finding(
-                        "warning", "unexpected_service", name, None, "the registry has keys for an unlisted service"
-                    )
-                )
-
+    if services is not None:
+        findings += _check_listed(by_service, list(dict.fromkeys(services)))
     for service, service_keys in by_service.items():
-        for key in service_keys:
-            if key.exp + leeway < now:
-                findings.append(
-                    Finding(
-                        "warning",
-                        "expired_key",
-                        service,
-                        key.kid,
-                        f"expired {_when(key.exp, now)}; no token signed with it verifies: it can be removed",
-                    )
-                )
-        if not any(key.nbf - leeway <= now <= key.exp + leeway for key in service_keys):
-            findings.append(
-                Finding(
-                    "error",
-                    "no_valid_key",
-                    service,
-                    None,
-                    "no key of this service is valid now: verifiers reject all its tokens",
-                )
-            )
-            continue
-        windows = sorted(
-            ((key.nbf, key.exp - tail, key) for key in service_keys if key.exp - tail > key.nbf),
-            key=lambda window: (window[0], window[1]),
-        )
-        covered_until, last = now, None
-        while True:
-            covering = [w for w in windows if w[0] <= covered_until < w[1]]
-            if not covering:
-                break
-            _start, end, last = max(covering, key=lambda w: w[1])
-            covered_until = end
-            if math.isinf(end):
-                break
-        if math.isinf(covered_until):
-            continue
-        successor = next((w[2] for w in windows if w[0] > covered_until), None)
-        if successor is not None and last is not None:
-            findings.append(
-                Finding(
-                    "error",
-                    "expires_too_early",
-                    service,
-                    last.kid,
-                    f"expires {_when(last.exp, now)} but its successor {successor.kid} only becomes valid "
-                    f"{_when(successor.nbf, now)}: tokens signed just before the switch would outlive the key; "
-                    f"set exp >= {int(successor.nbf + tail)} (successor nbf + max_token_lifetime + leeway)",
-                )
-            )
-            continue
-        subject = last.kid if last is not None else None
-        if covered_until < now + max_age:
-            findings.append(
-                Finding(
-                    "error",
-                    "key_expires_soon",
-                    service,
-                    subject,
-                    f"no key can sign safely after {_when(covered_until, now)} (exp - max_token_lifetime - "
-                    f"leeway) and a key published now reaches every verifier only after {max_age} s: "
-                    "publish a successor now and extend the current key's exp if you can",
-                )
-            )
-        elif covered_until < now + warn_within:
-            findings.append(
-                Finding(
-                    "warning",
-                    "key_expires_soon",
-                    service,
-                    subject,
-                    f"signing coverage ends {_when(covered_until, now)}: publish a successor before "
-                    f"{int(covered_until - max_age)} and switch to it after {max_age} s",
-                )
-            )
-
+        findings += _check_service(service, service_keys, rules)
     if previous is not None:
-        old_findings: list[Finding] = []
-        old_keys = _parse(previous, old_findings, "previous registry") or []
-        current = {key.kid: key for key in keys}
-        before = {key.kid: key for key in old_keys}
-        for kid, key in before.items():
-            if kid not in current and key.exp + leeway > now:
-                findings.append(
-                    Finding(
-                        "error",
-                        "removed_too_early",
-                        key.service,
-                        kid,
-                        "removed while tokens signed with it may still be valid "
-                        f"(its exp is {_when(key.exp, now)}): this revokes them at once; right after a leak, "
-                        "otherwise set exp = last use + max_token_lifetime + leeway and remove it after that",
-                    )
-                )
-        for kid, key in current.items():
-            if kid not in before and key.nbf < now + max_age:
-                findings.append(
-                    Finding(
-                        "warning",
-                        "not_yet_published_long_enough",
-                        key.service,
-                        kid,
-                        f"new key: verifiers may not have it before {int(now + max_age)} (now + max_age); "
-                        f"do not sign with it earlier (or set nbf >= {int(now + max_age)})",
-                    )
-                )
-        for service, service_keys in by_service.items():
-            valid_old = [k for k in service_keys if k.kid in before and k.nbf - leeway <= now <= k.exp + leeway]
-            valid_new = [k for k in service_keys if k.kid not in before and k.nbf - leeway <= now <= k.exp + leeway]
-            if valid_new and not valid_old:
-                findings.append(
-                    Finding(
-                        "error",
-                        "not_yet_published_long_enough",
-                        service,
-                        valid_new[0].kid,
-                        "the only key valid now was just published: verifiers with a cached registry reject "
-                        f"the service's tokens for up to {max_age} s; keep the previous key until then",
-                    )
-                )
-
+        findings += _check_change(keys, previous, by_service, rules)
     findings.sort(key=lambda f: (f.severity != "error", f.service or "", f.code, f.kid or ""))
+    return findings
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Rules:
+    """The verifiers' settings a registry is checked against, at ``now``."""
+
+    now: float
+    tail: int  # max_token_lifetime + leeway: how long a token may outlive its signing
+    leeway: int
+    max_age: int
+    warn_within: float
+
+    def valid_now(self, key: _Key) -> bool:
+        return key.nbf - self.leeway <= self.now <= key.exp + self.leeway
+
+
+def _check_listed(by_service: Mapping[str, list[_Key]], expected: list[str]) -> list[Finding]:
+    """Services that must have a key and have none; services with keys that nobody listed."""
+    findings = [
+        Finding("error", "no_valid_key", name, None, "the registry has no key for this service")
+        for name in expected
+        if name not in by_service
+    ]
+    findings += [
+        Finding("warning", "unexpected_service", name, None, "the registry has keys for an unlisted service")
+        for name in by_service
+        if name not in expected
+    ]
+    return findings
+
+
+def _check_service(service: str, keys: list[_Key], rules: _Rules) -> list[Finding]:
+    """Expired keys, a service with no valid key, and the end of its signing coverage."""
+    now = rules.now
+    findings = [
+        Finding(
+            "warning",
+            "expired_key",
+            service,
+            key.kid,
+            f"expired {_when(key.exp, now)}; no token signed with it verifies: it can be removed",
+        )
+        for key in keys
+        if key.exp + rules.leeway < now
+    ]
+    if not any(rules.valid_now(key) for key in keys):
+        message = "no key of this service is valid now: verifiers reject all its tokens"
+        return [*findings, Finding("error", "no_valid_key", service, None, message)]
+    windows = sorted(
+        ((key.nbf, key.exp - rules.tail, key) for key in keys if key.exp - rules.tail > key.nbf),
+        key=lambda window: (window[0], window[1]),
+    )
+    covered_until, last = _coverage(windows, now)
+    if math.isinf(covered_until):
+        return findings
+    successor = next((w[2] for w in windows if w[0] > covered_until), None)
+    if successor is not None and last is not None:
+        message = (
+            f"expires {_when(last.exp, now)} but its successor {successor.kid} only becomes valid "
+            f"{_when(successor.nbf, now)}: tokens signed just before the switch would outlive the key; "
+            f"set exp >= {int(successor.nbf + rules.tail)} (successor nbf + max_token_lifetime + leeway)"
+        )
+        return [*findings, Finding("error", "expires_too_early", service, last.kid, message)]
+    return findings + _coverage_findings(service, covered_until, last, rules)
+
+
+def _coverage(windows: list[tuple[float, float, _Key]], now: float) -> tuple[float, _Key | None]:
+    """How far from ``now`` the signing windows cover without a gap, and the key that covers last."""
+    covered_until, last = now, None
+    while True:
+        covering = [w for w in windows if w[0] <= covered_until < w[1]]
+        if not covering:
+            return covered_until, last
+        _start, end, last = max(covering, key=lambda w: w[1])
+        covered_until = end
+        if math.isinf(end):
+            return covered_until, last
+
+
+def _coverage_findings(service: str, covered_until: float, last: _Key | None, rules: _Rules) -> list[Finding]:
+    now, max_age = rules.now, rules.max_age
+    subject = last.kid if last is not None else None
+    if covered_until < now + max_age:
+        message = (
+            f"no key can sign safely after {_when(covered_until, now)} (exp - max_token_lifetime - "
+            f"leeway) and a key published now reaches every verifier only after {max_age} s: "
+            "publish a successor now and extend the current key's exp if you can"
+        )
+        return [Finding("error", "key_expires_soon", service, subject, message)]
+    if covered_until < now + rules.warn_within:
+        message = (
+            f"signing coverage ends {_when(covered_until, now)}: publish a successor before "
+            f"{int(covered_until - max_age)} and switch to it after {max_age} s"
+        )
+        return [Finding("warning", "key_expires_soon", service, subject, message)]
+    return []
+
+
+def _check_change(
+    keys: list[_Key], previous: Mapping[str, Any] | bytes | str, by_service: Mapping[str, list[_Key]], rules: _Rules
+) -> list[Finding]:
+    """Keys this change removes too early or adds too late, against the registry published now."""
+    now, max_age = rules.now, rules.max_age
+    old_keys = _parse(previous, [], "previous registry") or []
+    current = {key.kid: key for key in keys}
+    before = {key.kid: key for key in old_keys}
+    findings = [
+        Finding(
+            "error",
+            "removed_too_early",
+            key.service,
+            kid,
+            "removed while tokens signed with it may still be valid "
+            f"(its exp is {_when(key.exp, now)}): this revokes them at once; right after a leak, "
+            "otherwise set exp = last use + max_token_lifetime + leeway and remove it after that",
+        )
+        for kid, key in before.items()
+        if kid not in current and key.exp + rules.leeway > now
+    ]
+    findings += [
+        Finding(
+            "warning",
+            "not_yet_published_long_enough",
+            key.service,
+            kid,
+            f"new key: verifiers may not have it before {int(now + max_age)} (now + max_age); "
+            f"do not sign with it earlier (or set nbf >= {int(now + max_age)})",
+        )
+        for kid, key in current.items()
+        if kid not in before and key.nbf < now + max_age
+    ]
+    for service, service_keys in by_service.items():
+        valid_old = [k for k in service_keys if k.kid in before and rules.valid_now(k)]
+        valid_new = [k for k in service_keys if k.kid not in before and rules.valid_now(k)]
+        if valid_new and not valid_old:
+            message = (
+                "the only key valid now was just published: verifiers with a cached registry reject "
+                f"the service's tokens for up to {max_age} s; keep the previous key until then"
+            )
+            findings.append(Finding("error", "not_yet_published_long_enough", service, valid_new[0].kid, message))
     return findings

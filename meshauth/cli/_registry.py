@@ -303,6 +303,8 @@ def _listen_address(args: argparse.Namespace) -> tuple[str, int]:
 
 def add_parser(commands: Any) -> None:
     """Register ``registry`` and its actions on the ``meshauth`` subparsers."""
+    # Long but flat: one argparse declaration after another, the command's own reference; splitting
+    # it would scatter the options of one command across functions.
     registry = _command(
         commands,
         "registry",

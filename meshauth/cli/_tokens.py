@@ -282,6 +282,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def add_parser(commands: Any) -> None:
     """Register ``mint``, ``verify`` and ``inspect`` on the ``meshauth`` subparsers."""
+    # Long but flat: one argparse declaration after another, the command's own reference; splitting
+    # it would scatter the options of one command across functions.
     mint = _command(
         commands,
         "mint",
