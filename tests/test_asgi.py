@@ -762,3 +762,19 @@ def test_a_service_accepting_delegated_calls_without_a_policy_is_warned_at_start
         MeshAuthMiddleware(app, meshauth.Verifier("payments", mesh.keys, txn_issuers=(), clock=mesh.clock))
         MeshAuthMiddleware(app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict({"rules": []}))
     assert "has no policy" not in caplog.text
+
+
+def test_transaction_in_verify_and_authorize_spans(mesh: Mesh, app: App, telemetry: Any, audit_log: Any) -> None:
+    headers = in_transaction(mesh, "gateway", "payments")
+    verifier = mesh.verifier("payments", tracer_provider=telemetry.tracer_provider)
+    policy = meshauth.Policy.from_dict({"delegators": ["gateway"], "rules": [{"callers": ["gateway"]}]})
+    wrapped = MeshAuthMiddleware(app, verifier, policy=policy, tracer_provider=telemetry.tracer_provider)
+    assert call(wrapped, headers=list(headers.items())).status_code == 200
+    transaction = app.scopes[0]["meshauth.principal"].transaction
+    for name in ("meshauth.verify", "meshauth.authorize"):
+        (span,) = telemetry.spans(name)
+        assert span.attributes["meshauth.transaction"] == transaction, name
+        assert span.attributes["meshauth.txn_issuer"] == "gateway", name
+    (record,) = audit_log.fields()
+    assert (record["transaction"], record["txn_issuer"]) == (transaction, "gateway")
+    audit_log.assert_no_secret(headers["Txn-Token"])
