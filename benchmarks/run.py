@@ -554,7 +554,7 @@ def bench_full_cache(fx: Fixture, scale: Scale) -> list[Row]:
 
 
 def bench_sign(fx: Fixture, scale: Scale) -> list[Row]:
-    section = "ES256 sign / token_for (DESIGN 7 row 3)"
+    section = "ES256 sign / token_for (DESIGN 7 row 4)"
     n = scale.verify_batch
     inputs = [_split(fx.orders.mint(AUDIENCE))[0] for _ in range(n)]
     private = fx.es_private
@@ -704,7 +704,7 @@ def _client_runner(client: httpx.Client, calls: int) -> Callable[[], None]:
 
 
 def bench_service_auth(fx: Fixture, scale: Scale) -> list[Row]:
-    section = "ServiceAuth per request (DESIGN 7 row 4)"
+    section = "ServiceAuth per request (DESIGN 7 row 5)"
     auth_class = ServiceAuth
     n = scale.http_batch
     identity = ServiceIdentity("orders", fx.es_key, ttl=900)
@@ -795,7 +795,7 @@ def _charge_scope(token: str) -> dict[str, Any]:
 
 
 def bench_asgi(fx: Fixture, scale: Scale) -> list[Row]:
-    section = "ASGI middleware per request (DESIGN 7 row 5: <= 10 us added)"
+    section = "ASGI middleware per request (DESIGN 7 row 6: <= 10 us added)"
     middleware = MeshAuthMiddleware
     n = scale.http_batch
     token = ServiceIdentity("orders", fx.es_key, ttl=900).token_for(AUDIENCE)
@@ -955,7 +955,7 @@ def bench_jwks(doc: dict[str, Any], scale: Scale) -> list[Row]:
 
 
 def bench_lookup(doc: dict[str, Any], scale: Scale) -> list[Row]:
-    section = "kid lookup, 10 vs 10,000 keys (DESIGN 7 row 5)"
+    section = "kid lookup, 10 vs 10,000 keys (DESIGN 7 row 7)"
     n = scale.lookup_batch
     small_doc = {"keys": doc["keys"][:10]}
     small_kids = [jwk["kid"] for jwk in small_doc["keys"]]
@@ -1050,7 +1050,7 @@ def bench_lookup(doc: dict[str, Any], scale: Scale) -> list[Row]:
 
 def bench_concurrent_fetch(doc: dict[str, Any]) -> list[Row]:
     """50 threads verify on a cold JWKSEndpoint: how many fetches reach the registry?"""
-    section = "50 concurrent verifiers, cold cache (DESIGN 7 row 6)"
+    section = "50 concurrent verifiers, cold cache (DESIGN 7 row 8)"
     operation = f"{CONCURRENT_VERIFIERS} threads verify at once: registry fetches"
     endpoint_class = JWKSEndpoint
     failed_operation = f"{CONCURRENT_VERIFIERS} threads verify at once: verifications that failed"
