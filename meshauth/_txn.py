@@ -61,6 +61,8 @@ class Transaction(NamedTuple):
     request_context: Mapping[str, Any]
     requesting_workload: str | None
     tth: str
+    token: str
+    """The Txn-Token as received, for forwarding unchanged."""
 
 
 _EMPTY: Final[Mapping[str, Any]] = frozen_claims({})
@@ -120,6 +122,7 @@ def txn_claims(txn_issuers: frozenset[str]) -> Callable[[dict[str, Any], KeyReco
             _object_claim(claims, "rctx"),
             workload,
             txn_hash(token),
+            token,
         )
 
     return check

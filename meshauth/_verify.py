@@ -163,7 +163,7 @@ def service_profile(
     )
 
 
-def _bind(principal: Principal, txn: Transaction | None, txn_token: object) -> Principal:
+def _bind(principal: Principal, txn: Transaction | None) -> Principal:
     """The service principal inside the verified transaction, once ``tth`` binds the two."""
     try:
         check_binding(principal.claims.get("tth"), txn)
@@ -172,8 +172,7 @@ def _bind(principal: Principal, txn: Transaction | None, txn_token: object) -> P
         raise
     if txn is None:
         return principal
-    assert isinstance(txn_token, str)  # a Transaction is only ever built from a str token
-    return in_transaction(principal, txn.subject, txn.scopes, txn.transaction, txn.issuer, txn.context, txn_token)
+    return in_transaction(principal, txn.subject, txn.scopes, txn.transaction, txn.issuer, txn.context, txn.token)
 
 
 class Verifier(Engine[Principal]):
@@ -287,7 +286,7 @@ class Verifier(Engine[Principal]):
                 except TokenError as exc:
                     exc.caller = principal.caller  # the verified caller, not the Txn-Token's issuer
                     raise
-                principal = _bind(principal, txn, txn_token)
+                principal = _bind(principal, txn)
         except BaseException as exc:
             error = self._rejected(span, exc, started, write_audit)
             raise error from error.__cause__
@@ -305,7 +304,7 @@ class Verifier(Engine[Principal]):
                 except TokenError as exc:
                     exc.caller = principal.caller  # the verified caller, not the Txn-Token's issuer
                     raise
-                principal = _bind(principal, txn, txn_token)
+                principal = _bind(principal, txn)
         except BaseException as exc:
             error = self._rejected(span, exc, started, write_audit)
             raise error from error.__cause__

@@ -213,3 +213,12 @@ def test_issuing_is_traced_as_meshauth_txn_issue(txn_mesh: Mesh, telemetry: Any)
     assert attributes["meshauth.transaction"] == "my-transaction-id-0001" == _decode(token)[1]["txn"]
     assert attributes["meshauth.audience"] == "meshauth"
     assert token not in json.dumps(attributes) and token.rsplit(".", 1)[1] not in json.dumps(attributes)
+
+
+def test_a_txn_token_as_bytes_is_read_as_ascii(txn_mesh: Mesh) -> None:
+    txn = _issue(txn_mesh)
+    verifier = txn_mesh.verifier("payments")
+    principal = verifier.verify(txn_mesh.identity("orders").mint("payments", txn_token=txn), txn.encode("ascii"))  # type: ignore[arg-type]
+    assert principal.txn_token == txn and type(principal.txn_token) is str
+    bound = txn_mesh.identity("orders").mint("payments", txn_token=txn)
+    assert _reason(verifier.verify, bound, "é".encode() + txn.encode()) == "malformed"
