@@ -280,7 +280,7 @@ class Verifier(Engine[Principal]):
         span = self.telemetry.start_span(self.span_name)
         try:
             principal = self.run(token, expect)
-            if txn_token is not None or "tth" in principal.claims:
+            if (txn_token is not None or "tth" in principal.claims) and self.token_type == SERVICE_TOKEN_TYPE:
                 try:
                     txn = None if txn_token is None else self._txn.verify_txn(txn_token)
                 except TokenError as exc:
@@ -298,7 +298,7 @@ class Verifier(Engine[Principal]):
         span = self.telemetry.start_span(self.span_name)
         try:
             principal = await self.arun(token, expect)
-            if txn_token is not None or "tth" in principal.claims:
+            if (txn_token is not None or "tth" in principal.claims) and self.token_type == SERVICE_TOKEN_TYPE:
                 try:
                     txn = None if txn_token is None else await self._txn.averify_txn(txn_token)
                 except TokenError as exc:
