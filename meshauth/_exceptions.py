@@ -67,6 +67,7 @@ __all__ = [
     "MissingClaim",
     "MissingCredentials",
     "MissingResponse",
+    "MissingTxnToken",
     "NonceMismatch",
     "ReplayStoreUnavailable",
     "ResponseAuthError",
@@ -76,10 +77,12 @@ __all__ = [
     "TokenNotYetValid",
     "TokenReplayed",
     "TokenTooLarge",
+    "TxnMismatch",
     "Unavailable",
     "UnboundBody",
     "UnknownKey",
     "UnsupportedAlgorithm",
+    "UntrustedTxnIssuer",
     "WrongAudience",
     "WrongResponder",
     "WrongScheme",
@@ -264,6 +267,24 @@ class TokenReplayed(TokenError):
     """The token's ``jti`` was already accepted once (replay cache on)."""
 
     reason = "replayed"
+
+
+class MissingTxnToken(TokenError):
+    """The service token is bound to a Txn-Token (``tth``) but the request carries none."""
+
+    reason = "missing_txn_token"
+
+
+class TxnMismatch(TokenError):
+    """``tth`` does not match the Txn-Token sent, or a Txn-Token came without ``tth``."""
+
+    reason = "txn_mismatch"
+
+
+class UntrustedTxnIssuer(TokenError):
+    """The Txn-Token was signed by a service not in the verifier's ``txn_issuers``."""
+
+    reason = "untrusted_txn_issuer"
 
 
 class MissingCredentials(TokenError):

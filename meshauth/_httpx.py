@@ -31,6 +31,7 @@ from ._mutual import NONCE_HEADER, RESPONSE_HEADER, ResponseVerifier, new_nonce
 from ._principal import Principal
 from ._registry import KeySource
 from ._response_body import bind_body
+from ._txn import TXN_TOKEN_HEADER
 
 __all__ = ["ServiceAuth"]
 
@@ -135,10 +136,10 @@ class ServiceAuth(httpx.Auth):
     :class:`~meshauth.UnboundBody` unless ``allow_unbound_body=True``.
 
     ``on_behalf_of`` (the inbound request's :class:`~meshauth.Principal`)
-    makes every request a delegated call: the token carries the same subject
-    and the inbound actor chain, with this service added as the newest actor
-    (``identity.on_behalf_of``). Build one ``ServiceAuth`` per inbound request
-    for this; such tokens are minted per request, never cached.
+    makes every request part of that request's transaction: the principal's
+    Txn-Token is forwarded unchanged in the ``Txn-Token`` header and each
+    service token is bound to it (``tth``). Build one ``ServiceAuth`` per
+    inbound request for this; its tokens are cached per Txn-Token.
 
     ``clock`` (default: the identity's clock), ``tracer_provider`` and
     ``meter_provider`` configure the response verifier built from a key
@@ -172,9 +173,8 @@ class ServiceAuth(httpx.Auth):
         self.identity = identity
         self.allow_unbound_body = allow_unbound_body
         self.on_behalf_of = on_behalf_of
-        # A delegated token carries the inbound request's subject and chain: it
-        # is minted per request, never shared through the identity's cache.
-        self.fresh_tokens = bool(fresh_tokens) or on_behalf_of is not None
+        self.txn_token = None if on_behalf_of is None else on_behalf_of.txn_token
+        self.fresh_tokens = bool(fresh_tokens)
         self.scope = normalize_scope(scope)
         # Exactly one of these is set; a fixed name costs nothing per request.
         self._audience, self._hosts, self._audience_of = split_audience(audience)
@@ -220,15 +220,15 @@ class ServiceAuth(httpx.Auth):
             yield _ResponseCheck(response, audience, nonce)
 
     def _fresh(self, audience: str) -> str:
-        if self.on_behalf_of is not None:
-            return self.identity.on_behalf_of(self.on_behalf_of, audience, scope=self.scope)
-        return self.identity.mint(audience, scope=self.scope)
+        return self.identity.mint(audience, scope=self.scope, txn_token=self.txn_token)
 
     def _attach(self, request: httpx.Request, token: str | httpx.Response | None) -> str | None:
         """Put the credentials on ``request``; return the nonce sent, if mutual auth is on."""
         assert isinstance(token, str)
         headers = request.headers
         headers["Authorization"] = "Bearer " + token
+        if self.txn_token is not None:
+            headers[TXN_TOKEN_HEADER] = self.txn_token
         if self.response_verifier is None:
             return None
         # A new nonce per attempt: a retry must not accept the first attempt's answer.
@@ -250,7 +250,7 @@ class ServiceAuth(httpx.Auth):
                 self._check_sync(step)
                 answer = None
             else:
-                answer = self.identity.token_for(step, scope=self.scope)
+                answer = self.identity.token_for(step, scope=self.scope, txn_token=self.txn_token)
             try:
                 step = flow.send(answer)
             except StopIteration:
@@ -268,7 +268,7 @@ class ServiceAuth(httpx.Auth):
                 await self._check_async(step)
                 answer = None
             else:
-                answer = await self.identity.atoken_for(step, scope=self.scope)
+                answer = await self.identity.atoken_for(step, scope=self.scope, txn_token=self.txn_token)
             try:
                 step = flow.send(answer)
             except StopIteration:

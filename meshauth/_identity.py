@@ -8,7 +8,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -19,6 +19,7 @@ from ._keys import SigningKey
 from ._names import service_name_problem
 from ._principal import Principal
 from ._telemetry import Telemetry
+from ._txn import DEFAULT_TRUST_DOMAIN, MAX_TXN_LIFETIME, TXN_TOKEN_TYPE, txn_hash
 from ._verify import RESPONSE_TOKEN_TYPE, SERVICE_TOKEN_TYPE
 
 if TYPE_CHECKING:
@@ -32,6 +33,14 @@ MAX_RESPONSE_TTL = 60
 # A cached token is not handed out when it has less than this left: it could
 # expire in flight before the callee sees it.
 _MIN_REMAINING = 5
+# Tokens bound to a Txn-Token are one per transaction: the cache is pruned past this many entries.
+_MAX_CACHED = 4096
+
+
+def _cache_key(audience: str, scope: str | None, txn_token: str | None) -> Any:
+    if txn_token is not None:
+        return (audience, scope, txn_token)
+    return audience if scope is None else (audience, scope)
 
 
 def _scope_text(scope: str | Iterable[str] | None) -> str | None:
@@ -52,7 +61,7 @@ class ServiceIdentity:
     >>> token = me.token_for("payments")      # cached, refreshed ahead of expiry
     >>> token == me.token_for("payments")
     True
-    >>> fresh = me.mint("payments", subject="alice", actors=("gateway",))  # always new
+    >>> fresh = me.mint("payments")           # always new
 
     ``token_for`` is safe to call from many threads and asyncio tasks at once:
     concurrent callers on a cold cache share a single signature, and the
@@ -66,7 +75,6 @@ class ServiceIdentity:
         *,
         ttl: int = DEFAULT_TTL,
         clock: Callable[[], float] = time.time,
-        max_actors: int = 4,
         refresh_margin: float | None = None,
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
@@ -80,7 +88,6 @@ class ServiceIdentity:
         self.name = name
         self.key = key
         self.ttl = ttl
-        self.max_actors = max_actors
         self.clock = clock
         self._clock = clock
         # Refresh when a quarter of the lifetime (at most a minute) is left, so a
@@ -91,6 +98,7 @@ class ServiceIdentity:
         self._telemetry = Telemetry(tracer_provider)
         self._header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": SERVICE_TOKEN_TYPE}))
         self._response_header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": RESPONSE_TOKEN_TYPE}))
+        self._txn_header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": TXN_TOKEN_TYPE}))
         # header segment -> the key that signs under it, while a rotation keeps two keys
         self._signers: dict[str, SigningKey] = {}
         # cache key -> (token, refresh at, expires at)
@@ -154,10 +162,11 @@ class ServiceIdentity:
         """Sign with ``key`` from now on; tokens minted with the previous key stay valid."""
         header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": SERVICE_TOKEN_TYPE}))
         response_header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": RESPONSE_TOKEN_TYPE}))
-        self._signers[self._header] = self.key  # a mint that read the old header still signs consistently
-        self._signers[self._response_header] = self.key
-        self._signers[header] = self._signers[response_header] = key
-        self.key, self._header, self._response_header = key, header, response_header
+        txn_header = b64url_encode(dumps({"alg": key.alg, "kid": key.kid, "typ": TXN_TOKEN_TYPE}))
+        for old in (self._header, self._response_header, self._txn_header):
+            self._signers[old] = self.key  # a mint that read the old header still signs consistently
+        self._signers[header] = self._signers[response_header] = self._signers[txn_header] = key
+        self.key, self._header, self._response_header, self._txn_header = key, header, response_header, txn_header
         self._tokens.clear()
 
     def _forget_key(self, key: SigningKey) -> None:
@@ -167,24 +176,29 @@ class ServiceIdentity:
 
     # -- cached tokens ---------------------------------------------------------------
 
-    def token_for(self, audience: str, *, scope: str | None = None) -> str:
-        """A token for calling ``audience``, from the cache while it is fresh."""
-        cache_key = audience if scope is None else (audience, scope)
-        entry = self._tokens.get(cache_key)
-        if entry is not None and self._clock() < entry[1]:
-            return entry[0]
-        return self._refresh(cache_key, audience, scope, blocking=True)  # type: ignore[return-value]
+    def token_for(self, audience: str, *, scope: str | None = None, txn_token: str | None = None) -> str:
+        """A token for calling ``audience``, from the cache while it is fresh.
 
-    async def atoken_for(self, audience: str, *, scope: str | None = None) -> str:
-        """Like :meth:`token_for`, but never blocks the event loop on another refresh."""
-        cache_key = audience if scope is None else (audience, scope)
+        With ``txn_token`` (a Txn-Token received or issued for the current
+        request) the token is bound to it (``tth``); it is cached per
+        (audience, scope, Txn-Token).
+        """
+        cache_key = _cache_key(audience, scope, txn_token)
         entry = self._tokens.get(cache_key)
         if entry is not None and self._clock() < entry[1]:
             return entry[0]
-        token = self._refresh(cache_key, audience, scope, blocking=False)
+        return self._refresh(cache_key, audience, scope, txn_token, blocking=True)  # type: ignore[return-value]
+
+    async def atoken_for(self, audience: str, *, scope: str | None = None, txn_token: str | None = None) -> str:
+        """Like :meth:`token_for`, but never blocks the event loop on another refresh."""
+        cache_key = _cache_key(audience, scope, txn_token)
+        entry = self._tokens.get(cache_key)
+        if entry is not None and self._clock() < entry[1]:
+            return entry[0]
+        token = self._refresh(cache_key, audience, scope, txn_token, blocking=False)
         if token is None:
             # Another thread is signing this very token: wait for it off the loop.
-            return await asyncio.to_thread(self.token_for, audience, scope=scope)
+            return await asyncio.to_thread(self.token_for, audience, scope=scope, txn_token=txn_token)
         return token
 
     def _lock_for(self, cache_key: Any) -> threading.Lock:
@@ -194,7 +208,9 @@ class ServiceIdentity:
                 lock = self._locks.setdefault(cache_key, threading.Lock())
         return lock
 
-    def _refresh(self, cache_key: Any, audience: str, scope: str | None, *, blocking: bool) -> str | None:
+    def _refresh(
+        self, cache_key: Any, audience: str, scope: str | None, txn_token: str | None, *, blocking: bool
+    ) -> str | None:
         lock = self._lock_for(cache_key)
         entry = self._tokens.get(cache_key)
         usable = entry is not None and self._clock() < entry[2] - _MIN_REMAINING
@@ -207,11 +223,24 @@ class ServiceIdentity:
             now = self._clock()
             if entry is not None and now < entry[1]:
                 return entry[0]
-            token, expires = self._mint(audience, subject=None, actors=(), scope=_scope_text(scope), ttl=self.ttl)
+            token, expires = self._mint(audience, scope=_scope_text(scope), ttl=self.ttl, txn_token=txn_token)
+            if txn_token is not None and len(self._tokens) >= _MAX_CACHED:
+                self._prune(now)
             self._tokens[cache_key] = (token, expires - self.refresh_margin, expires)
             return token
         finally:
             lock.release()
+
+    def _prune(self, now: float) -> None:
+        """Keep the cache bounded: one entry per transaction would otherwise pile up."""
+        for cache_key, entry in list(self._tokens.items()):
+            if now >= entry[2] - _MIN_REMAINING or (len(self._tokens) >= _MAX_CACHED and isinstance(cache_key, tuple)):
+                self._tokens.pop(cache_key, None)
+        with self._locks_guard:
+            for cache_key in [key for key in self._locks if key not in self._tokens and isinstance(key, tuple)]:
+                lock = self._locks[cache_key]
+                if not lock.locked():
+                    del self._locks[cache_key]
 
     def invalidate(self, audience: str | None = None) -> None:
         """Drop cached tokens (all, or those for ``audience``), e.g. after a 401."""
@@ -228,27 +257,63 @@ class ServiceIdentity:
         self,
         audience: str,
         *,
-        subject: str | None = None,
-        actors: Sequence[str] = (),
         scope: str | Iterable[str] | None = None,
         ttl: int | None = None,
+        txn_token: str | None = None,
     ) -> str:
-        """A new token for ``audience`` (never cached).
-
-        ``subject`` defaults to this service. ``actors`` lists the *earlier*
-        actors of a delegation chain, newest first; this service becomes the
-        outermost ``act`` itself.
-        """
+        """A new token for ``audience`` (never cached), bound to ``txn_token`` when given (``tth``)."""
         token, _ = self._mint(
-            audience, subject=subject, actors=actors, scope=_scope_text(scope), ttl=self.ttl if ttl is None else ttl
+            audience, scope=_scope_text(scope), ttl=self.ttl if ttl is None else ttl, txn_token=txn_token
         )
         return token
 
-    def on_behalf_of(
-        self, principal: Principal, audience: str, *, scope: str | Iterable[str] | None = None, ttl: int | None = None
+    def on_behalf_of(self, principal: Principal, audience: str, *, scope: str | Iterable[str] | None = None) -> str:
+        """A token for the next hop of ``principal``'s request: bound to its Txn-Token, if it came with one."""
+        return self.token_for(audience, scope=_scope_text(scope), txn_token=principal.txn_token)
+
+    def issue_txn_token(
+        self,
+        subject: str,
+        *,
+        scope: str | Iterable[str] | None = None,
+        context: Mapping[str, Any] | None = None,
+        request_context: Mapping[str, Any] | None = None,
+        ttl: int = 300,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        txn: str | None = None,
     ) -> str:
-        """A token for the next hop, carrying the inbound request's subject and actor chain."""
-        return self.mint(audience, subject=principal.subject, actors=principal.actors, scope=scope, ttl=ttl)
+        """A Transaction Token for ``subject`` (DESIGN section 9): issued once per user request, then forwarded.
+
+        Only services listed in a verifier's ``txn_issuers`` are trusted to issue
+        them (by default the gateway). ``context`` becomes ``tctx`` (e.g. the
+        user's groups), ``request_context`` ``rctx`` (e.g. the client address).
+        ``txn``, the transaction id, is 128 random bits unless the caller has
+        one already (e.g. to log it before the token is issued).
+        """
+        if not isinstance(subject, str) or not subject:
+            raise ValueError("subject must be a non-empty string (the end user)")
+        if not isinstance(trust_domain, str) or not trust_domain:
+            raise ValueError("trust_domain must be a non-empty string")
+        if not isinstance(ttl, int) or not 0 < ttl <= MAX_TXN_LIFETIME:
+            raise ValueError(f"a Txn-Token lives 1 to {MAX_TXN_LIFETIME} s")
+        if txn is not None and (not isinstance(txn, str) or not 0 < len(txn) <= 256):
+            raise ValueError("txn must be a non-empty string of at most 256 characters")
+        now = int(self._clock())
+        claims: dict[str, Any] = {
+            "iss": self.name,
+            "aud": trust_domain,
+            "iat": now,
+            "exp": now + ttl,
+            "txn": secrets.token_urlsafe(16) if txn is None else txn,
+            "sub": subject,
+            "scope": _scope_text(scope) or "",
+            "req_wl": self.name,
+        }
+        if request_context is not None:
+            claims["rctx"] = dict(request_context)
+        if context is not None:
+            claims["tctx"] = dict(context)
+        return self._sign(self._txn_header, claims, trust_domain, span_name="meshauth.txn.issue")
 
     def mint_response(
         self, caller: str, nonce: str, *, status: int = 200, body: bytes | None = None, ttl: int = 30
@@ -283,53 +348,32 @@ class ServiceIdentity:
             claims["body_sha256"] = b64url_encode(hashlib.sha256(body).digest())
         return self._sign(self._response_header, claims, caller)
 
-    def _mint(
-        self,
-        audience: str,
-        *,
-        subject: str | None,
-        actors: Sequence[str],
-        scope: str | None,
-        ttl: int,
-    ) -> tuple[str, int]:
+    def _mint(self, audience: str, *, scope: str | None, ttl: int, txn_token: str | None) -> tuple[str, int]:
         if not isinstance(audience, str) or not audience:
             raise ValueError("audience must be a non-empty service name")
-        if isinstance(actors, str):
-            raise TypeError("actors is a sequence of service names, not a string")
-        subject = self.name if subject is None else subject
-        if not isinstance(subject, str) or not subject:
-            raise ValueError("subject must be a non-empty string")
         if not isinstance(ttl, int) or ttl <= 0:
             raise ValueError("ttl must be a positive integer number of seconds")
         now = int(self._clock())
         claims: dict[str, Any] = {
             "iss": self.name,
-            "sub": subject,
+            "sub": self.name,
             "aud": audience,
             "iat": now,
             "exp": now + ttl,
             "jti": secrets.token_urlsafe(16),
         }
-        if subject != self.name or actors:
-            if subject == self.name:
-                raise ValueError("actors are only meaningful when acting for another subject")
-            chain = [self.name, *actors]
-            if len(set(chain)) != len(chain) or not all(isinstance(a, str) and a for a in chain):
-                raise ValueError(f"invalid actor chain {chain!r}: names must be non-empty and unique")
-            if len(chain) > self.max_actors:
-                raise ValueError(f"actor chain {chain!r} is longer than {self.max_actors}")
-            act: dict[str, Any] | None = None
-            for name in reversed(chain):
-                act = {"sub": name} if act is None else {"sub": name, "act": act}
-            claims["act"] = act
         if scope:
             claims["scope"] = scope
+        if txn_token is not None:
+            if not isinstance(txn_token, str) or not txn_token.isascii():
+                raise ValueError("txn_token must be the Txn-Token as received (an ASCII string)")
+            claims["tth"] = txn_hash(txn_token)
         return self._sign(self._header, claims, audience), claims["exp"]
 
-    def _sign(self, header_b64: str, claims: dict[str, Any], audience: str) -> str:
+    def _sign(self, header_b64: str, claims: dict[str, Any], audience: str, *, span_name: str = "meshauth.mint") -> str:
         # A plain span, not a current one: minting starts no child work, and
         # attaching a context would cost more than the JSON encoding.
-        span = self._telemetry.start_span("meshauth.mint")
+        span = self._telemetry.start_span(span_name)
         try:
             if span.is_recording():
                 span.set_attribute("meshauth.caller", self.name)
@@ -337,6 +381,9 @@ class ServiceIdentity:
                 span.set_attribute("meshauth.subject", claims["sub"])
                 span.set_attribute("meshauth.kid", self.key.kid)
                 span.set_attribute("meshauth.alg", self.key.alg)
+                if "txn" in claims:  # a Txn-Token: this service issues it
+                    span.set_attribute("meshauth.txn_issuer", self.name)
+                    span.set_attribute("meshauth.transaction", claims["txn"])
             signing_input = f"{header_b64}.{b64url_encode(dumps(claims))}"
             signature = self._signers.get(header_b64, self.key).sign(signing_input.encode("ascii"))
             return f"{signing_input}.{b64url_encode(signature)}"

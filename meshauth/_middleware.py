@@ -46,6 +46,7 @@ from ._exceptions import (
     WrongScheme,
 )
 from ._identity import ServiceIdentity
+from ._jws import token_too_large
 from ._paths import decoded_path, routed_path
 from ._policy import WEBSOCKET, Decision, Policy
 from ._principal import Principal
@@ -200,6 +201,24 @@ def credentials_error(value: bytes, limit: int, *, folded: bool = False) -> Toke
     if _TOKEN68.fullmatch(credentials) is None:
         return MalformedToken("the bearer token is not token68 syntax", expected="Bearer <token68>")
     return MalformedToken("the Authorization header is malformed", expected="Bearer <token68>")
+
+
+def txn_token_value(value: bytes | None, *, repeated: bool, limit: int) -> str | None:
+    """A request's ``Txn-Token`` header: sent at most once, one ASCII compact JWS within ``limit`` bytes.
+
+    Two headers (or two values folded with a comma) are ``malformed``; the
+    token itself is checked by the verifier.
+    """
+    if value is None and not repeated:
+        return None
+    if repeated or value is None or b"," in value:
+        raise MalformedToken("the Txn-Token header must be sent exactly once", expected="1 header", actual="several")
+    value = value.strip()
+    if len(value) > limit:
+        raise token_too_large(len(value), limit)
+    if not value or not value.isascii() or b" " in value:
+        raise MalformedToken("the Txn-Token header is not one compact JWS")
+    return value.decode("ascii")
 
 
 def wsgi_raw_path(environ: Mapping[str, Any]) -> str:
@@ -393,13 +412,14 @@ class RequestGuard:
         self._judged: dict[tuple[object, ...], str] = {}
         if policy is not None:
             _warn_unknown_callers(policy, verifier)
-        elif verifier.max_actors > 0:
-            # Without a policy nothing checks who may act for a user: any caller with a key can.
+        elif verifier.txn_issuers:
+            # Without a policy nothing checks which callers may act inside a user's transaction.
             setup_logger.warning(
-                "meshauth middleware for %r accepts calls made on behalf of users but has no policy: any "
-                "service in the registry may act for any user here; pass policy= with 'delegators', or "
-                "Verifier(max_actors=0) if this service takes no such calls",
+                "meshauth middleware for %r accepts requests inside users' transactions (Txn-Tokens from %s) but "
+                "has no policy: any service in the registry that holds a forwarded Txn-Token may act in it here; "
+                "pass policy= with 'delegators', or Verifier(txn_issuers=()) if this service takes no such calls",
                 verifier.audience,
+                sorted(verifier.txn_issuers),
             )
         self.tracer = (
             trace.get_tracer("meshauth", "0.1.0", tracer_provider=tracer_provider)
@@ -472,6 +492,10 @@ class RequestGuard:
             raise InvalidNonce("the Meshauth-Nonce header must be sent once, as 1 to 256 base64url/token68 characters")
         return value.decode("ascii")
 
+    def txn_token(self, value: bytes | None, *, repeated: bool = False) -> str | None:
+        """The request's ``Txn-Token`` header, if any (see :func:`txn_token_value`)."""
+        return txn_token_value(value, repeated=repeated, limit=self.verifier.max_token_bytes)
+
     def authorize(
         self, policy: Policy, principal: Principal, method: str, raw_path: str
     ) -> tuple[Decision, AccessDenied | None, Span]:
@@ -484,6 +508,9 @@ class RequestGuard:
         if span.is_recording():
             span.set_attribute("meshauth.caller", principal.caller)
             span.set_attribute("meshauth.subject", principal.subject)
+            if principal.transaction is not None:
+                span.set_attribute("meshauth.transaction", principal.transaction)
+                span.set_attribute("meshauth.txn_issuer", principal.txn_issuer or "")
             if denied is None:
                 span.set_attribute("meshauth.outcome", "accepted")
                 span.set_attribute(
@@ -555,7 +582,8 @@ class RequestGuard:
             span=span,
             caller=principal.caller,
             subject=principal.subject,
-            actors=principal.actors,
+            transaction=principal.transaction,
+            txn_issuer=principal.txn_issuer,
             audience=self.audience,
             kid=principal.kid,
             jti=principal.token_id,
@@ -591,7 +619,8 @@ class RequestGuard:
             fields.update(
                 caller=principal.caller,
                 subject=principal.subject,
-                actors=principal.actors,
+                transaction=principal.transaction,
+                txn_issuer=principal.txn_issuer,
                 kid=principal.kid,
                 jti=principal.token_id,
             )

@@ -75,7 +75,7 @@ def response_claims(caller: str) -> Callable[[dict[str, Any], KeyRecord, Any], P
     ``expect`` is the per-call ``(service, nonce, status)`` of
     :meth:`ResponseVerifier.verify_response` (``status`` None: not checked).
     """
-    base = service_claims(caller, 0)
+    base = service_claims(caller)
 
     def check(claims: dict[str, Any], record: KeyRecord, expect: Any) -> Principal:
         if expect is None:
@@ -135,7 +135,7 @@ def _check_status_and_digest(claims: dict[str, Any], status: int | None) -> None
 
 def response_profile(caller: str, *, leeway: float = 30) -> Profile[Principal]:
     """The profile of response tokens addressed to ``caller`` (mutual authentication)."""
-    service = service_profile(caller, leeway=leeway, max_lifetime=MAX_RESPONSE_LIFETIME, max_actors=0)
+    service = service_profile(caller, leeway=leeway, max_lifetime=MAX_RESPONSE_LIFETIME)
     return dataclasses.replace(
         service,
         name="response",
@@ -190,15 +190,12 @@ class ResponseVerifier(Verifier):
             max_lifetime=MAX_RESPONSE_LIFETIME,
             clock=clock,
             cache_size=0,
-            max_actors=0,
             replay_cache=MemoryReplayCache(max_entries=200_000, max_per_issuer=200_000, grace=leeway, clock=clock),
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
 
-    def _profile(
-        self, audience: str, leeway: float, max_lifetime: int, max_token_bytes: int, max_actors: int
-    ) -> Profile[Principal]:
+    def _profile(self, audience: str, leeway: float, max_lifetime: int, max_token_bytes: int) -> Profile[Principal]:
         return response_profile(audience, leeway=leeway)
 
     def verify_response(self, token: str | None, *, service: str, nonce: str, status: int | None = None) -> Principal:

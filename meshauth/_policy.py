@@ -123,10 +123,11 @@ class Policy:
     with an ``issuer``) is vouched for by the IdP, so the delegation rule below
     does not apply to it.
 
-    A delegated call (``subject != caller``) is denied with
-    ``"delegation_not_allowed"`` before any rule is tried, whatever ``default``
-    says, unless every service in :attr:`Principal.actors` matches one of the
-    ``delegators`` globs.
+    A request inside a user's transaction (it came with a verified Txn-Token)
+    is denied with ``"delegation_not_allowed"`` before any rule is tried,
+    whatever ``default`` says, unless its immediate caller
+    (:attr:`Principal.caller`) matches one of the ``delegators`` globs. Who the
+    user is comes from the Txn-Token, which only a trusted issuer can sign.
 
     :meth:`decide` takes the *raw*, still percent-encoded request path and
     judges its canonical form (:func:`meshauth.canonical_path`, shared with
@@ -310,7 +311,7 @@ class Policy:
             issuer, groups = principal.issuer, principal.groups
         else:
             caller = principal.caller
-            if subject != caller:
+            if principal.transaction is not None or subject != caller:
                 refused = self._refused_delegation(principal)
                 if refused is not None:
                     return self._deny("delegation_not_allowed", refused, normalized)
@@ -438,20 +439,15 @@ class Policy:
         return Decision(self._audit, False, None, reason, detail, self._mode, path, refused_by=refused_by)
 
     def _refused_delegation(self, principal: Principal) -> str | None:
-        """Why a delegated call is refused, or None if every actor may delegate."""
+        """Why a request inside a transaction is refused, or None if its immediate caller may act in one."""
         delegators = self._delegators
+        who = f"{_clip(principal.caller)} acting for {_clip(principal.subject)}"
         if delegators is None:
-            return f"delegated call for subject {_clip(principal.subject)}: no delegators are allowed"
-        if not principal.actors:
-            # A verified token never gets here (sub != iss requires act); refuse
-            # rather than let an empty chain vacuously pass "every actor".
-            return f"delegated call for subject {_clip(principal.subject)} without an actor chain"
-        for actor in principal.actors:
-            if not delegators(actor):
-                return (
-                    f"actor {_clip(actor)} may not call on behalf of {_clip(principal.subject)} "
-                    f"(delegators: {list(self._delegator_patterns)!r})"
-                )
+            return f"{who} inside a transaction: no delegators are allowed"
+        if principal.transaction is None:
+            return f"{who} without a transaction"  # a verified Principal never gets here
+        if not delegators(principal.caller):
+            return f"{who}: {_clip(principal.caller)} is not among the delegators {list(self._delegator_patterns)!r}"
         return None
 
     def _normalize(self, raw_path: str) -> str | _InvalidPath:

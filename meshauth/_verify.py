@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from time import perf_counter
 from typing import Any, Final
 
@@ -37,13 +37,24 @@ from ._exceptions import (
     IssuerMismatch,
     MeshAuthError,
     ReplayStoreUnavailable,
+    TokenError,
     TokenReplayed,
 )
 from ._keys import ALGORITHMS, KeyRecord
-from ._principal import Principal, make_principal
+from ._principal import Principal, in_transaction, make_principal
 from ._registry import KeySource
 from ._replay import ReplayCache
 from ._telemetry import AUDIT_LOGGER, Telemetry, audit, fail_closed
+from ._txn import (
+    DEFAULT_TRUST_DOMAIN,
+    MAX_TXN_LIFETIME,
+    TXN_TOKEN_HEADER,
+    TXN_TOKEN_TYPE,
+    Transaction,
+    TxnVerifier,
+    check_binding,
+    txn_profile,
+)
 
 __all__ = [
     "FORBIDDEN_HEADER_MEMBERS",
@@ -52,7 +63,6 @@ __all__ = [
     "RESPONSE_TOKEN_TYPE",
     "SERVICE_TOKEN_TYPE",
     "Verifier",
-    "parse_actor_chain",
     "service_profile",
 ]
 
@@ -61,7 +71,11 @@ RESPONSE_TOKEN_TYPE: Final = "meshauth-response+jwt"  # noqa: S105 - a media typ
 REQUIRED_CLAIMS: Final = ("iss", "sub", "aud", "iat", "exp", "jti")
 MAX_JTI_LENGTH: Final = 256
 _NO_SCOPES: Final[frozenset[str]] = frozenset()
-_NOT_A_SERVICE_TOKEN: Final = {RESPONSE_TOKEN_TYPE: " (a response token is never accepted as a service token)"}
+_NOT_A_SERVICE_TOKEN: Final = {
+    RESPONSE_TOKEN_TYPE: " (a response token is never accepted as a service token)",
+    TXN_TOKEN_TYPE: " (a Txn-Token goes in the Txn-Token header, never as a service token)",
+}
+_TTH_LENGTH: Final = 43  # unpadded base64url of 32 bytes
 
 
 def _numeric_date(claims: Mapping[str, Any], name: str) -> int:
@@ -74,39 +88,8 @@ def _typ_matches(value: Any, expected: str) -> bool:
     return typ_of(value) == expected
 
 
-def parse_actor_chain(act: Any, issuer: str, max_actors: int) -> tuple[str, ...]:
-    """Flatten an RFC 8693 ``act`` claim into actor names, newest first.
-
-    Raises ``InvalidClaim`` for a malformed, looping or too long chain and
-    ``IssuerMismatch`` when the outermost actor is not the issuer.
-    """
-    actors: list[str] = []
-    node = act
-    while True:
-        if not isinstance(node, dict):
-            raise InvalidClaim("'act' must be an object", expected="object", actual=type(node).__name__)
-        name = node.get("sub")
-        if not isinstance(name, str) or not name:
-            raise InvalidClaim(
-                "every 'act' level needs a non-empty 'sub'", expected="string", actual=type(name).__name__
-            )
-        if name in actors:
-            raise InvalidClaim("a service appears twice in the actor chain", expected="no repeats", actual=name)
-        actors.append(name)
-        if len(actors) > max_actors:
-            raise InvalidClaim("the actor chain is too long", expected=f"<= {max_actors} actors", actual=">")
-        if "act" not in node:
-            break
-        node = node["act"]  # present: must be another actor object, not null
-    if actors[0] != issuer:
-        raise IssuerMismatch(
-            f"the outermost actor {actors[0][:64]!r} is not the issuer {issuer!r}", expected=issuer, actual=actors[0]
-        )
-    return tuple(actors)
-
-
-def service_claims(audience: str, max_actors: int) -> Callable[[dict[str, Any], KeyRecord, Any], Principal]:
-    """The service-token claim rule: ``iss`` owns the key, ``sub``/``act``, ``jti``, ``scope``.
+def service_claims(audience: str) -> Callable[[dict[str, Any], KeyRecord, Any], Principal]:
+    """The service-token claim rule: ``iss`` owns the key, ``sub`` = ``iss``, no ``act``, ``jti``, ``scope``, ``tth``.
 
     Runs after the engine's shared rules (required claims, audience, dates).
     """
@@ -132,17 +115,23 @@ def service_claims(audience: str, max_actors: int) -> Callable[[dict[str, Any], 
                 expected=record.owner,
                 actual=issuer[:64],
             )
-        actors: tuple[str, ...] = ()
+        if subject != issuer:
+            raise InvalidClaim(
+                f"'sub' must equal 'iss' in a service token; a user travels in a Txn-Token ({TXN_TOKEN_HEADER})",
+                expected=issuer,
+                actual=subject[:64],
+            )
         if "act" in claims:
-            if subject == issuer:
-                raise InvalidClaim("'act' is only allowed on delegated tokens (sub != iss)")
-            actors = parse_actor_chain(claims["act"], issuer, max_actors)
-        elif subject != issuer:
-            raise InvalidClaim("a delegated token (sub != iss) needs an 'act' claim", expected="act", actual="absent")
+            raise InvalidClaim(
+                "a service token must not carry 'act': delegation is a Txn-Token, not a self-asserted actor chain",
+                expected="no 'act'",
+                actual="act",
+            )
+        tth = claims.get("tth")
+        if tth is not None and (type(tth) is not str or len(tth) != _TTH_LENGTH):
+            raise InvalidClaim("'tth' must be a base64url SHA-256 digest", expected="43 characters", actual="other")
         return make_principal(
             issuer,
-            subject,
-            actors,
             audience,
             frozenset(scope.split()) if scope else _NO_SCOPES,
             jti,
@@ -157,14 +146,14 @@ def service_claims(audience: str, max_actors: int) -> Callable[[dict[str, Any], 
 
 
 def service_profile(
-    audience: str, *, leeway: float = 30, max_lifetime: int = 900, max_token_bytes: int = 8192, max_actors: int = 4
+    audience: str, *, leeway: float = 30, max_lifetime: int = 900, max_token_bytes: int = 8192
 ) -> Profile[Principal]:
     """The profile of meshauth service tokens addressed to ``audience``."""
     return Profile(
         name="service",
         types=frozenset({SERVICE_TOKEN_TYPE}),
         algorithms=frozenset(ALGORITHMS),
-        claims=service_claims(audience, max_actors),
+        claims=service_claims(audience),
         max_token_bytes=max_token_bytes,
         required_claims=REQUIRED_CLAIMS,
         audiences=frozenset({audience}),
@@ -172,6 +161,18 @@ def service_profile(
         max_lifetime=max_lifetime,
         typ_refused_hint=_NOT_A_SERVICE_TOKEN,
     )
+
+
+def _bind(principal: Principal, txn: Transaction | None) -> Principal:
+    """The service principal inside the verified transaction, once ``tth`` binds the two."""
+    try:
+        check_binding(principal.claims.get("tth"), txn)
+    except TokenError as exc:
+        exc.caller, exc.kid = principal.caller, principal.kid
+        raise
+    if txn is None:
+        return principal
+    return in_transaction(principal, txn.subject, txn.scopes, txn.transaction, txn.issuer, txn.context, txn.token)
 
 
 class Verifier(Engine[Principal]):
@@ -216,68 +217,104 @@ class Verifier(Engine[Principal]):
         clock: Callable[[], float] = time.time,
         replay_cache: ReplayCache | None = None,
         max_token_bytes: int = 8192,
-        max_actors: int = 4,
         cache_size: int = 4096,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        txn_issuers: Iterable[str] = ("gateway",),
+        max_txn_lifetime: int = MAX_TXN_LIFETIME,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         if not isinstance(audience, str) or not audience:
             raise ValueError("audience must be the non-empty name of this service")
-        self.profile = self._profile(audience, leeway, max_lifetime, max_token_bytes, max_actors)
+        if not isinstance(trust_domain, str) or not trust_domain:
+            raise ValueError("trust_domain must be a non-empty string")
+        if isinstance(txn_issuers, str):
+            raise TypeError("txn_issuers is a collection of service names, not a string")
+        self.profile = self._profile(audience, leeway, max_lifetime, max_token_bytes)
         super().__init__(max_token_bytes=max_token_bytes, clock=clock, cache_size=cache_size)
         self.audience = audience
         self.keys = keys
         self.leeway = leeway
         self.max_lifetime = max_lifetime
         self.replay_cache = replay_cache
-        self.max_actors = max_actors
+        self.trust_domain = trust_domain
+        self.txn_issuers = frozenset(txn_issuers)
         self.telemetry = Telemetry(tracer_provider, meter_provider)
         self.header_profile = self.profile
         self.selected = (self.profile, keys)
-
-    def _profile(
-        self, audience: str, leeway: float, max_lifetime: int, max_token_bytes: int, max_actors: int
-    ) -> Profile[Principal]:
-        return service_profile(
-            audience, leeway=leeway, max_lifetime=max_lifetime, max_token_bytes=max_token_bytes, max_actors=max_actors
+        self._txn = TxnVerifier(
+            txn_profile(
+                trust_domain,
+                self.txn_issuers,
+                leeway=leeway,
+                max_lifetime=max_txn_lifetime,
+                max_token_bytes=max_token_bytes,
+            ),
+            keys,
+            clock=clock,
+            cache_size=cache_size,
         )
+
+    def _profile(self, audience: str, leeway: float, max_lifetime: int, max_token_bytes: int) -> Profile[Principal]:
+        return service_profile(audience, leeway=leeway, max_lifetime=max_lifetime, max_token_bytes=max_token_bytes)
 
     # -- public API -------------------------------------------------------------
 
-    def verify(self, token: str, *, audit: bool = True) -> Principal:
-        """Verify ``token`` and return who is calling (sync key lookup).
+    def verify(self, token: str, txn_token: str | None = None, *, audit: bool = True) -> Principal:
+        """Verify ``token`` (and the request's Txn-Token, if any) and return who is calling.
 
-        ``audit=False`` skips this call's audit record, for callers (such as
-        the middleware) that write one record per request themselves.
+        The service token is checked first, then ``txn_token`` (signed by a
+        service in ``txn_issuers``, for this trust domain), then the binding
+        (``tth``). ``audit=False`` skips this call's audit record, for callers
+        (such as the middleware) that write one record per request themselves.
         """
-        return self._verify(token, None, audit)
+        return self._verify(token, None, audit, txn_token)
 
-    async def averify(self, token: str, *, audit: bool = True) -> Principal:
-        """Verify ``token``, letting an async key source fetch without blocking the loop."""
-        return await self._averify(token, None, audit)
+    async def averify(self, token: str, txn_token: str | None = None, *, audit: bool = True) -> Principal:
+        """Like :meth:`verify`, letting an async key source fetch without blocking the loop."""
+        return await self._averify(token, None, audit, txn_token)
 
-    def _verify(self, token: str, expect: Any, write_audit: bool) -> Principal:
+    def _verify(self, token: str, expect: Any, write_audit: bool, txn_token: object = None) -> Principal:
         """One verification inside its span, metrics and audit record (``expect``: per-call profile inputs)."""
         started = perf_counter()
         span = self.telemetry.start_span(self.span_name)
         try:
             principal = self.run(token, expect)
+            if (txn_token is not None or "tth" in principal.claims) and self.token_type == SERVICE_TOKEN_TYPE:
+                try:
+                    txn = None if txn_token is None else self._txn.verify_txn(txn_token)
+                except TokenError as exc:
+                    exc.caller = principal.caller  # the verified caller, not the Txn-Token's issuer
+                    raise
+                principal = _bind(principal, txn)
         except BaseException as exc:
             error = self._rejected(span, exc, started, write_audit)
             raise error from error.__cause__
         self._accepted(span, principal, started, write_audit)
         return principal
 
-    async def _averify(self, token: str, expect: Any, write_audit: bool) -> Principal:
+    async def _averify(self, token: str, expect: Any, write_audit: bool, txn_token: object = None) -> Principal:
         started = perf_counter()
         span = self.telemetry.start_span(self.span_name)
         try:
             principal = await self.arun(token, expect)
+            if (txn_token is not None or "tth" in principal.claims) and self.token_type == SERVICE_TOKEN_TYPE:
+                try:
+                    txn = None if txn_token is None else await self._txn.averify_txn(txn_token)
+                except TokenError as exc:
+                    exc.caller = principal.caller  # the verified caller, not the Txn-Token's issuer
+                    raise
+                principal = _bind(principal, txn)
         except BaseException as exc:
             error = self._rejected(span, exc, started, write_audit)
             raise error from error.__cause__
         self._accepted(span, principal, started, write_audit)
         return principal
+
+    def clear_cache(self) -> None:
+        """Forget every verified token, Txn-Tokens included (e.g. after revoking a key out of band)."""
+        super().clear_cache()
+        self._txn.clear_cache()
 
     # -- engine hooks -------------------------------------------------------------
 
@@ -305,6 +342,9 @@ class Verifier(Engine[Principal]):
     # -- telemetry ---------------------------------------------------------------
 
     def _accepted(self, span: trace.Span, principal: Principal, started: float, write_audit: bool) -> None:
+        if principal.transaction is not None and span.is_recording():
+            span.set_attribute("meshauth.transaction", principal.transaction)
+            span.set_attribute("meshauth.txn_issuer", principal.txn_issuer or "")
         self.telemetry.accepted(
             span, started, principal.caller, principal.subject, self.audience, principal.kid, principal.alg
         )
@@ -316,7 +356,8 @@ class Verifier(Engine[Principal]):
                 span=span,
                 caller=principal.caller,
                 subject=principal.subject,
-                actors=principal.actors,
+                transaction=principal.transaction,
+                txn_issuer=principal.txn_issuer,
                 audience=self.audience,
                 kid=principal.kid,
                 jti=principal.token_id,

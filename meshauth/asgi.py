@@ -134,11 +134,13 @@ class MeshAuthMiddleware:
             await self.app(scope, receive, send)
             return
 
-        # One pass over the headers, for both headers meshauth reads.
+        # One pass over the headers, for the headers meshauth reads.
         authorization: bytes | None = None
         repeated = False
         nonce_value: bytes | None = None
         nonce_repeated = False
+        txn_value: bytes | None = None
+        txn_repeated = False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if authorization is None:
@@ -150,6 +152,11 @@ class MeshAuthMiddleware:
                     nonce_value = value
                 else:
                     nonce_repeated = True
+            elif name == b"txn-token":
+                if txn_value is None:
+                    txn_value = value
+                else:
+                    txn_repeated = True
 
         guard = self._guard
         principal: Principal | None = None
@@ -163,7 +170,9 @@ class MeshAuthMiddleware:
                 raise MissingCredentials("the request has no bearer credentials")
             if repeated:
                 raise DuplicateAuthorization("more than one Authorization header", expected=1)
-            principal = await self._verifier.averify(guard.bearer(authorization), audit=False)
+            token = guard.bearer(authorization)
+            txn_token = guard.txn_token(txn_value, repeated=txn_repeated)
+            principal = await self._verifier.averify(token, txn_token, audit=False)
             if bad_nonce is not None:
                 raise bad_nonce
         except Exception as exc:

@@ -2,7 +2,7 @@
 
 meshauth writes audit records to the standard-library logger ``meshauth.audit``
 at INFO level; each record carries its fields as ``record.meshauth`` (a dict:
-event, outcome, reason, caller, subject, actors, audience, kid, jti, method,
+event, outcome, reason, caller, subject, transaction, txn_issuer, audience, kid, jti, method,
 path, client, trace_id, span_id, time). Nothing is emitted unless the logger is
 enabled, so the audit log costs nothing when unused.
 

@@ -58,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 __all__ = ["MeshAuthMiddleware", "MeshAuthentication", "ServiceUser"]
 
 SETTING: Final = "MESHAUTH"
+_TXN_META: Final = "HTTP_TXN_TOKEN"
 _NONCE_META: Final = "HTTP_" + NONCE_HEADER.upper().replace("-", "_")
 
 GetResponse = Callable[[HttpRequest], Any]
@@ -136,10 +137,17 @@ class _Admitted:
     nonce: str | None
 
 
+def _txn_token(guard: RequestGuard, request: Any) -> str | None:
+    """The request's one ``Txn-Token`` header (two arrive folded with a comma: malformed)."""
+    value = request.META.get(_TXN_META)
+    return guard.txn_token(None if value is None else str(value).encode("latin-1", "replace"))
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Credentials:
     token: str
     path: str
+    txn_token: str | None
 
 
 class MeshAuthMiddleware:
@@ -171,7 +179,7 @@ class MeshAuthMiddleware:
             return self.get_response(request)
         try:
             credentials = self._credentials(request)
-            principal = self.guard.verifier.verify(credentials.token, audit=False)
+            principal = self.guard.verifier.verify(credentials.token, credentials.txn_token, audit=False)
         except Exception as exc:
             return self._refuse(request, exc, None)
         admitted = self._admit(request, principal, credentials.path)
@@ -185,7 +193,7 @@ class MeshAuthMiddleware:
             return await get_response(request)
         try:
             credentials = self._credentials(request)
-            principal = await self.guard.verifier.averify(credentials.token, audit=False)
+            principal = await self.guard.verifier.averify(credentials.token, credentials.txn_token, audit=False)
         except Exception as exc:
             return self._refuse(request, exc, None)
         admitted = self._admit(request, principal, credentials.path)
@@ -198,7 +206,8 @@ class MeshAuthMiddleware:
         authorization = request.META.get("HTTP_AUTHORIZATION")
         if authorization is None:
             raise MissingCredentials("the request has no bearer credentials")
-        return _Credentials(self.guard.bearer(str(authorization).encode("latin-1", "replace"), folded=True), path)
+        token = self.guard.bearer(str(authorization).encode("latin-1", "replace"), folded=True)
+        return _Credentials(token, path, _txn_token(self.guard, request))
 
     def _admit(self, request: HttpRequest, principal: Principal, path: str) -> _Admitted | HttpResponse:
         """Nonce and policy for an authenticated request: what to send back, or a refusal."""
@@ -326,7 +335,7 @@ class MeshAuthentication:
         )
         try:
             token = guard.bearer(str(authorization).encode("latin-1", "replace"), folded=True)
-            principal = verifier.verify(token)
+            principal = verifier.verify(token, _txn_token(guard, request))
         except TokenError as exc:
             request._meshauth_refusal = exc
             raise _drf_error(exc, verifier.audience) from None

@@ -135,10 +135,17 @@ class _ServerGuard:
         value = values[0]
         return self.guard.bearer(value if isinstance(value, bytes) else value.encode("latin-1", "replace"))
 
+    def txn_token(self, context: Any) -> str | None:
+        """The call's one ``txn-token`` metadata entry, if any (two are ``malformed``)."""
+        values = [value for key, value in context.invocation_metadata() if key == TXN_TOKEN_METADATA]
+        value = values[0] if values else None
+        raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+        return self.guard.txn_token(raw, repeated=len(values) > 1)
+
     def judge(self, method: str, context: Any) -> Principal | _Refusal:
         """The verified caller of a sync call, or why it is refused."""
         try:
-            caller = self.guard.verifier.verify(self.token(context), audit=False)
+            caller = self.guard.verifier.verify(self.token(context), self.txn_token(context), audit=False)
         except Exception as exc:
             return self.refuse(exc, method, context)
         return self.admit(caller, method, context) or caller
@@ -146,7 +153,7 @@ class _ServerGuard:
     async def ajudge(self, method: str, context: Any) -> Principal | _Refusal:
         """The verified caller of an asyncio call, or why it is refused."""
         try:
-            caller = await self.guard.verifier.averify(self.token(context), audit=False)
+            caller = await self.guard.verifier.averify(self.token(context), self.txn_token(context), audit=False)
         except Exception as exc:
             return self.refuse(exc, method, context)
         return self.admit(caller, method, context) or caller
@@ -317,14 +324,13 @@ class _Credentials:
 
     def metadata(self, method: str) -> list[tuple[str, str]]:
         audience = self.audience_for(method)
-        if self.on_behalf_of is not None:
-            return self.with_token(self.identity.on_behalf_of(self.on_behalf_of, audience, scope=self.scope))
-        return self.with_token(self.identity.token_for(audience, scope=self.scope))
+        txn_token = None if self.on_behalf_of is None else self.on_behalf_of.txn_token
+        return self.with_token(self.identity.token_for(audience, scope=self.scope, txn_token=txn_token))
 
     async def ametadata(self, method: str) -> list[tuple[str, str]]:
-        if self.on_behalf_of is not None:
-            return self.metadata(method)
-        return self.with_token(await self.identity.atoken_for(self.audience_for(method), scope=self.scope))
+        txn_token = None if self.on_behalf_of is None else self.on_behalf_of.txn_token
+        audience = self.audience_for(method)
+        return self.with_token(await self.identity.atoken_for(audience, scope=self.scope, txn_token=txn_token))
 
     def renew(self, method: str, code: grpc.StatusCode, trailers: Metadata | None) -> bool:
         """After a finished call: True if it was refused for a reason a new token cures (the cached one is dropped).
@@ -375,9 +381,8 @@ class MeshAuthClientInterceptor(
     path. A unary call refused ``UNAUTHENTICATED`` for a reason a new token
     cures (``expired``, ``unknown_kid``, ``key_expired``, ``replayed``,
     ``bad_signature``) is retried once with a new token; other refusals of the
-    token are logged with what to fix. ``on_behalf_of`` (the inbound request's principal) makes every call a
-    delegated one (minted per call) and forwards its Txn-Token as ``txn-token``
-    metadata when it carries one.
+    token are logged with what to fix. ``on_behalf_of`` (the inbound request's principal) forwards its Txn-Token
+    unchanged as ``txn-token`` metadata and binds each call's token to it (``tth``).
     """
 
     def __init__(

@@ -9,7 +9,7 @@ one it does not.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any
 from urllib.parse import urlsplit
 
 from ._challenge import read_challenge, warn_refused
@@ -17,6 +17,7 @@ from ._exceptions import ConfigurationError
 from ._httpx import audience_of_host, normalize_scope, split_audience
 from ._identity import ServiceIdentity
 from ._principal import Principal
+from ._txn import TXN_TOKEN_HEADER
 
 try:
     import requests
@@ -27,7 +28,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["ServiceAuth"]
 
-TXN_TOKEN_HEADER: Final = "Txn-Token"  # noqa: S105 - a header name, not a secret
 RequestsAudience = str | Mapping[str, str] | Callable[[requests.PreparedRequest], str]
 
 
@@ -50,8 +50,8 @@ class ServiceAuth(AuthBase):
     retried once with a new token when the body can be sent again; any other
     reason is logged on the ``meshauth`` logger with the realm that answered
     and the audience used. ``on_behalf_of`` (the inbound request's
-    :class:`~meshauth.Principal`) makes every call a delegated one, minted per
-    request and forwarding the principal's Txn-Token when it has one.
+    :class:`~meshauth.Principal`) forwards the principal's Txn-Token unchanged
+    and binds each call's token to it (``tth``).
     """
 
     def __init__(
@@ -68,7 +68,7 @@ class ServiceAuth(AuthBase):
         self.identity = identity
         self.scope = normalize_scope(scope)
         self.on_behalf_of = on_behalf_of
-        self.fresh_tokens = bool(fresh_tokens) or on_behalf_of is not None
+        self.fresh_tokens = bool(fresh_tokens)
         self._audience, self._hosts, self._audience_of = split_audience(audience)
 
     def audience_for(self, request: requests.PreparedRequest) -> str:
@@ -87,14 +87,13 @@ class ServiceAuth(AuthBase):
         return audience
 
     def _token(self, audience: str, *, renew: str | None = None) -> str:
-        if self.on_behalf_of is not None:
-            return self.identity.on_behalf_of(self.on_behalf_of, audience, scope=self.scope)
+        txn_token = None if self.on_behalf_of is None else self.on_behalf_of.txn_token
         if self.fresh_tokens:
-            return self.identity.mint(audience, scope=self.scope)
-        if renew is not None and self.identity.token_for(audience, scope=self.scope) == renew:
+            return self.identity.mint(audience, scope=self.scope, txn_token=txn_token)
+        if renew is not None and self.identity.token_for(audience, scope=self.scope, txn_token=txn_token) == renew:
             # Drop the cached token only if it is still the rejected one (another call may have renewed it).
             self.identity.invalidate(audience)
-        return self.identity.token_for(audience, scope=self.scope)
+        return self.identity.token_for(audience, scope=self.scope, txn_token=txn_token)
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         audience = self.audience_for(request)

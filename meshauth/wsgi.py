@@ -119,7 +119,9 @@ class MeshAuthMiddleware:
                 raise MissingCredentials("the request has no bearer credentials")
             # PEP 3333: header values are latin-1 "bytes as str"; encoding recovers the bytes.
             token = guard.bearer(_latin1(authorization), folded=True)
-            principal = self._verifier.verify(token, audit=False)
+            raw_txn = environ.get("HTTP_TXN_TOKEN")
+            txn_token = guard.txn_token(None if raw_txn is None else _latin1(raw_txn))
+            principal = self._verifier.verify(token, txn_token, audit=False)
             if bad_nonce is not None:
                 raise bad_nonce
         except Exception as exc:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry.trace import StatusCode
+from txn_support import in_transaction
 
 import meshauth
 from meshauth._proof import body_digest
@@ -98,11 +99,12 @@ def test_bearer_scheme_is_case_insensitive(mesh: Mesh, app: App, token: str) -> 
 
 
 def test_delegated_principal_is_exposed(mesh: Mesh, app: App) -> None:
-    token = mesh.identity("orders").mint("payments", subject="alice", actors=("gateway",))
+    headers = in_transaction(mesh, "orders", "payments")
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
-    assert call(wrapped, headers=bearer(token)).status_code == 200
+    assert call(wrapped, headers=list(headers.items())).status_code == 200
     principal = app.scopes[0]["meshauth.principal"]
-    assert (principal.subject, principal.actors) == ("alice", ("orders", "gateway"))
+    assert (principal.caller, principal.subject, principal.txn_issuer) == ("orders", "alice", "gateway")
+    assert principal.txn_token == headers["Txn-Token"] and principal.transaction
 
 
 # -- rejected (401) ---------------------------------------------------------------
@@ -316,8 +318,7 @@ def test_policy_without_raw_path_uses_encoded_path(mesh: Mesh, app: App, token: 
 
 def test_delegation_refused_by_policy(mesh: Mesh, app: App) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict(POLICY))
-    token = mesh.identity("orders").mint("payments", subject="alice", actors=("billing",))
-    response = call(wrapped, headers=bearer(token))
+    response = call(wrapped, headers=list(in_transaction(mesh, "orders", "payments").items()))
     assert (response.status_code, response.json()["reason"]) == (403, "delegation_not_allowed")
 
 
@@ -600,7 +601,7 @@ def test_unexpected_failure_is_500_and_fails_closed(
     mesh: Mesh, app: App, token: str, audit_log: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     class BrokenVerifier(meshauth.Verifier):
-        async def averify(self, token: str, *, audit: bool = True) -> meshauth.Principal:
+        async def averify(self, token: str, txn_token: str | None = None, *, audit: bool = True) -> meshauth.Principal:
             raise RuntimeError(f"bug while handling {token}")
 
     wrapped = MeshAuthMiddleware(app, BrokenVerifier("payments", mesh.keys, clock=mesh.clock))
@@ -755,9 +756,25 @@ def test_a_service_accepting_delegated_calls_without_a_policy_is_warned_at_start
 ) -> None:
     with caplog.at_level("WARNING", logger="meshauth"):
         MeshAuthMiddleware(app, mesh.verifier("payments"))
-    assert "accepts calls made on behalf of users but has no policy" in caplog.text
+    assert "accepts requests inside users' transactions" in caplog.text and "has no policy" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="meshauth"):
-        MeshAuthMiddleware(app, meshauth.Verifier("payments", mesh.keys, max_actors=0, clock=mesh.clock))
+        MeshAuthMiddleware(app, meshauth.Verifier("payments", mesh.keys, txn_issuers=(), clock=mesh.clock))
         MeshAuthMiddleware(app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict({"rules": []}))
     assert "has no policy" not in caplog.text
+
+
+def test_transaction_in_verify_and_authorize_spans(mesh: Mesh, app: App, telemetry: Any, audit_log: Any) -> None:
+    headers = in_transaction(mesh, "gateway", "payments")
+    verifier = mesh.verifier("payments", tracer_provider=telemetry.tracer_provider)
+    policy = meshauth.Policy.from_dict({"delegators": ["gateway"], "rules": [{"callers": ["gateway"]}]})
+    wrapped = MeshAuthMiddleware(app, verifier, policy=policy, tracer_provider=telemetry.tracer_provider)
+    assert call(wrapped, headers=list(headers.items())).status_code == 200
+    transaction = app.scopes[0]["meshauth.principal"].transaction
+    for name in ("meshauth.verify", "meshauth.authorize"):
+        (span,) = telemetry.spans(name)
+        assert span.attributes["meshauth.transaction"] == transaction, name
+        assert span.attributes["meshauth.txn_issuer"] == "gateway", name
+    (record,) = audit_log.fields()
+    assert (record["transaction"], record["txn_issuer"]) == (transaction, "gateway")
+    audit_log.assert_no_secret(headers["Txn-Token"])

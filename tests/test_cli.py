@@ -360,7 +360,6 @@ def test_mint_prints_only_the_token_and_verify_accepts_it(cli: Run, registry: Pa
     assert code == 0, stderr
     fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.splitlines())
     assert fields["caller"] == fields["subject"] == "orders"
-    assert fields["actors"] == "- (direct call)"
     assert fields["kid"] == orders["kid"]
     assert fields["alg"] == "ES256"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(expires in (4m \d+s|5m)\)", fields["expires"])
@@ -368,9 +367,7 @@ def test_mint_prints_only_the_token_and_verify_accepts_it(cli: Run, registry: Pa
 
 
 def test_delegated_token_round_trip_with_json(cli: Run, registry: Path, orders: dict[str, Any]) -> None:
-    token = _mint(
-        cli, orders, "--subject", "alice", "--actor", "gateway", "--scope", "charges:write charges:read", "--ttl", "60"
-    )
+    token = _mint(cli, orders, "--scope", "charges:write charges:read", "--ttl", "60")
     code, stdout, _ = cli("verify", token, "--registry", str(registry), "--aud", "payments", "--json")
     assert code == 0
     result = json.loads(stdout)
@@ -378,8 +375,8 @@ def test_delegated_token_round_trip_with_json(cli: Run, registry: Path, orders: 
         **result,
         "accepted": True,
         "caller": "orders",
-        "subject": "alice",
-        "actors": ["orders", "gateway"],
+        "subject": "orders",
+        "transaction": None,
         "audience": "payments",
         "scopes": ["charges:read", "charges:write"],
         "kid": orders["kid"],
@@ -488,10 +485,10 @@ def test_verify_unreachable_registry_exits_2_without_judging_the_token(cli: Run,
 
 def test_mint_usage_errors(cli: Run, tmp_path: Path, orders: dict[str, Any]) -> None:
     code, stdout, stderr = cli(
-        "mint", "--key", orders["private_key"], "--service", "orders", "--aud", "payments", "--actor", "gateway"
+        "mint", "--key", orders["private_key"], "--service", "orders", "--aud", "payments", "--subject", "alice"
     )
     assert code == 2
-    assert "actors are only meaningful" in stderr
+    assert "unrecognized arguments: --subject" in stderr
     assert stdout == ""
     code, _, stderr = cli("mint", "--key", str(tmp_path / "none.pem"), "--service", "orders", "--aud", "payments")
     assert code == 2
@@ -518,16 +515,15 @@ def test_mint_warns_about_a_readable_key_and_a_long_ttl(cli: Run, orders: dict[s
 
 
 def test_inspect_marks_the_output_unverified_and_never_prints_the_signature(cli: Run, orders: dict[str, Any]) -> None:
-    token = _mint(cli, orders, "--subject", "alice", "--actor", "gateway")
+    token = _mint(cli, orders)
     signature = token.rsplit(".", 1)[1]
     code, stdout, stderr = cli("inspect", token)
     assert code == 0
     assert stdout.splitlines()[0] == "UNVERIFIED: signature not checked"
     assert signature not in stdout + stderr
     assert re.search(r"^signature\s+64 bytes \(not shown, not checked\)$", stdout, re.MULTILINE)
-    assert '"typ": "meshauth+jwt"' in stdout and '"sub": "alice"' in stdout
+    assert '"typ": "meshauth+jwt"' in stdout and '"sub": "orders"' in stdout
     assert re.search(r"^expires\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(expires in (4m \d+s|5m)\)$", stdout, re.MULTILINE)
-    assert re.search(r"^actors\s+orders <- gateway$", stdout, re.MULTILINE)
     assert "problems" not in stdout
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -22,30 +23,42 @@ def test_demo_runs_every_scenario_as_expected(tmp_path: pytest.TempPathFactory) 
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "6 of 6 scenarios behaved as expected" in out
-    assert out.count("  PASS  ") == 6 and "FAIL" not in out
+    assert "7 of 7 scenarios behaved as expected" in out
+    assert out.count("  PASS  ") == 7 and "FAIL" not in out
     for status, reason in [
         ("200", "ok"),
         ("401", "expired"),
         ("401", "bad_signature"),
         ("401", "wrong_audience"),
+        ("401", "untrusted_txn_issuer"),
         ("refused", "wrong_responder"),
         ("502", "unknown_kid"),
     ]:
         assert re.search(rf"{status}\s+{reason}\s+trace [0-9a-f]{{32}}", out), (status, reason)
-    assert "payments charged alice for the chain orders <- gateway" in out
+    match = re.search(
+        r"payments charged alice called by orders inside transaction ([\w-]+) \(Txn-Token from gateway\)", out
+    )
+    assert match, out
+    # one transaction, followed across the gateway's and both services' audit records
+    transaction = match.group(1)
     last = out.splitlines()[-1]
     assert (
         last
         == f"browse the audit log: meshauth console --audit {tmp_path}/audit.jsonl --registry {tmp_path}/registry.json"
     )
     # the span tree shows the delegated hop and the mutual-auth check
-    assert "meshauth.verify [accepted] caller=gateway subject=alice audience=orders" in out
+    assert f"meshauth.verify [accepted] caller=gateway subject=alice audience=orders transaction={transaction}" in out
     assert "meshauth.response.verify [rejected: wrong_responder]" in out
     # the keys stay private and every gateway decision is in the audit log
     audit = (tmp_path / "audit.jsonl").read_text()  # type: ignore[operator]
     assert audit.count('"event": "gateway.request"') == 4  # alice, expired, tampered, revoked
     assert audit.count('"event": "request"') >= 5  # the services' own decisions
+    in_txn = [json.loads(line) for line in audit.splitlines() if transaction in line]
+    assert {(r["event"], r.get("audience")) for r in in_txn} >= {
+        ("gateway.request", "orders"),
+        ("request", "orders"),
+        ("request", "payments"),
+    }
     assert not re.search(r"[\w-]{16,}\.[\w-]{16,}\.[\w-]{16,}", audit + out), "a token reached the log or the report"
     assert oct((tmp_path / "orders.pem").stat().st_mode & 0o777) == "0o600"  # type: ignore[operator]
 

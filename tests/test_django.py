@@ -251,3 +251,15 @@ def test_under_a_real_asgi_server(live: Mesh, configure: Any, serve_asgi: Any) -
     assert outside_policy.status_code == 403  # the policy covers /charges only
     assert sync_view.status_code == 200 and sync_view.json() == {"caller": "orders"}
     assert climbing.status_code == 400 and climbing.json()["reason"] == "bad_path"
+
+
+def test_txn_token_header(live: Mesh, configure: Any) -> None:
+    configure(VERIFIER=meshauth.Verifier("payments", live.keys, txn_issuers=("billing",), clock=live.clock))
+    txn = live.identity("billing").issue_txn_token("alice")
+    token = live.identity("orders").token_for("payments", txn_token=txn)
+    response = Client().post("/charges", HTTP_TXN_TOKEN=txn, **bearer(token))
+    assert response.status_code == 200 and response.json() == {"caller": "orders"}
+    folded = Client().post("/charges", HTTP_TXN_TOKEN=f"{txn},{txn}", **bearer(token))
+    assert (folded.status_code, folded.json()["reason"]) == (401, "malformed")
+    unbound = Client().post("/charges", HTTP_TXN_TOKEN=txn, **bearer(live.identity("orders").token_for("payments")))
+    assert (unbound.status_code, unbound.json()["reason"]) == (401, "txn_mismatch")

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, WebSocket
+from txn_support import in_transaction
 
 import meshauth
 from meshauth.asgi import MeshAuthMiddleware
@@ -26,7 +27,7 @@ def build(mesh: Mesh, **middleware: Any) -> tuple[FastAPI, list[str]]:
     @api.get("/whoami")
     def whoami(principal: CurrentPrincipal) -> dict[str, Any]:
         handled.append("whoami")
-        return {"caller": principal.caller, "subject": principal.subject, "actors": list(principal.actors)}
+        return {"caller": principal.caller, "subject": principal.subject, "txn_issuer": principal.txn_issuer}
 
     @api.post("/charges")
     def charge(principal: meshauth.Principal = Depends(charges_writer)) -> dict[str, str]:  # noqa: B008 - FastAPI idiom
@@ -71,9 +72,8 @@ def bearer(token: str) -> list[tuple[str, str]]:
 
 def test_current_principal(mesh: Mesh) -> None:
     api, handled = build(mesh)
-    token = mesh.identity("orders").mint("payments", subject="alice", actors=("gateway",))
-    response = call(api, "GET", "/whoami", bearer(token))
-    assert response.json() == {"caller": "orders", "subject": "alice", "actors": ["orders", "gateway"]}
+    response = call(api, "GET", "/whoami", list(in_transaction(mesh, "orders", "payments").items()))
+    assert response.json() == {"caller": "orders", "subject": "alice", "txn_issuer": "gateway"}
     assert handled == ["whoami"]
 
 

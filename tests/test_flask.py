@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from flask import Flask, g
+from txn_support import in_transaction
 
 import meshauth
 from meshauth.flask import MeshAuth, current_principal, require
@@ -60,8 +61,7 @@ def auth_header(token: str) -> dict[str, str]:
 
 def test_principal_in_g(mesh: Mesh) -> None:
     app, handled = build(mesh)
-    token = mesh.identity("orders").mint("payments", subject="alice", actors=("gateway",))
-    response = app.test_client().get("/whoami", headers=auth_header(token))
+    response = app.test_client().get("/whoami", headers=in_transaction(mesh, "orders", "payments"))
     assert response.get_json() == {"caller": "orders", "subject": "alice"}
     assert handled == ["whoami"]
 

@@ -298,7 +298,10 @@ class Harness:
     def upstream_principal(self, seen: Seen, service: str = "orders") -> meshauth.Principal:
         (authorization,) = seen.header("authorization")
         assert authorization.startswith("Bearer ")
-        return meshauth.Verifier(service, self.registry, clock=self.clock).verify(authorization[7:])
+        txn = seen.header("txn-token")
+        assert len(txn) <= 1
+        verifier = meshauth.Verifier(service, self.registry, clock=self.clock)
+        return verifier.verify(authorization[7:], txn[0] if txn else None)
 
 
 @pytest.fixture
@@ -327,7 +330,8 @@ def test_alice_reaches_orders_with_a_delegated_token(harness: Harness) -> None:
     principal = harness.upstream_principal(seen)
     assert principal.subject == "alice"
     assert principal.caller == "gateway"
-    assert principal.actors == ("gateway",)
+    assert principal.txn_issuer == "gateway" and principal.transaction
+    assert principal.context == {"groups": ("staff",), "idp": IDP}
     assert principal.audience == "orders"
     assert principal.scopes == frozenset({"orders:read", "orders:write"})
     assert principal.expires_at - principal.issued_at <= 300
@@ -344,7 +348,8 @@ def test_alice_reaches_orders_with_a_delegated_token(harness: Harness) -> None:
     (record,) = harness.audit()
     assert record["event"] == "gateway.request"
     assert (record["outcome"], record["reason"], record["status"]) == ("accepted", "ok", 200)
-    assert record["subject"] == "alice" and record["issuer"] == IDP and record["actors"] == ["gateway"]
+    assert record["subject"] == "alice" and record["issuer"] == IDP and record["txn_issuer"] == "gateway"
+    assert record["transaction"] == principal.transaction
     assert record["audience"] == "orders" and record["route"] == "/orders" and record["kid"] == "rsa-1"
     assert record["jti"] == "user-jti-1" and record["method"] == "GET" and record["path"] == "/orders/42"
     assert record["client"] == PEER[0]
@@ -655,9 +660,10 @@ def test_forged_identity_and_hop_by_hop_headers_are_dropped(harness: Harness) ->
         "x-client-ip",
         "true-client-ip",
         "x-meshauth-principal",
-        "txn-token",
     ):
         assert dropped not in names, dropped
+    # The client's forged Txn-Token is dropped: the one upstream is the gateway's own, issued for alice.
+    assert seen.header("txn-token") != ["forged"] and len(seen.header("txn-token")) == 1
     assert seen.header("x-custom") == ["kept"]
     assert seen.header("x-forwarded-for") == [PEER[0]]
     assert seen.header("x-forwarded-host") == ["gateway.test"]
@@ -801,14 +807,16 @@ def test_spans_with_an_sdk(harness: Harness, telemetry: Any) -> None:
 def test_service_tokens_on_routes_that_accept_them(harness: Harness) -> None:
     payments = meshauth.ServiceIdentity("payments", harness.payments_key, clock=harness.clock)
     plain = payments.token_for("gateway")
-    delegated = payments.mint("gateway", subject="carol", actors=("checkout",), scope="refunds")
+    gateway_identity = meshauth.ServiceIdentity("gateway", harness.gateway_key, clock=harness.clock)
+    carol_txn = gateway_identity.issue_txn_token("carol", scope="refunds")
+    delegated = payments.mint("gateway", scope="refunds", txn_token=carol_txn)
     for_orders = payments.token_for("orders")
     gateway = harness.gateway()
 
     async def scenario(client: httpx.AsyncClient) -> list[httpx.Response]:
         return [
             await client.get("/billing/x", headers={"Authorization": f"Bearer {plain}"}),
-            await client.get("/billing/y", headers={"Authorization": f"Bearer {delegated}"}),
+            await client.get("/billing/y", headers={"Authorization": f"Bearer {delegated}", "Txn-Token": carol_txn}),
             await client.get("/orders", headers={"Authorization": f"Bearer {plain}"}),
             await client.get("/billing/z", headers={"Authorization": f"Bearer {for_orders}"}),
         ]
@@ -817,9 +825,11 @@ def test_service_tokens_on_routes_that_accept_them(harness: Harness) -> None:
     assert ok_plain.status_code == 200 and ok_delegated.status_code == 200
     first, second = harness.upstream.seen
     p1 = harness.upstream_principal(first, "billing")
-    assert (p1.caller, p1.subject, p1.actors) == ("gateway", "payments", ("gateway",))
+    assert (p1.caller, p1.subject, p1.transaction) == ("gateway", "gateway", None)
     p2 = harness.upstream_principal(second, "billing")
-    assert (p2.subject, p2.actors, p2.scopes) == ("carol", ("gateway", "payments", "checkout"), frozenset({"refunds"}))
+    assert (p2.caller, p2.subject, p2.scopes) == ("gateway", "carol", frozenset({"refunds"}))
+    # The Txn-Token that came with the service token is forwarded unchanged, never re-issued.
+    assert second.header("txn-token") == [carol_txn] and first.header("txn-token") == []
     # Service tokens carry no user token to forward.
     assert first.header("x-forwarded-authorization") == []
     assert not_here.status_code == 401 and not_here.json()["reason"] == "wrong_type"
@@ -828,7 +838,7 @@ def test_service_tokens_on_routes_that_accept_them(harness: Harness) -> None:
     records = harness.audit()
     assert {r["event"] for r in records} == {"gateway.request"}
     assert [r["reason"] for r in records] == ["ok", "ok", "wrong_type", "wrong_audience"]
-    assert records[0]["caller"] == "payments" and records[1]["actors"] == ["gateway", "payments", "checkout"]
+    assert records[0]["caller"] == "payments" and records[1]["transaction"] == p2.transaction
     assert records[3]["caller"] == "payments"
 
 

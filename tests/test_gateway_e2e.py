@@ -1,15 +1,17 @@
-"""End to end on loopback: real processes for the IdP key set, the gateway and two upstream services.
+"""End to end on loopback: real processes for the IdP key set, the gateway and three upstream services.
 
 The IdP's JWKS is served over HTTP by ``python -m http.server``; the gateway
-runs as ``python -m meshauth.gateway --config ...``; ``orders`` and
-``inventory`` are ``tests/e2e_service.py`` (meshauth ASGI middleware in front
-of an echo app) under uvicorn.
+runs as ``python -m meshauth.gateway --config ...``; ``orders``,
+``inventory`` and ``payments`` (which ``orders`` calls inside the user's
+transaction) are ``tests/e2e_service.py`` (meshauth ASGI middleware in front
+of an echo app) under uvicorn, each writing its own audit log.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,8 +117,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     directory = tmp_path_factory.mktemp("gateway-e2e")
-    keys = {name: meshauth.SigningKey.generate() for name in ("gateway", "orders", "inventory")}
+    keys = {name: meshauth.SigningKey.generate() for name in ("gateway", "orders", "inventory", "payments")}
     (directory / "gateway.pem").write_bytes(keys["gateway"].to_pem())
+    (directory / "orders.pem").write_bytes(keys["orders"].to_pem())
     registry = {"keys": [key.public_jwk(iss=name) for name, key in keys.items()]}
     (directory / "registry.json").write_text(json.dumps(registry))
     idp_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -124,7 +127,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     jwk = {**jwt.algorithms.RSAAlgorithm.to_jwk(idp_key.public_key(), as_dict=True), "kid": "idp-key-1", "use": "sig"}
     (directory / "idp" / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
 
-    ports = {name: free_port() for name in ("idp", "gateway", "orders", "inventory", "down")}
+    ports = {name: free_port() for name in ("idp", "gateway", "orders", "inventory", "payments", "down")}
     config = f"""
 listen = "127.0.0.1:{ports["gateway"]}"
 service = "gateway"
@@ -173,7 +176,16 @@ service = "orders"
             ],
             directory / "idp.log",
         )
-        for name in ("orders", "inventory"):
+        extra = {
+            "orders": [
+                "--key",
+                str(directory / "orders.pem"),
+                "--call",
+                f"payments=http://127.0.0.1:{ports['payments']}",
+            ],
+            "payments": ["--delegators", "gateway,orders"],
+        }
+        for name in ("orders", "inventory", "payments"):
             result.processes[name] = start(
                 [
                     python,
@@ -184,6 +196,9 @@ service = "orders"
                     str(ports[name]),
                     "--registry",
                     str(directory / "registry.json"),
+                    "--audit",
+                    str(directory / f"{name}-audit.jsonl"),
+                    *extra.get(name, []),
                 ],
                 directory / f"{name}.log",
             )
@@ -191,7 +206,7 @@ service = "orders"
             [python, "-m", "meshauth.gateway", "--config", str(directory / "gateway.toml")], directory / "gateway.log"
         )
         wait_until_up(f"http://127.0.0.1:{ports['idp']}/jwks.json", result.processes["idp"])
-        for name in ("orders", "inventory"):
+        for name in ("orders", "inventory", "payments"):
             wait_until_up(f"http://127.0.0.1:{ports[name]}/healthz", result.processes[name])
         wait_until_up(f"{result.gateway_url}/readyz", result.processes["gateway"])
         yield result
@@ -215,13 +230,39 @@ def test_alice_reaches_orders_as_herself_via_the_gateway(mesh: Mesh) -> None:
     assert response.status_code == 200, response.text
     seen = response.json()
     assert seen["service"] == "orders"
-    assert seen["subject"] == "alice" and seen["caller"] == "gateway" and seen["actors"] == ["gateway"]
+    assert seen["subject"] == "alice" and seen["caller"] == "gateway" and seen["txn_issuer"] == "gateway"
+    assert isinstance(seen["transaction"], str) and len(seen["transaction"]) >= 22
     assert seen["path"] == "/orders/42" and seen["query"] == "expand=items"
     assert seen["x_forwarded_for"] == "127.0.0.1" and seen["leaked_user_token"] is False
     assert seen["traceparent"].split("-")[1] == tid
     record = mesh.audit_record(tid)
     assert (record["outcome"], record["reason"], record["status"]) == ("accepted", "ok", 200)
-    assert record["subject"] == "alice" and record["audience"] == "orders" and record["actors"] == ["gateway"]
+    assert record["subject"] == "alice" and record["audience"] == "orders"
+    assert (record["transaction"], record["txn_issuer"]) == (seen["transaction"], "gateway")
+
+
+def test_one_transaction_id_in_the_gateway_orders_and_payments_audit_logs(mesh: Mesh) -> None:
+    """alice -> gateway -> orders -> payments: the gateway issues one Txn-Token, every hop logs its id."""
+    tid = trace_id()
+    response = mesh.get("/orders/checkout", mesh.user_token(), tid)
+    assert response.status_code == 200, response.text
+    seen = response.json()
+    transaction = seen["transaction"]
+    assert (seen["caller"], seen["subject"], seen["txn_issuer"]) == ("gateway", "alice", "gateway")
+    charged = seen["payments"]
+    assert (charged["caller"], charged["subject"], charged["txn_issuer"]) == ("orders", "alice", "gateway")
+    assert charged["transaction"] == transaction
+    assert mesh.audit_record(tid)["transaction"] == transaction
+    for name, caller in (("orders", "gateway"), ("payments", "orders")):
+        log = mesh.dir / f"{name}-audit.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines() if transaction in line]
+        assert [(r["event"], r["outcome"], r["caller"], r["subject"]) for r in records] == [
+            ("request", "accepted", caller, "alice")
+        ], name
+        assert records[0]["transaction"] == transaction and records[0]["txn_issuer"] == "gateway"
+    # The Txn-Token itself is in no log.
+    for log in mesh.dir.glob("*audit.jsonl"):
+        assert not re.search(r"[\w-]{16,}\.[\w-]{16,}\.[\w-]{16,}", log.read_text()), log.name
 
 
 def test_second_upstream_and_group_policy(mesh: Mesh) -> None:

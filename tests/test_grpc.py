@@ -97,7 +97,7 @@ def _aio_handlers() -> list[Any]:
 
 @pytest.fixture
 def live() -> Mesh:
-    return Mesh(["orders", "payments", "billing"])
+    return Mesh(["orders", "payments", "billing", "gateway"])
 
 
 @pytest.fixture
@@ -183,11 +183,12 @@ def test_excluded_methods_and_delegation(live: Mesh, serve: Any) -> None:
     address = serve(MeshAuthInterceptor(live.verifier("payments"), exclude=["/grpc.health.v1.Health/*"]))
     with grpc.insecure_channel(address) as plain:
         assert plain.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10) == b"SERVING"
-    inbound = live.verifier("orders").verify(live.identity("billing").token_for("orders"))
+    txn = live.identity("gateway").issue_txn_token("alice")
+    inbound = live.verifier("orders").verify(live.identity("gateway").token_for("orders", txn_token=txn), txn)
     onward = MeshAuthClientInterceptor(live.identity("orders"), "payments", on_behalf_of=inbound)
     with grpc.intercept_channel(grpc.insecure_channel(address), onward) as channel:
         answer = _body(channel.unary_unary(CHARGE)(b"", timeout=10))
-    assert (answer["caller"], answer["subject"]) == ("orders", "billing")
+    assert (answer["caller"], answer["subject"]) == ("orders", "alice")
 
 
 def test_call_credentials_on_a_local_channel(live: Mesh, serve: Any) -> None:
@@ -282,20 +283,19 @@ def test_concurrent_calls_each_see_their_own_caller(live: Mesh, serve: Any, audi
 
 
 def test_on_behalf_of_forwards_the_txn_token(live: Mesh, serve: Any) -> None:
-    import dataclasses
-
-    @dataclasses.dataclass(frozen=True)
-    class InTransaction(meshauth.Principal):
-        txn_token: str = ""
-
     address = serve(MeshAuthInterceptor(live.verifier("payments")))
-    inbound = live.verifier("orders").verify(live.identity("billing").token_for("orders"))
-    fields = {f.name: getattr(inbound, f.name) for f in dataclasses.fields(inbound)}
-    inside = InTransaction(**fields, txn_token="txn.token.value")
-    onward = MeshAuthClientInterceptor(live.identity("orders"), "payments", on_behalf_of=inside)
+    txn = live.identity("gateway").issue_txn_token("alice")
+    inbound = live.verifier("orders").verify(live.identity("gateway").token_for("orders", txn_token=txn), txn)
+    onward = MeshAuthClientInterceptor(live.identity("orders"), "payments", on_behalf_of=inbound)
     with grpc.intercept_channel(grpc.insecure_channel(address), onward) as channel:
         answer = _body(channel.unary_unary("/meshauth.test.Txn/Echo")(b"", timeout=10))
-    assert answer == {"caller": "orders", "txn-token": "txn.token.value"}
+    assert answer == {"caller": "orders", "txn-token": txn}
+    # Two txn-token entries are malformed.
+    doubled = [("authorization", "Bearer " + live.identity("orders").token_for("payments", txn_token=txn)),
+               ("txn-token", txn), ("txn-token", txn)]  # fmt: skip
+    with grpc.insecure_channel(address) as channel:
+        code, body, _ = _refusal(lambda: channel.unary_unary(CHARGE)(b"", timeout=10, metadata=doubled))
+    assert (code, body["reason"]) == (grpc.StatusCode.UNAUTHENTICATED, "malformed")
 
 
 def test_a_replayed_token_is_renewed_once_and_a_wrong_audience_is_logged(

@@ -991,19 +991,27 @@ def test_loopback_man_in_the_middle_is_detected(
         asyncio.run(run())
 
 
-def test_on_behalf_of_forwards_the_inbound_subject_and_chain() -> None:
+def test_on_behalf_of_forwards_and_binds_the_txn_token() -> None:
     mesh = Mesh(["gateway", "orders", "payments"])
-    inbound = mesh.verifier("orders").verify(mesh.identity("gateway").mint("orders", subject="alice"))
+    txn = mesh.identity("gateway").issue_txn_token("alice", scope="charges:write")
+    inbound = mesh.verifier("orders").verify(mesh.identity("gateway").token_for("orders", txn_token=txn), txn)
     seen: list[meshauth.Principal] = []
 
     def payments(request: httpx.Request) -> httpx.Response:
-        seen.append(mesh.verifier("payments").verify(bearer(request)))
+        seen.append(mesh.verifier("payments").verify(bearer(request), request.headers.get("txn-token")))
         return httpx.Response(200)
 
     auth = meshauth.ServiceAuth(mesh.identity("orders"), audience="payments", on_behalf_of=inbound)
     with httpx.Client(auth=auth, transport=httpx.MockTransport(payments)) as client:
         client.get("https://payments.internal/a")
         client.get("https://payments.internal/b")
-    assert [(p.caller, p.subject, p.actors) for p in seen] == [("orders", "alice", ("orders", "gateway"))] * 2
-    assert seen[0].token_id != seen[1].token_id  # minted per request, never from the shared cache
-    assert auth.fresh_tokens
+
+    async def run() -> None:
+        async with httpx.AsyncClient(auth=auth, transport=httpx.MockTransport(payments)) as client:
+            await client.get("https://payments.internal/c")
+
+    asyncio.run(run())
+    assert [(p.caller, p.subject, p.txn_issuer) for p in seen] == [("orders", "alice", "gateway")] * 3
+    assert {p.transaction for p in seen} == {inbound.transaction} and seen[0].scopes == {"charges:write"}
+    assert seen[0].token_id == seen[1].token_id == seen[2].token_id  # cached per (audience, Txn-Token)
+    assert not auth.fresh_tokens

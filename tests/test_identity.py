@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,6 +11,7 @@ import jwt
 import pytest
 
 import meshauth
+from meshauth._jws import b64url_decode
 from meshauth.testing import FakeClock, Mesh
 
 
@@ -86,43 +88,32 @@ def test_mint_is_always_fresh(mesh: Mesh) -> None:
     assert orders.mint("payments") != orders.mint("payments")
 
 
-def test_mint_delegated_builds_the_actor_chain(mesh: Mesh) -> None:
+def test_service_tokens_carry_no_user(mesh: Mesh) -> None:
+    """Version 2: sub is always the service itself; a user travels in a Txn-Token, bound by tth."""
     orders = mesh.identity("orders")
-    token = orders.mint("payments", subject="alice", actors=("gateway",), scope=["charges:write", "read"])
-    claims = _claims(token)
-    assert claims["sub"] == "alice"
-    assert claims["act"] == {"sub": "orders", "act": {"sub": "gateway"}}
-    assert claims["scope"] == "charges:write read"
-    principal = mesh.verifier("payments").verify(token)
-    assert principal.actors == ("orders", "gateway")
-    assert principal.subject == "alice" and principal.delegated
-    assert principal.scopes == {"charges:write", "read"}
+    txn = mesh.identity("gateway").issue_txn_token("alice")
+    claims = json.loads(b64url_decode(orders.mint("payments", txn_token=txn).split(".")[1], "payload"))
+    assert claims["sub"] == claims["iss"] == "orders" and "act" not in claims and len(claims["tth"]) == 43
+    with pytest.raises(TypeError):
+        orders.mint("payments", subject="alice")  # type: ignore[call-arg]
 
 
-def test_gateway_acting_for_a_user(mesh: Mesh) -> None:
-    token = mesh.identity("gateway").mint("orders", subject="alice")
-    assert _claims(token)["act"] == {"sub": "gateway"}
-    principal = mesh.verifier("orders").verify(token)
-    assert principal.actors == ("gateway",)
-
-
-def test_on_behalf_of_continues_the_chain(mesh: Mesh) -> None:
-    inbound = mesh.verifier("orders").verify(mesh.identity("gateway").mint("orders", subject="alice"))
-    outbound = mesh.identity("orders").on_behalf_of(inbound, "payments")
-    principal = mesh.verifier("payments").verify(outbound)
-    assert principal.subject == "alice"
-    assert principal.actors == ("orders", "gateway")
+def test_on_behalf_of_binds_the_inbound_txn_token(mesh: Mesh) -> None:
+    txn = mesh.identity("gateway").issue_txn_token("alice")
+    inbound = mesh.verifier("orders").verify(mesh.identity("gateway").token_for("orders", txn_token=txn), txn)
+    onward = mesh.identity("orders").on_behalf_of(inbound, "payments")
+    principal = mesh.verifier("payments").verify(onward, txn)
+    assert (principal.caller, principal.subject, principal.transaction) == ("orders", "alice", inbound.transaction)
+    assert mesh.identity("orders").on_behalf_of(inbound, "payments") == onward  # cached per Txn-Token
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
         ({"audience": ""}, ValueError),
-        ({"audience": "payments", "subject": ""}, ValueError),
-        ({"audience": "payments", "actors": "gateway"}, TypeError),
-        ({"audience": "payments", "actors": ("gateway",)}, ValueError),  # actors without another subject
-        ({"audience": "payments", "subject": "alice", "actors": ("orders",)}, ValueError),  # loop
-        ({"audience": "payments", "subject": "alice", "actors": ("a", "b", "c", "d")}, ValueError),  # too long
+        ({"audience": "payments", "subject": "alice"}, TypeError),  # removed in version 2
+        ({"audience": "payments", "actors": ("gateway",)}, TypeError),  # removed in version 2
+        ({"audience": "payments", "txn_token": "caf\u00e9"}, ValueError),  # not ASCII
         ({"audience": "payments", "scope": ["two words"]}, ValueError),
         ({"audience": "payments", "ttl": 0}, ValueError),
     ],

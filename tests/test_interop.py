@@ -93,7 +93,8 @@ def test_meshauth_tokens_verify_with_pyjwt(alg: str) -> None:
     assert all("iss" in entry and entry["use"] == "sig" for entry in doc["keys"])
     # PyJWT checks iat/exp against the real clock: mint at the real time.
     orders = ServiceIdentity("orders", key, clock=FakeClock(time.time()))
-    token = orders.mint("payments", subject="alice", actors=("gateway",), scope="charges:write")
+    txn = ServiceIdentity("gateway", other, clock=FakeClock(time.time())).issue_txn_token("alice")
+    token = orders.mint("payments", scope="charges:write", txn_token=txn)
 
     header = jwt.get_unverified_header(token)
     assert header == {"alg": alg, "kid": key.kid, "typ": "meshauth+jwt"}  # nothing else is minted
@@ -106,8 +107,8 @@ def test_meshauth_tokens_verify_with_pyjwt(alg: str) -> None:
         issuer="orders",
         options={"require": REQUIRED},
     )
-    assert claims["sub"] == "alice"
-    assert claims["act"] == {"sub": "orders", "act": {"sub": "gateway"}}
+    assert claims["sub"] == "orders" and "act" not in claims
+    assert claims["tth"] == base64.urlsafe_b64encode(hashlib.sha256(txn.encode()).digest()).rstrip(b"=").decode()
     assert claims["scope"] == "charges:write"
     # A single entry through PyJWK, with the extra registry members present.
     single = jwt.PyJWK(key.public_jwk(iss="orders", nbf=0, exp=2**40))
@@ -120,7 +121,7 @@ def test_meshauth_tokens_verify_with_joserfc(alg: str) -> None:
     other = SigningKey.generate("EdDSA")
     doc = registry_for((other, "billing"), (key, "orders"))
     clock = FakeClock()
-    token = ServiceIdentity("orders", key, clock=clock).mint("payments", subject="alice", actors=("gateway",))
+    token = ServiceIdentity("orders", key, clock=clock).mint("payments")
 
     with joserfc_eddsa_ok(alg):
         keyset = jose_jwk.KeySet.import_key_set(doc)  # type: ignore[arg-type]
@@ -130,13 +131,13 @@ def test_meshauth_tokens_verify_with_joserfc(alg: str) -> None:
         now=int(clock()),
         iss={"essential": True, "value": "orders"},
         aud={"essential": True, "value": "payments"},
-        sub={"essential": True, "value": "alice"},
+        sub={"essential": True, "value": "orders"},
         jti={"essential": True},
         iat={"essential": True},
         exp={"essential": True},
     )
     registry.validate(decoded.claims)
-    assert decoded.claims["act"] == {"sub": "orders", "act": {"sub": "gateway"}}
+    assert "act" not in decoded.claims
 
 
 @ALGS
@@ -165,7 +166,7 @@ def test_pyjwt_minted_tokens_verify_with_meshauth(alg: str) -> None:
     claims = profile_claims(int(clock()), scope="charges:read charges:write")
     token = jwt.encode(claims, pem, algorithm=alg, headers={"kid": key.kid, "typ": "meshauth+jwt"})
     principal = _verifier(key, clock).verify(token)
-    assert (principal.caller, principal.subject, principal.actors) == ("orders", "orders", ())
+    assert (principal.caller, principal.subject, principal.transaction) == ("orders", "orders", None)
     assert principal.scopes == {"charges:read", "charges:write"}
     assert principal.token_id == claims["jti"]
     assert dict(principal.claims) == claims
@@ -196,27 +197,24 @@ def test_joserfc_minted_tokens_verify_with_meshauth(alg: str) -> None:
 
 
 @ALGS
-@pytest.mark.parametrize(
-    ("actors", "act"),
-    [
-        (("orders", "gateway"), {"sub": "orders", "act": {"sub": "gateway"}}),
-        (("orders",), {"sub": "orders"}),
-        (
-            ("orders", "billing", "gateway", "edge"),
-            {"sub": "orders", "act": {"sub": "billing", "act": {"sub": "gateway", "act": {"sub": "edge"}}}},
-        ),
-    ],
-)
-def test_pyjwt_minted_delegated_tokens(alg: str, actors: tuple[str, ...], act: dict[str, Any]) -> None:
-    key = SigningKey.generate(alg)
+def test_pyjwt_minted_txn_token_and_bound_service_token(alg: str) -> None:
+    """Another implementation's gateway and service: PyJWT mints both tokens, meshauth verifies the hop."""
+    key, gateway_key = SigningKey.generate(alg), SigningKey.generate(alg)
+    keys = StaticKeys.from_jwks({"keys": [key.public_jwk(iss="orders"), gateway_key.public_jwk(iss="gateway")]})
     clock = FakeClock()
-    claims = profile_claims(int(clock()), sub="alice", act=act)
-    token = jwt.encode(claims, key.to_pem(), algorithm=alg, headers={"kid": key.kid, "typ": "meshauth+jwt"})
-    principal = _verifier(key, clock).verify(token)
-    assert principal.subject == "alice"
-    assert principal.caller == "orders"
-    assert principal.actors == actors
-    assert principal.delegated
+    now = int(clock())
+    txn_claims = {"iss": "gateway", "aud": "meshauth", "iat": now, "exp": now + 300, "txn": "5f0c1c9e-uuid-ok"}
+    txn_claims.update({"sub": "alice", "scope": "charges:write", "req_wl": "gateway", "tctx": {"groups": ["staff"]}})
+    txn = jwt.encode(
+        txn_claims, gateway_key.to_pem(), algorithm=alg, headers={"kid": gateway_key.kid, "typ": "txntoken+jwt"}
+    )
+    tth = base64.urlsafe_b64encode(hashlib.sha256(txn.encode()).digest()).rstrip(b"=").decode()
+    token = jwt.encode(
+        profile_claims(now, tth=tth), key.to_pem(), algorithm=alg, headers={"kid": key.kid, "typ": "meshauth+jwt"}
+    )
+    principal = Verifier("payments", keys, clock=clock).verify(token, txn)
+    assert (principal.caller, principal.subject, principal.transaction) == ("orders", "alice", "5f0c1c9e-uuid-ok")
+    assert principal.txn_issuer == "gateway" and principal.delegated and principal.scopes == {"charges:write"}
 
 
 @ALGS

@@ -24,17 +24,18 @@ def principal(
     caller: str = "orders",
     *,
     subject: str | None = None,
-    actors: tuple[str, ...] | None = None,
+    transaction: str | None = None,
     scopes: tuple[str, ...] = (),
 ) -> Principal:
-    """A Principal as the verifier would build it (actors filled in when delegated)."""
+    """A Principal as the verifier would build it (inside a transaction when the subject is a user)."""
     subject = caller if subject is None else subject
-    if actors is None:
-        actors = (caller,) if subject != caller else ()
+    if transaction is None and subject != caller:
+        transaction = "txn-1"
     return Principal(
         caller=caller,
         subject=subject,
-        actors=actors,
+        transaction=transaction,
+        txn_issuer="gateway" if transaction is not None else None,
         audience="payments",
         scopes=frozenset(scopes),
         token_id="jti-1",
@@ -298,17 +299,17 @@ def test_unknown_delegator_is_denied_before_rules_and_default() -> None:
     assert "'orders'" in decision.detail
 
 
-def test_multi_hop_chain_needs_every_actor_to_be_a_delegator() -> None:
-    via_gateway = principal("orders", subject="alice", actors=("orders", "gateway"))
-    via_rogue = principal("orders", subject="alice", actors=("orders", "rogue"))
+def test_only_the_immediate_caller_counts_inside_a_transaction() -> None:
+    # Who the user is comes from the Txn-Token; the policy judges who is acting in the transaction now.
+    via_orders = principal("orders", subject="alice")
     policy = policy_of({}, delegators=["gateway", "orders"])
-    assert policy.decide(via_gateway, "GET", "/x").reason == "allowed"
-    decision = policy.decide(via_rogue, "GET", "/x")
-    assert decision.reason == "delegation_not_allowed"
-    assert "'rogue'" in decision.detail
-    # The newest actor counts too, not only the one that started the chain.
+    assert policy.decide(via_orders, "GET", "/x").reason == "allowed"
     only_gateway = policy_of({}, delegators=["gateway"])
-    assert only_gateway.decide(via_gateway, "GET", "/x").reason == "delegation_not_allowed"
+    decision = only_gateway.decide(via_orders, "GET", "/x")
+    assert decision.reason == "delegation_not_allowed" and "'orders'" in decision.detail
+    # A service calling inside a transaction for a user equal to its own name is still inside a transaction.
+    itself = principal("orders", subject="orders", transaction="txn-2")
+    assert only_gateway.decide(itself, "GET", "/x").reason == "delegation_not_allowed"
 
 
 def test_delegator_globs() -> None:
@@ -330,9 +331,12 @@ def test_plain_call_ignores_delegators() -> None:
     assert policy.decide(principal("orders"), "GET", "/").allowed
 
 
-def test_delegated_principal_without_actors_is_refused() -> None:
-    # Cannot come out of the verifier; must not pass "every actor" vacuously.
-    odd = principal("gateway", subject="alice", actors=())
+def test_a_user_subject_without_a_transaction_is_refused() -> None:
+    # Cannot come out of the verifier (sub must equal iss); must not pass as a plain call.
+    odd = Principal(
+        caller="gateway", subject="alice", audience="payments", scopes=frozenset(), token_id="j",
+        issued_at=0, expires_at=300, kid="k", alg="ES256", claims={},
+    )  # fmt: skip
     decision = policy_of({}, delegators=["*"]).decide(odd, "GET", "/")
     assert decision.reason == "delegation_not_allowed"
 

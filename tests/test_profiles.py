@@ -1,7 +1,8 @@
 """The hostile-token suite over every token profile of the engine.
 
 The same attacks run against service tokens (:class:`meshauth.Verifier`),
-response tokens (:class:`meshauth.ResponseVerifier`) and end users' IdP tokens
+response tokens (:class:`meshauth.ResponseVerifier`), Transaction Tokens (beside a
+service token bound to them) and end users' IdP tokens
 (``UserTokenVerifier``, with RS256, PS256 and ES256 keys), through both the
 sync and the async driver where the profile has both. Every token is built
 here, byte by byte, and signed with the real private key, so a refusal is the
@@ -122,6 +123,45 @@ def _service(clock: FakeClock) -> Target:
     )
 
 
+def _transaction(clock: FakeClock) -> Target:
+    """The Txn-Token profile, verified as it arrives: beside a service token of orders bound to it (tth)."""
+    mesh = Mesh(["orders", "payments", "gateway"], clock=clock)
+    key = mesh.signing_keys["gateway"]
+    orders = mesh.identity("orders")
+    now = int(clock())
+    verifier = mesh.verifier("payments", cache_size=0)
+    other = meshauth.SigningKey.generate("EdDSA")
+
+    def verify(token: str) -> Any:
+        return verifier.verify(orders.mint("payments", txn_token=token), token)
+
+    async def averify(token: str) -> Any:
+        return await verifier.averify(orders.mint("payments", txn_token=token), token)
+
+    return Target(
+        name="transaction",
+        header={"alg": "ES256", "kid": key.kid, "typ": "txntoken+jwt"},
+        claims={
+            "iss": "gateway",
+            "aud": "meshauth",
+            "iat": now,
+            "exp": now + 300,
+            "txn": "t" * 22,
+            "sub": "alice",
+            "scope": "orders:read",
+            "req_wl": "gateway",
+            "tctx": {"groups": ["staff"]},
+        },
+        sign=key.sign,
+        verifiers=[verify, lambda t: asyncio.run(averify(t))],
+        public_pem=key.public_jwk(iss="gateway")["x"].encode(),
+        alg="ES256",
+        swapped_alg="EdDSA",
+        sign_swapped=other.sign,
+        limit=8192,
+    )
+
+
 def _response(clock: FakeClock) -> Target:
     mesh = Mesh(["orders", "payments"], clock=clock)
     key = mesh.signing_keys["payments"]
@@ -198,7 +238,7 @@ def _idp(clock: FakeClock, alg: str) -> Target:
 
 
 _RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-PROFILES = ["service", "response", "idp-RS256", "idp-PS256", "idp-ES256"]
+PROFILES = ["service", "response", "transaction", "idp-RS256", "idp-PS256", "idp-ES256"]
 
 
 @pytest.fixture(params=PROFILES)
@@ -209,6 +249,8 @@ def target(request: pytest.FixtureRequest) -> Target:
         return _service(clock)
     if name == "response":
         return _response(clock)
+    if name == "transaction":
+        return _transaction(clock)
     return _idp(clock, name.split("-")[1])
 
 
@@ -304,8 +346,8 @@ def test_certificate_hints_are_ignored_for_identity_providers_only(target: Targe
 
 
 def test_token_kinds_never_cross(target: Target) -> None:
-    # A service token is not a response token, and neither is a user token (nor the reverse).
-    for typ in ("meshauth+jwt", "meshauth-response+jwt", "JWT", "at+jwt"):
+    # A service token is not a response token or a Txn-Token, and none is a user token (nor the reverse).
+    for typ in ("meshauth+jwt", "meshauth-response+jwt", "txntoken+jwt", "JWT", "at+jwt"):
         token = target.token({**target.header, "typ": typ})
         own = (
             typ.lower() in {t for t in (target.header["typ"].lower(), "jwt", "at+jwt")}

@@ -37,7 +37,7 @@ def _counting(app: Any, seen: list[str]) -> Any:
 
 @pytest.fixture
 def live() -> Mesh:
-    return Mesh(["orders", "payments", "billing"])
+    return Mesh(["orders", "payments", "billing", "gateway"])
 
 
 def test_calls_carry_a_token_the_callee_verifies(live: Mesh, serve_asgi: Callable[..., str]) -> None:
@@ -90,13 +90,22 @@ def test_audience_by_host_mapping(live: Mesh, serve_asgi: Callable[..., str]) ->
     assert caught.value.reason == "unknown_audience" and caught.value.actual == "localhost"
 
 
-def test_on_behalf_of_mints_per_request(live: Mesh, serve_asgi: Callable[..., str]) -> None:
+def _inbound_in_transaction(live: Mesh) -> meshauth.Principal:
+    """What orders' middleware verified: the gateway's call inside alice's transaction."""
+    txn = live.identity("gateway").issue_txn_token("alice")
+    return live.verifier("orders").verify(live.identity("gateway").token_for("orders", txn_token=txn), txn)
+
+
+def test_on_behalf_of_binds_each_call_to_the_transaction(live: Mesh, serve_asgi: Callable[..., str]) -> None:
     url = serve_asgi(MeshAuthMiddleware(Recorder(), live.verifier("payments")), lifespan="off")
-    inbound = live.verifier("orders").verify(live.identity("billing").token_for("orders"))
+    inbound = _inbound_in_transaction(live)
     auth = ServiceAuth(live.identity("orders"), audience="payments", on_behalf_of=inbound)
     response = requests.get(url + "/x", auth=auth, timeout=10)
-    assert response.json() == {"caller": "orders", "subject": "billing"}
-    assert auth.fresh_tokens
+    assert response.json() == {"caller": "orders", "subject": "alice"}
+    # Without a Txn-Token, the callee sees the service itself.
+    plain = ServiceAuth(live.identity("orders"), audience="payments", on_behalf_of=live.verifier("orders").verify(
+        live.identity("billing").token_for("orders")))  # fmt: skip
+    assert requests.get(url + "/x", auth=plain, timeout=10).json() == {"caller": "orders", "subject": "orders"}
 
 
 def test_bad_audience_argument() -> None:
@@ -105,12 +114,6 @@ def test_bad_audience_argument() -> None:
 
 
 def test_on_behalf_of_forwards_the_txn_token(live: Mesh, serve_asgi: Callable[..., str]) -> None:
-    import dataclasses
-
-    @dataclasses.dataclass(frozen=True)
-    class InTransaction(meshauth.Principal):
-        txn_token: str = ""
-
     seen: list[dict[bytes, bytes]] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -118,13 +121,12 @@ def test_on_behalf_of_forwards_the_txn_token(live: Mesh, serve_asgi: Callable[..
         await Recorder()(scope, receive, send)
 
     url = serve_asgi(MeshAuthMiddleware(app, live.verifier("payments")), lifespan="off")
-    inbound = live.verifier("orders").verify(live.identity("billing").token_for("orders"))
-    fields = {f.name: getattr(inbound, f.name) for f in dataclasses.fields(inbound)}
-    inside = InTransaction(**fields, txn_token="txn.token.value")
-    auth = ServiceAuth(live.identity("orders"), "payments", on_behalf_of=inside)
-    response = requests.get(url + "/x", auth=auth, timeout=10)
-    assert response.status_code == 200
-    assert seen[0][b"txn-token"] == b"txn.token.value"
+    inbound = _inbound_in_transaction(live)
+    auth = ServiceAuth(live.identity("orders"), "payments", on_behalf_of=inbound)
+    for _ in range(2):
+        assert requests.get(url + "/x", auth=auth, timeout=10).status_code == 200
+    assert seen[0][b"txn-token"] == inbound.txn_token.encode()  # type: ignore[union-attr]
+    assert seen[0][b"authorization"] == seen[1][b"authorization"]  # cached per (audience, Txn-Token)
 
 
 def test_audience_callable_fresh_tokens_and_streamed_bodies(live: Mesh, serve_asgi: Callable[..., str]) -> None:

@@ -139,12 +139,17 @@ def test_no_secret_in_any_signal(mesh: Mesh, telemetry: Any, caplog: pytest.LogC
     good = mesh.identity("orders").mint("payments")
     tampered = good[:-6] + ("AAAAAA" if not good.endswith("AAAAAA") else "BBBBBB")
     expired = meshauth.ServiceIdentity("orders", mesh.signing_keys["orders"], clock=lambda: 1_000).mint("payments")
-    tokens = [good, tampered, expired, mesh.identity("gateway").mint("payments", subject="alice")]
+    txn = mesh.identity("gateway").issue_txn_token("alice", context={"groups": ["staff"]})
+    bound = mesh.identity("gateway").mint("payments", txn_token=txn)
+    tokens = [good, tampered, expired, bound, txn]
     errors: list[str] = []
-    for token in tokens:
-        _call(telemetry, base_url, None, {"Authorization": f"Bearer {token}"})
+    for token, txn_token in [(good, None), (tampered, None), (expired, None), (bound, txn), (bound, None), (txn, txn)]:
+        headers = {"Authorization": f"Bearer {token}"}
+        if txn_token is not None:
+            headers["Txn-Token"] = txn_token
+        _call(telemetry, base_url, None, headers)
         try:
-            meshauth.Verifier("billing", mesh.keys, clock=mesh.clock).verify(token)
+            meshauth.Verifier("billing", mesh.keys, clock=mesh.clock).verify(token, txn_token)
         except meshauth.MeshAuthError as error:
             errors.append(f"{error} {error!r} {error.detail} {error.expected} {error.actual}")
 

@@ -23,7 +23,7 @@ def test_verify_returns_the_principal(mesh: Mesh, clock: FakeClock) -> None:
     token = mesh.identity("orders").token_for("payments", scope="charges:write refunds")
     principal = mesh.verifier("payments").verify(token)
     assert principal.caller == principal.subject == "orders"
-    assert principal.actors == () and not principal.delegated
+    assert principal.transaction is None and principal.txn_issuer is None and not principal.delegated
     assert principal.audience == "payments"
     assert principal.scopes == {"charges:write", "refunds"}
     assert principal.scope == "charges:write refunds"
@@ -240,13 +240,14 @@ def test_verify_span_is_a_child_of_the_current_span(mesh: Mesh, telemetry) -> No
 
 
 def test_one_audit_record_per_verify_call(mesh: Mesh, audit_log) -> None:  # type: ignore[no-untyped-def]
-    token = mesh.identity("gateway").mint("payments", subject="alice")
+    txn = mesh.identity("gateway").issue_txn_token("alice")
+    token = mesh.identity("gateway").mint("payments", txn_token=txn)
     verifier = mesh.verifier("payments")
-    verifier.verify(token)
-    verifier.verify(token)
+    verifier.verify(token, txn)
+    verifier.verify(token, txn)
     with pytest.raises(meshauth.TokenError):
         verifier.verify(token[:-4] + "AAAA")
-    verifier.verify(token, audit=False)
+    verifier.verify(token, txn, audit=False)
     with pytest.raises(meshauth.TokenError):
         verifier.verify(token[:-4] + "AAAA", audit=False)
     records = audit_log.records()
@@ -254,7 +255,7 @@ def test_one_audit_record_per_verify_call(mesh: Mesh, audit_log) -> None:  # typ
     accepted = records[0].meshauth  # type: ignore[attr-defined]
     assert accepted["event"] == "verify" and accepted["reason"] == "ok"
     assert accepted["caller"] == "gateway" and accepted["subject"] == "alice"
-    assert accepted["actors"] == ["gateway"] and accepted["audience"] == "payments"
+    assert accepted["txn_issuer"] == "gateway" and accepted["transaction"] and accepted["audience"] == "payments"
     assert accepted["jti"] and accepted["kid"] == mesh.signing_keys["gateway"].kid
     assert {"method", "path", "client", "trace_id", "span_id", "time"} <= set(accepted)
     rejected = records[2].meshauth  # type: ignore[attr-defined]
@@ -289,8 +290,8 @@ def test_unexpected_internal_errors_fail_closed(mesh: Mesh) -> None:
 def test_fast_principal_construction_equals_the_dataclass() -> None:
     from meshauth._principal import make_principal
 
-    args = ("orders", "alice", ("orders", "gateway"), "payments", frozenset({"a"}), "j", 1, 2, "k", "ES256", {"x": 1})
-    fast, slow = make_principal(*args), meshauth.Principal(*args)
+    args = ("orders", "payments", frozenset({"a"}), "j", 1, 2, "k", "ES256", {"x": 1})
+    fast, slow = make_principal(*args), meshauth.Principal(args[0], args[0], *args[1:])
     assert fast == slow and repr(fast) == repr(slow) and hash(fast) == hash(slow)
     with pytest.raises(AttributeError):
         fast.caller = "mallory"  # type: ignore[misc]

@@ -392,3 +392,21 @@ def test_real_server_on_loopback(mesh: Mesh, app: App, token: str, serve: Callab
         missing = http.get("/charges")
         assert (missing.status_code, missing.headers["www-authenticate"]) == (401, REALM)
     assert len(app.environs) == 1
+
+
+def test_txn_token_header(mesh: Mesh, app: App, audit_log: Any) -> None:
+    txn = mesh.identity("gateway").issue_txn_token("alice")
+    token = mesh.identity("gateway").token_for("payments", txn_token=txn)
+    wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"))
+    inside = run(wrapped, environ_for(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_TXN_TOKEN=txn))
+    assert inside.status == "200 OK"
+    principal = app.environs[0]["meshauth.principal"]
+    assert (principal.subject, principal.txn_issuer, principal.txn_token) == ("alice", "gateway", txn)
+    # Two Txn-Token headers arrive folded with a comma (PEP 3333): malformed.
+    folded = run(wrapped, environ_for(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_TXN_TOKEN=f"{txn},{txn}"))
+    assert folded.status.startswith("401") and folded.json()["reason"] == "malformed"
+    # The bound token without its Txn-Token.
+    missing = run(wrapped, environ_for(HTTP_AUTHORIZATION=f"Bearer {token}"))
+    assert missing.json()["reason"] == "missing_txn_token"
+    assert [r.meshauth["transaction"] for r in audit_log] == [principal.transaction, None, None]
+    audit_log.assert_no_secret(txn)

@@ -20,7 +20,12 @@ HERE = Path(__file__).resolve().parent
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     principal = scope["meshauth.principal"]
     body = json.dumps(
-        {"path": scope["path"], "subject": principal.subject, "caller": principal.caller, "actors": principal.actors}
+        {
+            "path": scope["path"],
+            "subject": principal.subject,
+            "caller": principal.caller,
+            "transaction": principal.transaction,
+        }
     ).encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})

@@ -155,7 +155,8 @@ def payments_app(name: str) -> App:
                 "service": name,
                 "charged_for": principal.subject,
                 "caller": principal.caller,
-                "actors": list(principal.actors),
+                "transaction": principal.transaction,
+                "txn_issuer": principal.txn_issuer,
             },
         )
 
@@ -173,8 +174,8 @@ def orders_app(identity: ServiceIdentity, payments_url: str, responses: Response
             client = httpx.AsyncClient(base_url=payments_url, timeout=10)
             tracing.instrument(client)
             clients.append(client)
-        # Delegation: the token for payments carries alice as subject and the
-        # chain orders <- gateway; mutual auth proves payments answered.
+        # Delegation: alice's Txn-Token (issued by the gateway) goes to payments
+        # unchanged, bound to orders' own token; mutual auth proves payments answered.
         auth = ServiceAuth(identity, "payments", verify_responses=responses, on_behalf_of=principal)
         try:
             answer = await clients[0].post("/charges", json={"amount": 42}, auth=auth)
@@ -394,7 +395,7 @@ def _span_label(span: Any) -> str:
     if outcome:
         reason = attributes.get("meshauth.reason")
         parts.append(f"[{outcome}{': ' + str(reason) if reason and reason != 'ok' else ''}]")
-    for key in ("meshauth.caller", "meshauth.subject", "meshauth.audience"):
+    for key in ("meshauth.caller", "meshauth.subject", "meshauth.audience", "meshauth.transaction"):
         if key in attributes:
             parts.append(f"{key.split('.')[1]}={attributes[key]}")
     status = attributes.get("http.response.status_code", attributes.get("http.status_code"))
@@ -456,9 +457,9 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: 
             note = ""
             if response.status_code == 200:
                 payments = response.json()["payments"]
-                chain = " <- ".join([payments["caller"], *payments["actors"][1:]])
                 note = (
-                    f"payments charged {payments['charged_for']} for the chain {chain}; "
+                    f"payments charged {payments['charged_for']} called by {payments['caller']} inside transaction "
+                    f"{payments['transaction']} (Txn-Token from {payments['txn_issuer']}); "
                     f"its answer was signed by {response.json()['response_signed_by']}"
                 )
             return response.status_code, _reason(response), note
@@ -481,6 +482,20 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: 
             return response.status_code, _reason(response), "a token for payments, replayed to orders"
 
         scenario("a token replayed to another service is refused", "401 wrong_audience", replayed)
+
+        def orders_for_ceo() -> tuple[int, str, str]:
+            # orders holds a key and may delegate, but it cannot assert a user: it is not a Txn-Token issuer.
+            orders = world.identities["orders"]
+            forged = orders.issue_txn_token("ceo", scope="charges:write")
+            token = orders.mint("payments", txn_token=forged)
+            response = client.post(
+                world.payments_url + "/charges",
+                json={"amount": 1_000_000},
+                headers={"Authorization": f"Bearer {token}", "Txn-Token": forged},
+            )
+            return response.status_code, _reason(response), "orders signed a Txn-Token for ceo itself"
+
+        scenario("orders acting for ceo on its own is refused", "401 untrusted_txn_issuer", orders_for_ceo)
 
         def impostor() -> tuple[int, str, str]:
             auth = ServiceAuth(world.identities["orders"], "payments", verify_responses=world.responses)

@@ -26,7 +26,6 @@ from .._verify import (
     Verifier,
     _numeric_date,
     _typ_matches,
-    parse_actor_chain,
 )
 from ._common import (
     _UNVERIFIED_BANNER,
@@ -62,7 +61,7 @@ def _cmd_mint(args: argparse.Namespace) -> int:
         _err(f"warning: verifiers reject tokens living over {DEFAULT_MAX_LIFETIME} s by default (--ttl {args.ttl})")
     try:
         identity = ServiceIdentity(args.service, key, ttl=args.ttl)
-        token = identity.mint(args.aud, subject=args.subject, actors=tuple(args.actor), scope=args.scope)
+        token = identity.mint(args.aud, scope=args.scope)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     # The token alone on stdout, so that TOKEN=$(meshauth mint ...) works.
@@ -86,7 +85,7 @@ def _principal_json(principal: Principal, now: float) -> dict[str, Any]:
         "accepted": True,
         "caller": principal.caller,
         "subject": principal.subject,
-        "actors": list(principal.actors),
+        "transaction": principal.transaction,
         "audience": principal.audience,
         "scopes": sorted(principal.scopes),
         "kid": principal.kid,
@@ -133,7 +132,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             ("accepted", "signature, key and claims verified"),
             ("caller", _safe(principal.caller)),
             ("subject", _safe(principal.subject)),
-            ("actors", " <- ".join(_safe(a) for a in principal.actors) or "- (direct call)"),
             ("audience", _safe(principal.audience)),
             ("scopes", _safe(principal.scope) or "-"),
             ("kid", principal.kid),
@@ -176,8 +174,8 @@ def _decode_json(data: bytes, what: str, problems: list[str]) -> Any:
     return value if _depth(value) <= MAX_DEPTH else f"(not shown: nested deeper than {MAX_DEPTH} levels)"
 
 
-def _profile_problems(header: Any, claims: Any, problems: list[str]) -> tuple[str, ...]:
-    """What the verifier would object to before the signature, and the actor chain if readable."""
+def _profile_problems(header: Any, claims: Any, problems: list[str]) -> None:
+    """What the verifier would object to before the signature."""
     if isinstance(header, dict):
         forbidden = sorted(FORBIDDEN_HEADER_MEMBERS.intersection(header))
         if forbidden:
@@ -190,7 +188,7 @@ def _profile_problems(header: Any, claims: Any, problems: list[str]) -> tuple[st
         if not isinstance(header.get("kid"), str) or not header.get("kid"):
             problems.append("header: no 'kid'")
     if not isinstance(claims, dict):
-        return ()
+        return
     missing = [name for name in REQUIRED_CLAIMS if name not in claims]
     if missing:
         problems.append(f"claims: required claims missing: {missing}")
@@ -200,12 +198,10 @@ def _profile_problems(header: Any, claims: Any, problems: list[str]) -> tuple[st
                 _numeric_date(claims, name)
             except TokenError as exc:
                 problems.append(f"claims: {exc.detail} (found {exc.actual!r})")
-    if "act" in claims and isinstance(claims.get("iss"), str):
-        try:
-            return parse_actor_chain(claims["act"], claims["iss"], max_actors=16)
-        except TokenError as exc:
-            problems.append(f"claims: {exc}")
-    return ()
+    if "act" in claims:
+        problems.append("claims: 'act' is refused in a service token (users travel in a Txn-Token)")
+    if claims.get("sub") != claims.get("iss"):
+        problems.append("claims: 'sub' must equal 'iss' in a service token (users travel in a Txn-Token)")
 
 
 def _time_fields(claims: Mapping[str, Any], now: float) -> dict[str, dict[str, Any]]:
@@ -244,7 +240,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if len(segments) > 2:
             raw_signature = _decode_segment(segments[2], "signature", problems)
             signature_bytes = None if raw_signature is None else len(raw_signature)
-    actors = _profile_problems(header, claims, problems)
+    _profile_problems(header, claims, problems)
     if signature_bytes == 0:
         problems.append("signature: empty (an unsigned token)")
     elif isinstance(header, dict) and header.get("alg") in ALGORITHMS and signature_bytes not in (None, 64):
@@ -257,7 +253,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 "verified": False,
                 "header": header,
                 "claims": claims,
-                "actors": list(actors),
                 "signature_bytes": signature_bytes,
                 "size": size,
                 "times": times,
@@ -273,8 +268,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("signature", "absent" if signature_bytes is None else f"{signature_bytes} bytes (not shown, not checked)"),
         ("size", f"{size} bytes"),
     ]
-    if actors:
-        fields.append(("actors", " <- ".join(_safe(a) for a in actors)))
     labels = {"iat": "issued", "nbf": "not before", "exp": "expires"}
     fields.extend((labels[name], f"{entry['utc']} ({entry['relative']})") for name, entry in times.items())
     if "iat" in times and "exp" in times:
@@ -298,7 +291,7 @@ def add_parser(commands: Any) -> None:
         "Mint a service token signed with a service's private key. Only the token is\n"
         "printed, so that $(meshauth mint ...) works.",
         "  meshauth mint --key keys/orders.pem --service orders --aud payments\n"
-        "  meshauth mint --key keys/gateway.pem --service gateway --aud orders --subject alice --scope orders:read",
+        "  meshauth mint --key keys/orders.pem --service orders --aud payments --scope charges:write",
     )
     mint.add_argument("--key", required=True, metavar="FILE", help="the service's private key (PEM)")
     mint.add_argument("--service", required=True, metavar="NAME", help="the issuing service (iss)")
@@ -309,14 +302,6 @@ def add_parser(commands: Any) -> None:
         default=DEFAULT_TTL,
         metavar="S",
         help=f"lifetime in seconds (default {DEFAULT_TTL})",
-    )
-    mint.add_argument("--subject", metavar="U", help="act for this principal (an end user): a delegated token")
-    mint.add_argument(
-        "--actor",
-        action="append",
-        default=[],
-        metavar="A",
-        help="an earlier actor of the delegation chain, newest first (repeatable)",
     )
     mint.add_argument("--scope", metavar="S", help='space-separated scopes, e.g. "orders:read orders:write"')
     mint.add_argument("--password-env", metavar="VAR", help="the PEM's password is in this variable")

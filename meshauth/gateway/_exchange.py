@@ -54,11 +54,13 @@ class Verified:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Admission:
-    """The request may pass: the delegated token for the upstream, and the actor chain it carries."""
+    """The request may pass: the gateway's service token for the upstream and the Txn-Token it is bound to."""
 
     delegated: str = dataclasses.field(repr=False)
     user_token: str | None = dataclasses.field(repr=False)
-    actors: tuple[str, ...]
+    txn_token: str | None = dataclasses.field(repr=False)
+    transaction: str | None = None
+    txn_issuer: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,7 +108,8 @@ class AuditRecord:
     caller: str | None = None
     issuer: str | None = None
     subject: str | None = None
-    actors: tuple[str, ...] = ()
+    transaction: str | None = None
+    txn_issuer: str | None = None
     kid: str | None = None
     jti: str | None = None
     detail: str | None = None
@@ -142,7 +145,8 @@ class AuditRecord:
             caller=service.caller if service is not None else error.caller if error is not None else None,
             issuer=user.issuer if user is not None else error.issuer if error is not None else None,
             subject=principal.subject if principal is not None else None,
-            actors=admission.actors if admission is not None else (),
+            transaction=admission.transaction if admission is not None else None,
+            txn_issuer=admission.txn_issuer if admission is not None else None,
             kid=principal.kid if principal is not None else (error.kid[:256] if error and error.kid else None),
             jti=principal.token_id if principal is not None else None,
             detail=result.detail,
@@ -153,7 +157,8 @@ class AuditRecord:
         fields: dict[str, Any] = {
             "caller": self.caller,
             "subject": self.subject,
-            "actors": self.actors,
+            "transaction": self.transaction,
+            "txn_issuer": self.txn_issuer,
             "audience": self.audience,
             "kid": self.kid,
             "jti": self.jti,

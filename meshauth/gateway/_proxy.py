@@ -32,6 +32,7 @@ import email.utils
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final
@@ -59,10 +60,12 @@ from .._middleware import (
     asgi_raw_path,
     credentials_error,
     default_reply,
+    txn_token_value,
 )
 from .._policy import normalize_path
 from .._registry import KeySource
 from .._telemetry import AUDIT_LOGGER, Telemetry, mark_rejected
+from .._txn import MAX_TXN_LIFETIME
 from .._verify import Verifier
 from ._config import GatewayConfig, load_config
 from ._exchange import Admission, AuditRecord, Request, Result, SentTracker, Verified
@@ -309,9 +312,9 @@ class Gateway:
             token = self._bearer(scope["headers"])
             attached = otel_context.attach(request.trace.context)  # verify and mint spans join the request's trace
             try:
-                verified = await self._verify_token(route, token)
+                verified = await self._verify_token(route, token, scope["headers"])
                 self._authorize(route, request.method, path, verified, client=request.client)
-                admission = self._admit(route, verified, token)
+                admission = self._admit(route, verified, token, request.client)
             finally:
                 otel_context.detach(attached)
             result = await self._forward(request, scope, route, path, admission, receive, send)
@@ -370,27 +373,41 @@ class Gateway:
                 return token.decode("ascii")
         raise credentials_error(value, limit)
 
-    async def _verify_token(self, route: Route, token: str) -> Verified:
-        """An end user's IdP token, or a service token on a route that accepts them."""
+    async def _verify_token(self, route: Route, token: str, headers: list[tuple[bytes, bytes]]) -> Verified:
+        """An end user's IdP token, or a service token (and its Txn-Token) on a route that accepts them."""
         if route.config.accept_service_tokens and is_service_token(token):
-            return Verified(service=await self.service_verifier.averify(token, audit=False))
+            txn_token = _txn_header(headers, self.service_verifier.max_token_bytes)
+            return Verified(service=await self.service_verifier.averify(token, txn_token, audit=False))
         return Verified(user=await self.user_verifier.averify(token))
 
-    def _admit(self, route: Route, verified: Verified, token: str) -> Admission:
-        """The delegated token for the route's service, lasting no longer than the token it stands for."""
+    def _admit(self, route: Route, verified: Verified, token: str, client: str | None) -> Admission:
+        """The Txn-Token for the request and the gateway's service token for the route, bound to it.
+
+        A user's request gets a new Txn-Token (one per request); a service's
+        Txn-Token is forwarded unchanged, never re-issued.
+        """
         now = self.clock()
         user, service = verified.user, verified.service
+        audience = route.config.service
         if user is not None:
-            ttl = max(1, min(self.identity.ttl, int(user.expires_at - now)))
-            delegated = self.identity.mint(
-                route.config.service, subject=user.subject, scope=sorted(user.scopes) or None, ttl=ttl
+            ttl = max(1, min(self.identity.ttl, MAX_TXN_LIFETIME, int(user.expires_at - now)))
+            transaction = secrets.token_urlsafe(16)  # 128 random bits, for the audit record too
+            txn_token = self.identity.issue_txn_token(
+                user.subject,
+                scope=sorted(user.scopes),
+                context={"groups": sorted(user.groups), "idp": user.issuer},
+                request_context={"req_ip": client} if client else None,
+                ttl=ttl,
+                trust_domain=self.service_verifier.trust_domain,
+                txn=transaction,
             )
+            delegated = self.identity.mint(audience, scope=sorted(user.scopes) or None, ttl=ttl, txn_token=txn_token)
             user_token = token if route.config.forward_user_token else None
-            return Admission(delegated, user_token, (self.config.service,))
+            return Admission(delegated, user_token, txn_token, transaction, self.identity.name)
         assert service is not None
         ttl = max(1, min(self.identity.ttl, int(service.expires_at - now)))
-        delegated = self.identity.on_behalf_of(service, route.config.service, scope=service.scope or None, ttl=ttl)
-        return Admission(delegated, None, (self.config.service, *service.actors))
+        delegated = self.identity.mint(audience, scope=service.scope or None, ttl=ttl, txn_token=service.txn_token)
+        return Admission(delegated, None, service.txn_token, service.transaction, service.txn_issuer)
 
     def _authorize(
         self, route: Route, method: str, path: str, verified: Verified, *, client: str | None = None
@@ -405,11 +422,6 @@ class Gateway:
         elif subject == self.config.service:
             # A delegated token for the gateway's own name would read as a plain call by the gateway itself.
             error = AccessDenied("the subject is the gateway's own service name", reason="delegation_not_allowed")
-        elif service is not None and (
-            self.config.service in service.actors or len(service.actors) >= self.identity.max_actors
-        ):
-            detail = "the actor chain would repeat the gateway or grow too long"
-            error = AccessDenied(detail, reason="delegation_not_allowed")
         else:
             policy = route.users if user is not None else route.services
             principal = user if user is not None else service
@@ -458,7 +470,7 @@ class Gateway:
         span_id = format(span.get_span_context().span_id, "016x") if is_sdk_span(span, request.trace) else None
         trace_headers = inject(span, request.trace)
         headers, has_body = self._forwarding.request_headers(
-            scope, admission.delegated, admission.user_token, trace_headers
+            scope, admission.delegated, admission.user_token, trace_headers, admission.txn_token
         )
         if span.is_recording():
             span.set_attribute("http.request.method", method)
@@ -645,3 +657,9 @@ def create_app(
         meter_provider=meter_provider,
         configure_audit=configure_audit,
     )
+
+
+def _txn_header(headers: list[tuple[bytes, bytes]], limit: int) -> str | None:
+    """The request's one ``Txn-Token`` header, if any (two are ``malformed``)."""
+    values = [value for name, value in headers if name.lower() == b"txn-token"]
+    return txn_token_value(values[0] if values else None, repeated=len(values) > 1, limit=limit)

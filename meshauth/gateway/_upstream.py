@@ -102,6 +102,7 @@ class ForwardingHeaders:
         delegated: str,
         user_token: str | None,
         trace_headers: list[tuple[bytes, bytes]],
+        txn_token: str | None = None,
     ) -> tuple[list[tuple[bytes, bytes]], bool]:
         inbound: list[tuple[bytes, bytes]] = scope["headers"]
         named: frozenset[bytes] = frozenset()
@@ -155,6 +156,8 @@ class ForwardingHeaders:
         out.append((b"authorization", b"Bearer " + delegated.encode("ascii")))
         if user_token is not None:
             out.append((b"x-forwarded-authorization", b"Bearer " + user_token.encode("ascii")))
+        if txn_token is not None:
+            out.append((b"txn-token", txn_token.encode("ascii")))
         return out, has_body
 
     def original_client(self, headers: list[tuple[bytes, bytes]], peer: str) -> str:
