@@ -23,8 +23,8 @@ def test_demo_runs_every_scenario_as_expected(tmp_path: pytest.TempPathFactory) 
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "7 of 7 scenarios behaved as expected" in out
-    assert out.count("  PASS  ") == 7 and "FAIL" not in out
+    assert "8 of 8 scenarios behaved as expected" in out
+    assert out.count("  PASS  ") == 8 and "FAIL" not in out
     for status, reason in [
         ("200", "ok"),
         ("401", "expired"),
@@ -32,6 +32,7 @@ def test_demo_runs_every_scenario_as_expected(tmp_path: pytest.TempPathFactory) 
         ("401", "wrong_audience"),
         ("401", "untrusted_txn_issuer"),
         ("refused", "wrong_responder"),
+        ("refused", "body_mismatch"),
         ("502", "unknown_kid"),
     ]:
         assert re.search(rf"{status}\s+{reason}\s+trace [0-9a-f]{{32}}", out), (status, reason)

@@ -368,6 +368,17 @@ class World:
         return f"{signing_input}.{b64url_encode(signature)}"
 
 
+class _AnswerSwapping(httpx.HTTPTransport):
+    """An intermediary on the way back: keeps payments' signed headers, rewrites the body it relays."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        genuine = super().handle_request(request)
+        genuine.read()
+        genuine.close()
+        headers = [(k, v) for k, v in genuine.headers.items() if k.lower() != "content-length"]
+        return httpx.Response(genuine.status_code, headers=headers, content=b'{"charge": "approved", "amount": 1000}')
+
+
 def _tamper(token: str) -> str:
     """Change the payload (alice becomes mallory) and keep the old signature."""
     header, payload, signature = token.split(".")
@@ -503,6 +514,16 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: 
             return response.status_code, _reason(response), "the impostor's answer was accepted"
 
         scenario("mutual auth catches an impostor answering for payments", "refused wrong_responder", impostor)
+
+        def swapped_answer() -> tuple[int, str, str]:
+            auth = ServiceAuth(world.identities["orders"], "payments", verify_responses=world.responses)
+            with httpx.Client(transport=_AnswerSwapping(), timeout=15) as relayed:
+                response = relayed.post(world.payments_url + "/charges", json={"amount": 1}, auth=auth)
+            return response.status_code, _reason(response), "the changed answer was accepted"
+
+        scenario(
+            "mutual auth catches an intermediary changing payments' answer", "refused body_mismatch", swapped_answer
+        )
 
         def revoked() -> tuple[int, str, str]:
             world.revoke("orders")
