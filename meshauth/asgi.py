@@ -7,6 +7,7 @@ with ``app.add_middleware(MeshAuthMiddleware, verifier=...)``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -134,29 +135,10 @@ class MeshAuthMiddleware:
             await self.app(scope, receive, send)
             return
 
-        # One pass over the headers, for the headers meshauth reads.
-        authorization: bytes | None = None
-        repeated = False
-        nonce_value: bytes | None = None
-        nonce_repeated = False
-        txn_value: bytes | None = None
-        txn_repeated = False
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                if authorization is None:
-                    authorization = value
-                else:
-                    repeated = True
-            elif name == b"meshauth-nonce":
-                if nonce_value is None:
-                    nonce_value = value
-                else:
-                    nonce_repeated = True
-            elif name == b"txn-token":
-                if txn_value is None:
-                    txn_value = value
-                else:
-                    txn_repeated = True
+        headers = _Credentials.read(scope["headers"])
+        authorization, repeated = headers.authorization, headers.authorization_repeated
+        nonce_value, nonce_repeated = headers.nonce, headers.nonce_repeated
+        txn_value, txn_repeated = headers.txn_token, headers.txn_token_repeated
 
         guard = self._guard
         principal: Principal | None = None
@@ -253,6 +235,34 @@ class MeshAuthMiddleware:
             return
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
+
+
+@dataclasses.dataclass(slots=True)
+class _Credentials:
+    """The request headers meshauth reads, each with whether it came more than once."""
+
+    authorization: bytes | None = None
+    authorization_repeated: bool = False
+    nonce: bytes | None = None
+    nonce_repeated: bool = False
+    txn_token: bytes | None = None
+    txn_token_repeated: bool = False
+
+    @classmethod
+    def read(cls, headers: Iterable[tuple[bytes, bytes]]) -> _Credentials:
+        """One pass over the headers (ASGI servers give their names in lower case)."""
+        found = cls()
+        for name, value in headers:
+            if name == b"authorization":
+                found.authorization_repeated = found.authorization is not None
+                found.authorization = found.authorization or value
+            elif name == b"meshauth-nonce":
+                found.nonce_repeated = found.nonce is not None
+                found.nonce = found.nonce or value
+            elif name == b"txn-token":
+                found.txn_token_repeated = found.txn_token is not None
+                found.txn_token = found.txn_token or value
+        return found
 
 
 def _closing_at(deadline: float, receive: Receive, send: Send) -> tuple[Receive, Send]:
