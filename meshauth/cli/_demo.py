@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from cryptography.hazmat.primitives import hashes
@@ -212,20 +212,28 @@ class World:
     """Keys, registry and running servers, all under one temporary directory."""
 
     def __init__(self, directory: Path, stack: ExitStack, tracing: _Tracing, say: Callable[[str], None]) -> None:
-        from ..testing import LoopbackServer  # noqa: PLC0415 - needs uvicorn, an optional dependency
-
         self.directory = directory
         self.tracing = tracing
+        self.stack = stack
         self.keys = {name: SigningKey.generate("EdDSA" if name == "payments" else "ES256") for name in SERVICES}
         self.identities = {name: ServiceIdentity(name, key) for name, key in self.keys.items()}
+        self._write_keys()
+        self.registry_source = JWKSFile(self.registry_path, check_interval=0.05)
+        self.registry_url = self._serve(jwks_app(self.registry_source, max_age=1)) + "/.well-known/jwks.json"
+        say(f"  registry   {self.registry_url}")
+        self._start_payments(say)
+        self._start_orders(say)
+        self._start_gateway(say)
+
+    def _write_keys(self) -> None:
+        """Each service's private key (0600), the registry, and the identity provider's key set."""
+        directory = self.directory
         for name, key in self.keys.items():
-            path = directory / f"{name}.pem"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(directory / f"{name}.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(key.to_pem())
         self.registry_path = directory / "registry.json"
         self._write_registry(SERVICES)
-
         self.idp_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         numbers = self.idp_key.public_key().public_numbers()
         idp_jwk = {
@@ -238,22 +246,23 @@ class World:
         }
         (directory / "idp-jwks.json").write_text(json.dumps({"keys": [idp_jwk]}))
 
-        def serve(app: App) -> str:
-            server = LoopbackServer(app, lifespan="off")  # no lifespan events: the gateway starts on first use
-            url = server.start()
-            stack.callback(server.stop)
-            return url
+    def _serve(self, app: App) -> str:
+        from ..testing import LoopbackServer  # noqa: PLC0415 - needs uvicorn, an optional dependency
 
-        self.registry_source = JWKSFile(self.registry_path, check_interval=0.05)
-        self.registry_url = serve(jwks_app(self.registry_source, max_age=1)) + "/.well-known/jwks.json"
-        say(f"  registry   {self.registry_url}")
+        server = LoopbackServer(app, lifespan="off")  # no lifespan events: the gateway starts on first use
+        url = server.start()
+        self.stack.callback(server.stop)
+        return url
 
-        def keys() -> JWKSEndpoint:
-            endpoint = JWKSEndpoint(self.registry_url, min_max_age=1, cooldown=1)
-            stack.callback(endpoint.close)
-            return endpoint
+    def _keys(self) -> JWKSEndpoint:
+        endpoint = JWKSEndpoint(self.registry_url, min_max_age=1, cooldown=1)
+        self.stack.callback(endpoint.close)
+        return endpoint
 
-        self.payments_keys = keys()
+    def _start_payments(self, say: Callable[[str], None]) -> None:
+        """payments, and an impostor: a mesh member that accepts payments' tokens but signs as itself."""
+        tracing = self.tracing
+        self.payments_keys = self._keys()
         payments_policy = Policy.from_dict(
             {
                 "default": "deny",
@@ -261,7 +270,7 @@ class World:
                 "rules": [{"callers": ["orders"], "methods": ["POST"], "paths": ["/charges"]}],
             }
         )
-        self.payments_url = serve(
+        self.payments_url = self._serve(
             tracing.wrap_app(
                 MeshAuthMiddleware(
                     payments_app("payments"),
@@ -272,18 +281,19 @@ class World:
             )
         )
         say(f"  payments   {self.payments_url}")
-        self.impostor_url = serve(
+        self.impostor_url = self._serve(
             tracing.wrap_app(
                 MeshAuthMiddleware(
                     payments_app("impostor"),
-                    Verifier("payments", keys()),  # accepts tokens meant for payments...
+                    Verifier("payments", self._keys()),  # accepts tokens meant for payments...
                     identity=self.identities["impostor"],  # ...but can only sign as itself
                 )
             )
         )
         say(f"  impostor   {self.impostor_url}  (a mesh member pretending to be payments)")
 
-        self.orders_keys = keys()
+    def _start_orders(self, say: Callable[[str], None]) -> None:
+        self.orders_keys = self._keys()
         self.responses = ResponseVerifier("orders", self.orders_keys)
         orders_policy = Policy.from_dict(
             {
@@ -292,10 +302,10 @@ class World:
                 "rules": [{"callers": ["gateway"], "subjects": ["alice"], "paths": ["/orders/**"]}],
             }
         )
-        self.orders_url = serve(
-            tracing.wrap_app(
+        self.orders_url = self._serve(
+            self.tracing.wrap_app(
                 MeshAuthMiddleware(
-                    orders_app(self.identities["orders"], self.payments_url, self.responses, tracing),
+                    orders_app(self.identities["orders"], self.payments_url, self.responses, self.tracing),
                     Verifier("orders", self.orders_keys),
                     policy=orders_policy,
                     identity=self.identities["orders"],
@@ -304,9 +314,19 @@ class World:
         )
         say(f"  orders     {self.orders_url}")
 
+    def _start_gateway(self, say: Callable[[str], None]) -> None:
         from ..gateway import create_app, parse_config  # noqa: PLC0415 - the gateway is optional too
 
-        self.audit_log = directory / "audit.jsonl"
+        self.audit_log = self.directory / "audit.jsonl"
+        issuer = {"issuer": IDP_ISSUER, "jwks": "idp-jwks.json", "audience": IDP_AUDIENCE, "algorithms": ["RS256"]}
+        route = {
+            "prefix": "/orders",
+            "upstream": self.orders_url,
+            "service": "orders",
+            "methods": ["POST"],
+            "issuers": [IDP_ISSUER],
+            "groups": ["staff"],
+        }
         config = parse_config(
             {
                 "listen": "127.0.0.1:0",
@@ -314,30 +334,13 @@ class World:
                 "key_file": "gateway.pem",
                 "registry": "registry.json",
                 "audit_log": str(self.audit_log),
-                "issuers": [
-                    {
-                        "issuer": IDP_ISSUER,
-                        "jwks": "idp-jwks.json",
-                        "audience": IDP_AUDIENCE,
-                        "algorithms": ["RS256"],
-                        "leeway": 30,
-                    }
-                ],
-                "routes": [
-                    {
-                        "prefix": "/orders",
-                        "upstream": self.orders_url,
-                        "service": "orders",
-                        "methods": ["POST"],
-                        "issuers": [IDP_ISSUER],
-                        "groups": ["staff"],
-                    }
-                ],
+                "issuers": [{**issuer, "leeway": 30}],
+                "routes": [route],
             },
             source="demo gateway",
-            base_dir=directory,
+            base_dir=self.directory,
         )
-        self.gateway_url = serve(tracing.wrap_app(create_app(config, tracer_provider=tracing.provider)))
+        self.gateway_url = self._serve(self.tracing.wrap_app(create_app(config, tracer_provider=self.tracing.provider)))
         say(f"  gateway    {self.gateway_url}  (the single entry point; IdP {IDP_ISSUER})")
 
     def _write_registry(self, services: Sequence[str]) -> None:
@@ -438,111 +441,142 @@ def _span_tree(spans: list[Any]) -> list[str]:
     return lines
 
 
+Answer = tuple[int, str, str]
+"""What a scenario saw: HTTP status, reason, and a note for the reader."""
+
+
+class _Story:
+    """The scenarios the demo plays, one method each, against a running :class:`World`."""
+
+    SCENARIOS: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("alice calls /orders/checkout through the gateway", "200 ok", "alice"),
+        ("an expired token is refused", "401 expired", "expired"),
+        ("a tampered token is refused", "401 bad_signature", "tampered"),
+        ("a token replayed to another service is refused", "401 wrong_audience", "replayed"),
+        ("orders acting for ceo on its own is refused", "401 untrusted_txn_issuer", "orders_for_ceo"),
+        ("mutual auth catches an impostor answering for payments", "refused wrong_responder", "impostor"),
+        ("mutual auth catches an intermediary changing payments' answer", "refused body_mismatch", "swapped_answer"),
+        ("a revoked key stops working", "502 unknown_kid", "revoked"),
+    )
+
+    def __init__(self, world: World, client: httpx.Client) -> None:
+        self.world = world
+        self.client = client
+
+    def play(self, tracing: _Tracing) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for title, expected, name in self.SCENARIOS:
+            with tracing.scenario(title) as trace_id:
+                try:
+                    status, reason, note = getattr(self, name)()
+                except MeshAuthError as exc:
+                    status, reason, note = "refused", exc.reason, f"{type(exc).__name__}: {exc.detail}"
+            passed = f"{status} {reason}" == expected
+            outcomes.append(Outcome(len(outcomes) + 1, title, expected, status, reason, trace_id, passed, note))
+        return outcomes
+
+    def through_gateway(self, token: str) -> Answer:
+        response = self.client.post(
+            self.world.gateway_url + "/orders/checkout",
+            json={"item": "book"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        note = ""
+        if response.status_code == 200:
+            payments = response.json()["payments"]
+            note = (
+                f"payments charged {payments['charged_for']} called by {payments['caller']} inside transaction "
+                f"{payments['transaction']} (Txn-Token from {payments['txn_issuer']}); "
+                f"its answer was signed by {response.json()['response_signed_by']}"
+            )
+        return response.status_code, _reason(response), note
+
+    def alice(self) -> Answer:
+        return self.through_gateway(self.world.user_token())
+
+    def expired(self) -> Answer:
+        return self.through_gateway(self.world.user_token(expires_in=-300))
+
+    def tampered(self) -> Answer:
+        return self.through_gateway(_tamper(self.world.user_token()))
+
+    def replayed(self) -> Answer:
+        stolen = self.world.identities["orders"].mint("payments")  # a token orders sent to payments
+        response = self.client.post(
+            self.world.orders_url + "/orders/checkout", headers={"Authorization": f"Bearer {stolen}"}
+        )
+        return response.status_code, _reason(response), "a token for payments, replayed to orders"
+
+    def orders_for_ceo(self) -> Answer:
+        # orders holds a key and may delegate, but it cannot assert a user: it is not a Txn-Token issuer.
+        orders = self.world.identities["orders"]
+        forged = orders.issue_txn_token("ceo", scope="charges:write")
+        token = orders.mint("payments", txn_token=forged)
+        response = self.client.post(
+            self.world.payments_url + "/charges",
+            json={"amount": 1_000_000},
+            headers={"Authorization": f"Bearer {token}", "Txn-Token": forged},
+        )
+        return response.status_code, _reason(response), "orders signed a Txn-Token for ceo itself"
+
+    def impostor(self) -> Answer:
+        auth = ServiceAuth(self.world.identities["orders"], "payments", verify_responses=self.world.responses)
+        response = self.client.post(self.world.impostor_url + "/charges", json={"amount": 1}, auth=auth)
+        return response.status_code, _reason(response), "the impostor's answer was accepted"
+
+    def swapped_answer(self) -> Answer:
+        auth = ServiceAuth(self.world.identities["orders"], "payments", verify_responses=self.world.responses)
+        with httpx.Client(transport=_AnswerSwapping(), timeout=15) as relayed:
+            response = relayed.post(self.world.payments_url + "/charges", json={"amount": 1}, auth=auth)
+        return response.status_code, _reason(response), "the changed answer was accepted"
+
+    def revoked(self) -> Answer:
+        self.world.revoke("orders")
+        asyncio.run(self.world.payments_keys.arefresh())
+        status, reason, _ = self.through_gateway(self.world.user_token())
+        return status, reason, "orders' key was removed from the registry; payments refused its token"
+
+
+def _print_outcomes(outcomes: list[Outcome], out: Callable[[str], None]) -> None:
+    for outcome in outcomes:
+        mark = "PASS" if outcome.passed else "FAIL"
+        out(f"  {mark}  {outcome.number}. {outcome.title}")
+        out(f"        {outcome.status!s:>7}  {outcome.reason:<16} trace {outcome.trace_id or '-'}")
+        if outcome.note:
+            out(f"        {outcome.note}")
+        if not outcome.passed:
+            out(f"        expected {outcome.expected}")
+
+
+def _print_spans(tracing: _Tracing, outcomes: list[Outcome], out: Callable[[str], None]) -> None:
+    if not tracing.enabled:
+        out("(install opentelemetry-sdk to see the spans: pip install 'meshauth[demo]')")
+        return
+    tracing.settle()
+    out("")
+    out("spans:")
+    for outcome in outcomes:
+        if outcome.trace_id is None:
+            continue
+        out(f"  trace {outcome.trace_id}  ({outcome.number}. {outcome.title})")
+        for line in _span_tree(tracing.spans(outcome.trace_id)):
+            out(f"    {line}")
+
+
 def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: bool = True) -> int:
     """Run the demo in ``directory``; returns the exit code."""
     started = time.monotonic()
     tracing = _Tracing()
-    outcomes: list[Outcome] = []
     with ExitStack() as stack:
         out(f"meshauth demo: keys and registry in {directory}")
         out("starting services on 127.0.0.1 ...")
         world = World(directory, stack, tracing, out)
         client = stack.enter_context(httpx.Client(timeout=15))
         tracing.instrument(client)
-
-        def scenario(title: str, expected: str, call: Callable[[], tuple[int | str, str, str]]) -> None:
-            with tracing.scenario(title) as trace_id:
-                try:
-                    status, reason, note = call()
-                except MeshAuthError as exc:
-                    status, reason, note = "refused", exc.reason, f"{type(exc).__name__}: {exc.detail}"
-            passed = f"{status} {reason}" == expected
-            outcomes.append(Outcome(len(outcomes) + 1, title, expected, status, reason, trace_id, passed, note))
-
-        def through_gateway(token: str) -> tuple[int, str, str]:
-            response = client.post(
-                world.gateway_url + "/orders/checkout",
-                json={"item": "book"},
-                headers={"Authorization": f"Bearer {token}"},
-            )
-            note = ""
-            if response.status_code == 200:
-                payments = response.json()["payments"]
-                note = (
-                    f"payments charged {payments['charged_for']} called by {payments['caller']} inside transaction "
-                    f"{payments['transaction']} (Txn-Token from {payments['txn_issuer']}); "
-                    f"its answer was signed by {response.json()['response_signed_by']}"
-                )
-            return response.status_code, _reason(response), note
-
         out("")
         out("scenarios:")
-        scenario(
-            "alice calls /orders/checkout through the gateway", "200 ok", lambda: through_gateway(world.user_token())
-        )
-        scenario(
-            "an expired token is refused", "401 expired", lambda: through_gateway(world.user_token(expires_in=-300))
-        )
-        scenario(
-            "a tampered token is refused", "401 bad_signature", lambda: through_gateway(_tamper(world.user_token()))
-        )
-
-        def replayed() -> tuple[int, str, str]:
-            stolen = world.identities["orders"].mint("payments")  # a token orders sent to payments
-            response = client.post(world.orders_url + "/orders/checkout", headers={"Authorization": f"Bearer {stolen}"})
-            return response.status_code, _reason(response), "a token for payments, replayed to orders"
-
-        scenario("a token replayed to another service is refused", "401 wrong_audience", replayed)
-
-        def orders_for_ceo() -> tuple[int, str, str]:
-            # orders holds a key and may delegate, but it cannot assert a user: it is not a Txn-Token issuer.
-            orders = world.identities["orders"]
-            forged = orders.issue_txn_token("ceo", scope="charges:write")
-            token = orders.mint("payments", txn_token=forged)
-            response = client.post(
-                world.payments_url + "/charges",
-                json={"amount": 1_000_000},
-                headers={"Authorization": f"Bearer {token}", "Txn-Token": forged},
-            )
-            return response.status_code, _reason(response), "orders signed a Txn-Token for ceo itself"
-
-        scenario("orders acting for ceo on its own is refused", "401 untrusted_txn_issuer", orders_for_ceo)
-
-        def impostor() -> tuple[int, str, str]:
-            auth = ServiceAuth(world.identities["orders"], "payments", verify_responses=world.responses)
-            response = client.post(world.impostor_url + "/charges", json={"amount": 1}, auth=auth)
-            return response.status_code, _reason(response), "the impostor's answer was accepted"
-
-        scenario("mutual auth catches an impostor answering for payments", "refused wrong_responder", impostor)
-
-        def swapped_answer() -> tuple[int, str, str]:
-            auth = ServiceAuth(world.identities["orders"], "payments", verify_responses=world.responses)
-            with httpx.Client(transport=_AnswerSwapping(), timeout=15) as relayed:
-                response = relayed.post(world.payments_url + "/charges", json={"amount": 1}, auth=auth)
-            return response.status_code, _reason(response), "the changed answer was accepted"
-
-        scenario(
-            "mutual auth catches an intermediary changing payments' answer", "refused body_mismatch", swapped_answer
-        )
-
-        def revoked() -> tuple[int, str, str]:
-            world.revoke("orders")
-            asyncio.run(world.payments_keys.arefresh())
-            status, reason, _ = through_gateway(world.user_token())
-            return status, reason, "orders' key was removed from the registry; payments refused its token"
-
-        scenario("a revoked key stops working", "502 unknown_kid", revoked)
-
-        for outcome in outcomes:
-            mark = "PASS" if outcome.passed else "FAIL"
-            trace = outcome.trace_id or "-"
-            out(f"  {mark}  {outcome.number}. {outcome.title}")
-            out(f"        {outcome.status!s:>7}  {outcome.reason:<16} trace {trace}")
-            if outcome.note:
-                out(f"        {outcome.note}")
-            if not outcome.passed:
-                out(f"        expected {outcome.expected}")
-
+        outcomes = _Story(world, client).play(tracing)
+        _print_outcomes(outcomes, out)
         records = world.audit_log.read_text().splitlines() if world.audit_log.exists() else []
         out("")
         out(
@@ -550,18 +584,8 @@ def run(directory: Path, *, show_spans: bool, out: Callable[[str], None], kept: 
         )
         log, registry = shlex.quote(str(world.audit_log)), shlex.quote(str(world.registry_path))
         browse = f"meshauth console --audit {log} --registry {registry}"
-        if tracing.enabled and show_spans:
-            tracing.settle()
-            out("")
-            out("spans:")
-            for outcome in outcomes:
-                if outcome.trace_id is None:
-                    continue
-                out(f"  trace {outcome.trace_id}  ({outcome.number}. {outcome.title})")
-                for line in _span_tree(tracing.spans(outcome.trace_id)):
-                    out(f"    {line}")
-        elif not tracing.enabled:
-            out("(install opentelemetry-sdk to see the spans: pip install 'meshauth[demo]')")
+        if show_spans or not tracing.enabled:
+            _print_spans(tracing, outcomes, out)
     tracing.shutdown()
     passed = sum(o.passed for o in outcomes)
     out("")
