@@ -224,3 +224,18 @@ def test_a_missing_browser_fails_under_ci_and_skips_locally(monkeypatch: pytest.
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="no chromium"):
         _unavailable("no chromium")
+
+
+def test_a_before_filter_on_a_whole_minute_ends_at_that_minute(page: Any, log: AuditFile) -> None:
+    # The browser leaves ":00" seconds out of a datetime-local value; they still mean :00.
+    minute = (int(time.time()) // 60 - 2) * 60
+    log.write(
+        decision(minute - 10, caller="early"),
+        decision(minute + 5, caller="late"),
+    )
+    with running_console([log.path]) as server:
+        page.goto(server.url)
+        wait_rows(page, 2)
+        page.fill("#filters input[name=before]", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(minute)))
+        wait_rows(page, 1)
+        assert column(page, "caller") == ["early"]

@@ -97,8 +97,9 @@ function filters() {
   const form = document.getElementById("filters");
   const values = {};
   for (const name of FILTER_NAMES) values[name] = form.elements[name].value.trim();
-  const before = form.elements.before.value;  // local date and time, e.g. 2026-12-05T02:30:00
-  if (before) values.before = String(Math.floor(new Date(before).getTime() / 1000) + (before.length <= 16 ? 59 : 0));
+  // Local date and time to the second (step=1); browsers leave out ":00" seconds, which mean :00.
+  const before = form.elements.before.value;
+  if (before) values.before = String(Math.floor(new Date(before).getTime() / 1000));
   return values;
 }
 
