@@ -47,6 +47,7 @@ from ._exceptions import (
 )
 from ._identity import ServiceIdentity
 from ._jws import token_too_large
+from ._paths import PATH_SAFE as _PATH_SAFE
 from ._paths import decoded_path, routed_path
 from ._policy import WEBSOCKET, Decision, Policy
 from ._principal import Principal
@@ -89,7 +90,6 @@ _BEARER_PREFIX_LEN: Final = len("Bearer ")
 # RFC 7235 token68; the verifier applies the stricter JWS syntax afterwards.
 _TOKEN68: Final = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
 _MAX_NONCE: Final = 256
-_PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
 _MAX_AUDIT_PATH: Final = 1024
 
 logger = logging.getLogger("meshauth")

@@ -31,7 +31,7 @@ from urllib.parse import quote, unquote
 
 from ._exceptions import BadPath
 
-__all__ = ["canonical_path", "decoded_path", "routed_path"]
+__all__ = ["PATH_SAFE", "canonical_path", "decoded_path", "routed_path"]
 
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX: Final = frozenset("0123456789ABCDEFabcdef")
@@ -39,7 +39,7 @@ _REFUSED_ESCAPES: Final = {"2F": "an encoded slash (%2F)", "5C": "an encoded bac
 # Raw characters a request path never needs: controls, space, backslash, and what ends a path.
 _RAW_REFUSED: Final = re.compile(r"[\x00-\x20\x7f\\#?]")
 # Characters ``quote`` leaves alone when a decoded path is encoded again (RFC 3986 pchar and "/").
-_PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
+PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
 _MAX_SHOWN: Final = 80
 
 
@@ -149,12 +149,7 @@ def decoded_path(path: str) -> str:
     """
     if "\x00" in path or "\\" in path:
         raise _refuse(path, "contains a NUL or a backslash")
-    return routed_path(quote(path.encode("utf-8", "surrogateescape"), safe=_PATH_SAFE) or "/")
-
-
-def matches_unquoted(raw_path: str, decoded: str) -> bool:
-    """True if percent-decoding ``raw_path`` gives ``decoded`` (both without a query)."""
-    return unquote(raw_path, errors="surrogateescape") == decoded
+    return routed_path(quote(path.encode("utf-8", "surrogateescape"), safe=PATH_SAFE) or "/")
 
 
 def _upper_escapes(path: str) -> str:

@@ -23,7 +23,7 @@ from ._idp_tokens import UserPrincipal
 from ._paths import canonical_path
 from ._principal import Principal
 
-__all__ = ["Decision", "Policy", "normalize_path"]
+__all__ = ["Decision", "Policy"]
 
 _DEFAULTS: Final = ("allow", "deny")
 _MODES: Final = ("audit", "enforce")
@@ -480,17 +480,6 @@ def _remember(cache: dict[str, _V], key: str, value: _V) -> None:
 
 
 # -- path normalization --------------------------------------------------------
-
-
-def normalize_path(raw_path: str) -> str:
-    """The canonical path a request is judged on (see :func:`meshauth.canonical_path`).
-
-    Raises :class:`~meshauth.BadPath` (reason ``bad_path``) for a path that
-    cannot be judged without guessing. :class:`Policy`, the middlewares and
-    the gateway use this same canonicalisation, so what is authorized is
-    exactly what is routed.
-    """
-    return canonical_path(raw_path)
 
 
 def _normalize_path(path: str) -> str | _InvalidPath:

@@ -660,14 +660,11 @@ def test_from_file_errors_name_the_file(tmp_path: Path) -> None:
         Policy.from_file(latin)
 
 
-def test_normalize_path_is_public_and_shared() -> None:
-    from meshauth import BadPath
-    from meshauth._policy import normalize_path
+def test_the_policy_judges_the_shared_canonical_path() -> None:
+    from meshauth import canonical_path
 
-    assert normalize_path("/charges/%2e%2e/admin") == "/admin"
-    with pytest.raises(BadPath) as info:
-        normalize_path("/charges%2Fadmin")
-    assert info.value.reason == "bad_path"
+    decision = policy_of({}).decide(principal(), "GET", "/charges/%2e%2e/%7Eadmin")
+    assert decision.path == canonical_path("/charges/%2e%2e/%7Eadmin") == "/~admin"
 
 
 # -- methods, names, digests (DESIGN section 4) ------------------------------------------

@@ -22,8 +22,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from .._exceptions import ConfigurationError, KeysUnavailable
-from ..console._command import add_parser as _add_console
-from . import _doctor, _gateway, _keygen, _registry, _tokens
+from . import _console, _doctor, _gateway, _keygen, _registry, _tokens
 from ._common import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, _err, _UsageError
 from ._gateway import run_demo
 
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         _tokens.add_parser,
         _gateway.add_parser,
         _doctor.add_parser,
-        _add_console,
+        _console.add_parser,
     ):
         register(commands)
     return parser

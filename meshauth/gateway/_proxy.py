@@ -62,7 +62,7 @@ from .._middleware import (
     default_reply,
     txn_token_value,
 )
-from .._policy import normalize_path
+from .._paths import canonical_path
 from .._registry import KeySource
 from .._telemetry import AUDIT_LOGGER, Telemetry, mark_rejected
 from .._txn import MAX_TXN_LIFETIME
@@ -345,7 +345,7 @@ class Gateway:
 
     def _route(self, raw_path: str) -> tuple[Route, str]:
         """The route for the canonical form of ``raw_path``, and that form; ``BadPath`` or ``NoRoute`` otherwise."""
-        path = normalize_path(raw_path)
+        path = canonical_path(raw_path)
         lowered = path.lower()
         for route in self._routes:
             prefix = route.prefix

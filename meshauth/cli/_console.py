@@ -8,10 +8,8 @@ import re
 from typing import Any
 
 from .._exceptions import Unavailable
-from ..cli._common import _UNIT_SECONDS, EXIT_OK, _command, _err, _out, _UsageError
-from ._index import AuditIndex
-from ._registry_view import open_registry
-from ._server import ConsoleServer, is_loopback
+from ..console import AuditIndex, ConsoleServer, is_loopback, open_registry
+from ._common import _UNIT_SECONDS, EXIT_OK, _command, _err, _out, _UsageError
 
 __all__ = ["add_parser", "run"]
 
