@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import secrets
 import threading
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 
 from ._exceptions import ConfigurationError
-from ._jws import b64url_encode, dumps
+from ._jws import b64url_encode, body_digest, dumps
 from ._keys import SigningKey
 from ._names import service_name_problem
 from ._principal import Principal
@@ -345,7 +344,7 @@ class ServiceIdentity:
             "status": status,
         }
         if body is not None:
-            claims["body_sha256"] = b64url_encode(hashlib.sha256(body).digest())
+            claims["body_sha256"] = body_digest(body)
         return self._sign(self._response_header, claims, caller)
 
     def _mint(self, audience: str, *, scope: str | None, ttl: int, txn_token: str | None) -> tuple[str, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "b64url_decode",
     "b64url_decode_or_none",
     "b64url_encode",
+    "body_digest",
     "der_to_raw",
     "dumps",
     "loads_object",
@@ -248,3 +250,8 @@ def der_to_raw(signature: bytes, size: int = 32) -> bytes:
     """DER ECDSA signature from cryptography to the fixed-size JWS form."""
     r, s = decode_dss_signature(signature)
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def body_digest(body: bytes) -> str:
+    """``body_sha256`` of a response token: unpadded base64url of SHA-256 over the body bytes as sent."""
+    return b64url_encode(hashlib.sha256(body).digest())

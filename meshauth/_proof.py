@@ -15,14 +15,12 @@ must sit *inside* meshauth's (closer to the app), not outside it.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
+from ._exceptions import MeshAuthError
 from ._identity import ServiceIdentity
-from ._jws import b64url_decode
+from ._jws import b64url_decode, loads_object
 from ._names import SERVICE_NAME
 
 if TYPE_CHECKING:
@@ -34,7 +32,6 @@ __all__ = [
     "AsgiProof",
     "WsgiProof",
     "bearer_text",
-    "body_digest",
     "unverified_caller",
 ]
 
@@ -46,11 +43,6 @@ _MAX_PAYLOAD: Final = 8192
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
-
-
-def body_digest(body: bytes) -> str:
-    """``body_sha256``: unpadded base64url of SHA-256 over the body bytes."""
-    return base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=").decode("ascii")
 
 
 def bearer_text(authorization: bytes | str | None) -> str | None:
@@ -73,10 +65,11 @@ def unverified_caller(token: str | None) -> str:
     if len(payload) > _MAX_PAYLOAD:
         return NO_CALLER
     try:
-        claims = json.loads(b64url_decode(payload))
-    except (ValueError, TypeError):
+        # The strict parser (depth-limited): a refused token is still hostile input.
+        claims = loads_object(b64url_decode(payload), "payload")
+    except (MeshAuthError, ValueError):
         return NO_CALLER
-    issuer = claims.get("iss") if isinstance(claims, dict) else None
+    issuer = claims.get("iss")
     return issuer if isinstance(issuer, str) and SERVICE_NAME.fullmatch(issuer) else NO_CALLER
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from opentelemetry.trace import StatusCode
 from txn_support import in_transaction
 
 import meshauth
-from meshauth._proof import body_digest
+from meshauth._jws import body_digest
 from meshauth.asgi import MeshAuthMiddleware
 from meshauth.testing import FakeClock, Mesh
 
@@ -778,3 +779,20 @@ def test_transaction_in_verify_and_authorize_spans(mesh: Mesh, app: App, telemet
     (record,) = audit_log.fields()
     assert (record["transaction"], record["txn_issuer"]) == (transaction, "gateway")
     audit_log.assert_no_secret(headers["Txn-Token"])
+
+
+@pytest.mark.parametrize(
+    "payload", [b"[" * 6000, b'{"iss": "orders", "iss": "x"}', b'{"iss": "orders*"}', b"\xff\xfe", b"null"]
+)
+def test_a_hostile_refused_token_still_gets_a_signed_401_to_no_caller(
+    mesh: Mesh, app: App, payload: bytes, response_checker: meshauth.ResponseVerifier
+) -> None:
+    wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), identity=mesh.identity("payments"))
+    forged = "eyJhbGciOiJFUzI1NiJ9." + base64.urlsafe_b64encode(payload).rstrip(b"=").decode() + ".c2ln"
+    response = call(wrapped, headers=[*bearer(forged), ("Meshauth-Nonce", NONCE)])
+    assert response.status_code == 401
+    proof = response_checker.verify_response(
+        response.headers["meshauth-response"], service="payments", nonce=NONCE, status=401
+    )
+    assert proof.claims["aud"] == "-"
+    assert not app.called

@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 import meshauth
-from meshauth._proof import body_digest
+from meshauth._jws import body_digest
 from meshauth.testing import FakeClock, Mesh
 from meshauth.wsgi import MeshAuthMiddleware
 
