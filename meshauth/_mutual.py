@@ -9,6 +9,7 @@ and bound to that nonce. :class:`ResponseVerifier` checks it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ RESPONSE_HEADER: Final = "Meshauth-Response"
 MAX_RESPONSE_LIFETIME: Final = 60
 NO_CALLER: Final = "-"
 _DIGEST_LENGTH: Final = 43  # unpadded base64url of 32 bytes
+_DIGEST: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 _NOT_A_RESPONSE_TOKEN: Final = {"meshauth+jwt": " (a service token is never accepted as a response token)"}
 
 
@@ -125,7 +127,7 @@ def _check_status_and_digest(claims: dict[str, Any], status: int | None) -> None
             actual=NO_CALLER,
         )
     digest = claims.get("body_sha256")
-    if digest is not None and (type(digest) is not str or len(digest) != _DIGEST_LENGTH):
+    if digest is not None and (type(digest) is not str or _DIGEST.fullmatch(digest) is None):
         raise InvalidClaim(
             "the response token's 'body_sha256' is not a base64url SHA-256 digest",
             expected=f"{_DIGEST_LENGTH} characters",

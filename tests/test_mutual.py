@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 import meshauth
 from meshauth import ResponseAuthError
+from meshauth._jws import b64url_decode, b64url_encode, dumps
 from meshauth._mutual import ResponseVerifier, new_nonce
 from meshauth.testing import FakeClock, Mesh
 
@@ -96,3 +98,19 @@ def test_a_response_token_is_accepted_once_even_for_a_reused_nonce() -> None:
     assert info.value.reason == "replayed"
     fresh = mesh.identity("payments").mint_response("orders", nonce)
     assert checker.verify_response(fresh, service="payments", nonce=nonce).caller == "payments"
+
+
+@pytest.mark.parametrize("digest", ["\u00e9" * 43, "A" * 42, "A" * 42 + "=", 43])
+def test_a_body_digest_that_is_not_base64url_sha256_is_invalid_claim(digest: object) -> None:
+    mesh = Mesh(["orders", "payments"])
+    nonce = new_nonce()
+    payments = mesh.identity("payments")
+    header, payload, _ = payments.mint_response("orders", nonce, status=200, body=b"x").split(".")
+    claims = json.loads(b64url_decode(payload))
+    claims["body_sha256"] = digest
+    signing_input = f"{header}.{b64url_encode(dumps(claims))}"
+    forged = f"{signing_input}.{b64url_encode(payments.key.sign(signing_input.encode()))}"
+    checker = ResponseVerifier("orders", mesh.keys, clock=mesh.clock)
+    with pytest.raises(ResponseAuthError) as info:
+        checker.verify_response(forged, service="payments", nonce=nonce, status=200)
+    assert info.value.reason == "invalid_claim"
