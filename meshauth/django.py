@@ -209,17 +209,20 @@ class MeshAuthMiddleware:
         token = self.guard.bearer(str(authorization).encode("latin-1", "replace"), folded=True)
         return _Credentials(token, path, _txn_token(self.guard, request))
 
+    def _nonce(self, request: HttpRequest) -> tuple[str | None, MeshAuthError | None]:
+        """The request's ``Meshauth-Nonce`` (None without one or without ``IDENTITY``), or why it is bad."""
+        value = request.META.get(_NONCE_META)
+        if value is None or self.guard.identity is None:
+            return None, None
+        raw = str(value).encode("latin-1", "replace")
+        return self.guard.read_nonce(raw, b"," in raw)
+
     def _admit(self, request: HttpRequest, principal: Principal, path: str) -> _Admitted | HttpResponse:
         """Nonce and policy for an authenticated request: what to send back, or a refusal."""
         guard = self.guard
-        nonce: str | None = None
-        value = request.META.get(_NONCE_META)
-        try:
-            if value is not None and guard.identity is not None:
-                raw = str(value).encode("latin-1", "replace")
-                nonce = guard.nonce(raw, repeated=b"," in raw)
-        except MeshAuthError as exc:
-            return self._refuse(request, exc, principal)
+        nonce, bad_nonce = self._nonce(request)
+        if bad_nonce is not None:
+            return self._refuse(request, bad_nonce, principal)
         decision: Decision | None = None
         span = None
         if guard.policy is not None:
@@ -254,10 +257,8 @@ class MeshAuthMiddleware:
         reply = guard.reply(exc)
         guard.audit_refused(exc, reply, principal=principal, span=span, **_request_fields(request))
         response = _http_response(reply)
-        if nonce is None and guard.identity is not None and request.META.get(_NONCE_META) is not None:
-            # Refused before the nonce was read (a 401, 503): a valid one still gets a signed answer.
-            raw = str(request.META[_NONCE_META]).encode("latin-1", "replace")
-            nonce = guard.read_nonce(raw, b"," in raw)[0]
+        if nonce is None:
+            nonce = self._nonce(request)[0]  # refused before the nonce was read (a 401, 503): still signed
         if nonce is not None and guard.identity is not None:
             caller = (
                 principal.caller

@@ -16,6 +16,7 @@ from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 import meshauth  # noqa: E402
+from meshauth._jws import body_digest  # noqa: E402
 from meshauth.testing import Mesh  # noqa: E402
 
 if not settings.configured:
@@ -168,7 +169,13 @@ def test_mutual_auth_signs_the_response(live: Mesh, configure: Any) -> None:
     )
     assert response.status_code == 200
     checker = meshauth.ResponseVerifier("orders", live.keys, clock=live.clock)
-    assert checker.verify_response(response["Meshauth-Response"], service="payments", nonce=nonce).caller == "payments"
+    proof = checker.verify_response(response["Meshauth-Response"], service="payments", nonce=nonce, status=200)
+    assert proof.claims["body_sha256"] == body_digest(response.content)
+    # a refusal (no token at all) is signed too, addressed to no caller
+    refused = Client().get("/charges", HTTP_MESHAUTH_NONCE=nonce)
+    assert refused.status_code == 401
+    proof = checker.verify_response(refused["Meshauth-Response"], service="payments", nonce=nonce, status=401)
+    assert (proof.claims["aud"], proof.claims["body_sha256"]) == ("-", body_digest(refused.content))
 
 
 def test_async_views(live: Mesh, configure: Any) -> None:
