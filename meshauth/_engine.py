@@ -577,8 +577,8 @@ class Engine(Generic[P]):
             missing = [name for name in profile.required_claims if name not in claims]
             raise MissingClaim(
                 f"required claims are absent: {', '.join(missing)}",
-                expected=list(profile.required_claims),
-                actual=missing,
+                expected=missing,
+                actual="absent",
             )
         audience = claims[profile.audience_claim]
         if type(audience) is not str or audience not in profile.audiences:
