@@ -48,7 +48,11 @@ def replica(number: int, redis_url: str, namespace: str, payments_url: str) -> N
             for _ in range(3):
                 answer = client.post("/charges").raise_for_status().json()
                 mine, seen = me.key.kid[:8], answer["kid"][:8]
-                print(f"replica {number} (kid {mine}...): payments saw {answer['caller']} with kid {seen}...")
+                # One write per line: three processes share this stdout, and print() writes the
+                # text and its newline separately, so their lines could interleave.
+                line = f"replica {number} (kid {mine}...): payments saw {answer['caller']} with kid {seen}..."
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
 
 
 def main() -> None:
@@ -62,7 +66,8 @@ def main() -> None:
         replica(args.replica, args.redis, args.namespace, args.payments)
         return
     keys = RedisKeys(args.redis, args.namespace)
-    verifier = meshauth.Verifier("payments", keys, replay_cache=RedisReplayCache(args.redis, args.namespace))
+    replay_cache = RedisReplayCache(args.redis, args.namespace)
+    verifier = meshauth.Verifier("payments", keys, replay_cache=replay_cache, txn_issuers=())  # no user transactions
     server = make_server("127.0.0.1", 0, MeshAuthMiddleware(payments_app, verifier), handler_class=Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     payments_url = f"http://127.0.0.1:{server.server_port}"
