@@ -1108,7 +1108,7 @@ def _pipeline(fx: Fixture, tokens: Sequence[str]) -> list[tuple[str, Operation]]
     parts = [_split(t) for t in tokens]
     pairs = [(_der(sig), data) for data, sig in parts]
     verifier = Verifier(AUDIENCE, fx.keys)
-    # The engine's stages (meshauth._engine.Engine.flow), one at a time.
+    # The engine's stages (meshauth._engine.Engine.begin and .finish), one at a time.
     parse, check_claims, profile = verifier.parse, verifier.check_claims, verifier.profile
     keys = fx.keys
 
@@ -1157,7 +1157,7 @@ def _pipeline(fx: Fixture, tokens: Sequence[str]) -> list[tuple[str, Operation]]
         ("+ key lookup, check_key (kid, key validity window, alg)", Operation("p3", p3, n)),
         ("+ check_claims (profile claim rules, Principal)", Operation("p4", p4, n)),
         (
-            "+ verify() frame, the flow generator (telemetry stubbed, cache_size=0)",
+            "+ verify() frame, Engine.run (telemetry stubbed, cache_size=0)",
             Operation("p5", _verify_all(no_cache, tokens), n),
         ),
         ("+ verified-token cache insert", Operation("p6", _verify_all(quiet, tokens), n, setup=quiet.clear_cache)),

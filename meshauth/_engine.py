@@ -19,10 +19,12 @@ providers' user tokens (``meshauth._idp_tokens.idp_profile``, one per
 issuer). A Transaction Token (``txntoken+jwt``, audience = the trust domain,
 its own claim rule for ``txn``/``tctx``) is one more :class:`Profile`.
 
-The protocol is written once, as the generator :meth:`Engine.flow`: it yields
-the one key lookup it needs and receives the record. :meth:`Engine.run` and
-:meth:`Engine.arun` drive it with a sync or async key source; only the lookup
-differs.
+The protocol is written once, in two halves around the one key lookup it
+needs: :meth:`Engine.begin` (steps 1-5, and which key to look up) and
+:meth:`Engine.finish` (steps 6-9 on the record found). :meth:`Engine.run` and
+:meth:`Engine.arun` call both with a sync or async key source; only the lookup
+differs. (A generator that yields the lookup reads the same, but resuming it and
+catching its ``StopIteration`` costs more than every claim check on a new token.)
 
 .. warning::
    The algorithm comes from the key record, never from the token. Tokens
@@ -35,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final, Generic, TypeVar
@@ -66,8 +68,8 @@ __all__ = [
     "FORBIDDEN_HEADER_MEMBERS",
     "MAX_LEEWAY",
     "MAX_NUMERIC_DATE",
+    "Begun",
     "Engine",
-    "KeyQuery",
     "Profile",
     "ago",
     "frozen_claims",
@@ -88,8 +90,9 @@ COMPACT_UNSIGNED_RE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-
 
 P = TypeVar("P")  # what a profile's claim rule returns: the principal
 
-KeyQuery = tuple[KeySource, "str | None"]
-"""What :meth:`Engine.flow` asks its driver for: a key source and a ``kid`` (``None``: the set's only key)."""
+Begun = tuple["Profile[Any]", KeySource, str, "str | None", dict[str, Any], bytes, bytes]
+"""What :meth:`Engine.begin` hands :meth:`Engine.finish`: profile, key source, ``alg``, ``kid``,
+the (unverified) claims, the signing input and the signature."""
 
 
 # -- words for people --------------------------------------------------------------
@@ -441,13 +444,8 @@ class Engine(Generic[P]):
             and _lookup(entry[3], entry[2].kid) is entry[2]
         ):
             return entry[0]
-        flow = self.flow(token, expect)
-        query = next(flow)
-        try:
-            flow.send(_lookup(query[0], query[1]))
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        raise AssertionError("a verification looks up one key")  # pragma: no cover
+        begun = self.begin(token)
+        return self.finish(token, expect, begun, _lookup(begun[1], begun[3]))
 
     async def arun(self, token: str, expect: Any = None) -> P:
         """Verify ``token``, letting an async key source fetch without blocking the loop."""
@@ -461,24 +459,27 @@ class Engine(Generic[P]):
             and await _alookup(entry[3], entry[2].kid) is entry[2]
         ):
             return entry[0]
-        flow = self.flow(token, expect)
-        query = next(flow)
-        try:
-            flow.send(await _alookup(query[0], query[1]))
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        raise AssertionError("a verification looks up one key")  # pragma: no cover
+        begun = self.begin(token)
+        return self.finish(token, expect, begun, await _alookup(begun[1], begun[3]))
 
     # -- the protocol ------------------------------------------------------------------------
 
-    def flow(self, token: str, expect: Any) -> Generator[KeyQuery, KeyRecord | None, P]:
-        """The checks of one token; yields its key lookup and receives the record."""
+    def begin(self, token: str) -> Begun:
+        """Steps 1-5 (see :meth:`parse`), and the profile and key source that judge the rest."""
         (alg, kid), claims, signing_input, signature = self.parse(token)
         profile, source = self.selected or self.select(claims, kid)
-        try:
-            if profile is not self.header_profile:  # chosen by the payload: its own limits apply too
+        if profile is not self.header_profile:  # chosen by the payload: its own limits apply too
+            try:
                 _check_selected(profile, token, alg, kid)
-            record = yield source, kid
+            except TokenError as exc:
+                exc.issuer = profile.issuer
+                raise
+        return profile, source, alg, kid, claims, signing_input, signature
+
+    def finish(self, token: str, expect: Any, begun: Begun, record: KeyRecord | None) -> P:
+        """Steps 6-9 on the key record the driver looked up; the principal, remembered for ``token``."""
+        profile, source, alg, kid, claims, signing_input, signature = begun
+        try:
             record = self.check_key(profile, source, alg, kid, record, claims)
             if not record.verify_signature(signature, signing_input):
                 raise BadSignature(

@@ -12,7 +12,7 @@ __all__ = ["Principal"]
 _NO_CONTEXT: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True)
 class Principal:
     """Who is calling, as proven by a verified service token (and Txn-Token).
 
@@ -59,21 +59,10 @@ class Principal:
 
 
 _new = object.__new__
-_slots = Principal.__dict__  # the slot descriptors of the frozen dataclass
-_set_caller = _slots["caller"].__set__
-_set_subject = _slots["subject"].__set__
-_set_audience = _slots["audience"].__set__
-_set_scopes = _slots["scopes"].__set__
-_set_token_id = _slots["token_id"].__set__
-_set_issued_at = _slots["issued_at"].__set__
-_set_expires_at = _slots["expires_at"].__set__
-_set_kid = _slots["kid"].__set__
-_set_alg = _slots["alg"].__set__
-_set_claims = _slots["claims"].__set__
-_set_transaction = _slots["transaction"].__set__
-_set_txn_issuer = _slots["txn_issuer"].__set__
-_set_context = _slots["context"].__set__
-_set_txn_token = _slots["txn_token"].__set__
+# The hot-path constructors below hand a new instance its whole attribute dict in one
+# step, instead of the frozen dataclass's __init__ (one object.__setattr__ per field):
+# about a microsecond less per verification. Same fields, same values, same class.
+_set_fields = object.__setattr__
 
 
 def make_principal(  # noqa: PLR0917 - positional on purpose: keywords cost on the hot path
@@ -89,26 +78,29 @@ def make_principal(  # noqa: PLR0917 - positional on purpose: keywords cost on t
 ) -> Principal:
     """Build a service-only :class:`Principal` (``subject`` = ``caller``) on the verifier's hot path.
 
-    Equivalent to ``Principal(...)``; it fills the slots directly instead of
-    going through the frozen dataclass's ``__init__`` (which pays an
-    ``object.__setattr__`` lookup per field), about a microsecond less per
-    verification.
+    Equivalent to ``Principal(...)`` with ``subject=caller`` and no transaction.
     """
     principal: Principal = _new(Principal)
-    _set_caller(principal, caller)
-    _set_subject(principal, caller)
-    _set_audience(principal, audience)
-    _set_scopes(principal, scopes)
-    _set_token_id(principal, token_id)
-    _set_issued_at(principal, issued_at)
-    _set_expires_at(principal, expires_at)
-    _set_kid(principal, kid)
-    _set_alg(principal, alg)
-    _set_claims(principal, claims)
-    _set_transaction(principal, None)
-    _set_txn_issuer(principal, None)
-    _set_context(principal, _NO_CONTEXT)
-    _set_txn_token(principal, None)
+    _set_fields(
+        principal,
+        "__dict__",
+        {
+            "caller": caller,
+            "subject": caller,
+            "audience": audience,
+            "scopes": scopes,
+            "token_id": token_id,
+            "issued_at": issued_at,
+            "expires_at": expires_at,
+            "kid": kid,
+            "alg": alg,
+            "claims": claims,
+            "transaction": None,
+            "txn_issuer": None,
+            "context": _NO_CONTEXT,
+            "txn_token": None,
+        },
+    )
     return principal
 
 
@@ -123,18 +115,17 @@ def in_transaction(  # noqa: PLR0917 - positional on purpose: runs on every requ
 ) -> Principal:
     """``service`` (a verified service principal) inside the verified transaction described by the rest."""
     principal: Principal = _new(Principal)
-    _set_caller(principal, service.caller)
-    _set_subject(principal, subject)
-    _set_audience(principal, service.audience)
-    _set_scopes(principal, scopes)
-    _set_token_id(principal, service.token_id)
-    _set_issued_at(principal, service.issued_at)
-    _set_expires_at(principal, service.expires_at)
-    _set_kid(principal, service.kid)
-    _set_alg(principal, service.alg)
-    _set_claims(principal, service.claims)
-    _set_transaction(principal, transaction)
-    _set_txn_issuer(principal, txn_issuer)
-    _set_context(principal, context)
-    _set_txn_token(principal, txn_token)
+    _set_fields(
+        principal,
+        "__dict__",
+        {
+            **service.__dict__,
+            "subject": subject,
+            "scopes": scopes,
+            "transaction": transaction,
+            "txn_issuer": txn_issuer,
+            "context": context,
+            "txn_token": txn_token,
+        },
+    )
     return principal
