@@ -303,18 +303,15 @@ class Policy:
 
         # An end user from an identity provider (the gateway's UserPrincipal) has an
         # issuer and groups and no caller; a service's Principal has neither.
-        issuer: str | None = None
-        caller: str | None = None
-        groups: frozenset[str] = frozenset()
         subject = principal.subject
         if isinstance(principal, UserPrincipal):
-            issuer, groups = principal.issuer, principal.groups
+            issuer, caller, groups = principal.issuer, None, principal.groups
         else:
-            caller = principal.caller
-            if principal.transaction is not None or subject != caller:
-                refused = self._refused_delegation(principal)
-                if refused is not None:
-                    return self._deny("delegation_not_allowed", refused, normalized)
+            issuer, caller, groups = None, principal.caller, _NO_GROUPS
+            in_transaction = principal.transaction is not None or subject != caller
+            refused = self._refused_delegation(principal) if in_transaction else None
+            if refused is not None:
+                return self._deny("delegation_not_allowed", refused, normalized)
         # The field that refused the first rule matching method and path.
         refused_by: str | None = None
         # Scopes a rule wanted that the token lacked, when that rule matched in
@@ -463,6 +460,9 @@ class Policy:
 
 
 _V = TypeVar("_V")
+
+
+_NO_GROUPS: Final[frozenset[str]] = frozenset()
 
 
 def _remember(cache: dict[str, _V], key: str, value: _V) -> None:

@@ -136,10 +136,7 @@ class MeshAuthMiddleware:
             return
 
         headers = _Credentials.read(scope["headers"])
-        authorization, repeated = headers.authorization, headers.authorization_repeated
-        nonce_value, nonce_repeated = headers.nonce, headers.nonce_repeated
-        txn_value, txn_repeated = headers.txn_token, headers.txn_token_repeated
-
+        authorization = headers.authorization
         guard = self._guard
         principal: Principal | None = None
         nonce: str | None = None
@@ -147,13 +144,14 @@ class MeshAuthMiddleware:
             path = guard.asgi_path(scope)
             # Read first, so that every answer to this request, refusals included, is signed;
             # a bad nonce is reported once the caller is known (for the audit record).
-            nonce, bad_nonce = guard.read_nonce(nonce_value if self._identity is not None else None, nonce_repeated)
+            signing = self._identity is not None
+            nonce, bad_nonce = guard.read_nonce(headers.nonce if signing else None, headers.nonce_repeated)
             if authorization is None:
                 raise MissingCredentials("the request has no bearer credentials")
-            if repeated:
+            if headers.authorization_repeated:
                 raise DuplicateAuthorization("more than one Authorization header", expected=1)
             token = guard.bearer(authorization)
-            txn_token = guard.txn_token(txn_value, repeated=txn_repeated)
+            txn_token = guard.txn_token(headers.txn_token, repeated=headers.txn_token_repeated)
             principal = await self._verifier.averify(token, txn_token, audit=False)
             if bad_nonce is not None:
                 raise bad_nonce

@@ -214,6 +214,30 @@ def _time_fields(claims: Mapping[str, Any], now: float) -> dict[str, dict[str, A
     return times
 
 
+def _decode_token(token: str, problems: list[str]) -> tuple[Any, Any, int | None]:
+    """The header and claims (``None`` where undecodable) and the signature's size, unverified."""
+    segments = token.split(".")
+    header: Any = None
+    claims: Any = None
+    signature_bytes: int | None = None
+    if len(segments) == 5:
+        problems.append("token: five segments, an encrypted JWE; meshauth tokens are signed JWS (three segments)")
+        return header, claims, signature_bytes
+    if len(segments) != 3:
+        problems.append(f"token: a compact JWS has three segments, found {len(segments)}")
+    raw_header = _decode_segment(segments[0], "header", problems)
+    if raw_header is not None:
+        header = _decode_json(raw_header, "header", problems)
+    if len(segments) > 1:
+        raw_claims = _decode_segment(segments[1], "payload", problems)
+        if raw_claims is not None:
+            claims = _decode_json(raw_claims, "payload", problems)
+    if len(segments) > 2:
+        raw_signature = _decode_segment(segments[2], "signature", problems)
+        signature_bytes = None if raw_signature is None else len(raw_signature)
+    return header, claims, signature_bytes
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     token = _read_token(args.token)
     now = time.time()
@@ -221,25 +245,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     size = len(token.encode("utf-8"))
     if size > DEFAULT_MAX_TOKEN_BYTES:
         problems.append(f"token: {size} bytes, over the verifier's default limit of {DEFAULT_MAX_TOKEN_BYTES}")
-    segments = token.split(".")
-    header: Any = None
-    claims: Any = None
-    signature_bytes: int | None = None
-    if len(segments) == 5:
-        problems.append("token: five segments, an encrypted JWE; meshauth tokens are signed JWS (three segments)")
-    else:
-        if len(segments) != 3:
-            problems.append(f"token: a compact JWS has three segments, found {len(segments)}")
-        raw_header = _decode_segment(segments[0], "header", problems)
-        if raw_header is not None:
-            header = _decode_json(raw_header, "header", problems)
-        if len(segments) > 1:
-            raw_claims = _decode_segment(segments[1], "payload", problems)
-            if raw_claims is not None:
-                claims = _decode_json(raw_claims, "payload", problems)
-        if len(segments) > 2:
-            raw_signature = _decode_segment(segments[2], "signature", problems)
-            signature_bytes = None if raw_signature is None else len(raw_signature)
+    header, claims, signature_bytes = _decode_token(token, problems)
     _profile_problems(header, claims, problems)
     if signature_bytes == 0:
         problems.append("signature: empty (an unsigned token)")
