@@ -90,6 +90,9 @@ COMPACT_UNSIGNED_RE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-
 
 P = TypeVar("P")  # what a profile's claim rule returns: the principal
 
+Verified = tuple[P, float, KeyRecord, KeySource]
+"""A verified-token cache entry: the principal, usable until, the key record and its source."""
+
 Begun = tuple["Profile[Any]", KeySource, str, "str | None", dict[str, Any], bytes, bytes]
 """What :meth:`Engine.begin` hands :meth:`Engine.finish`: profile, key source, ``alg``, ``kid``,
 the (unverified) claims, the signing input and the signature."""
@@ -416,7 +419,7 @@ class Engine(Generic[P]):
         self.clock = clock
         self.cache_size = cache_size
         # exact token string -> (principal, usable until, key record, key source)
-        self._cache: VerifiedTokens[tuple[P, float, KeyRecord, KeySource]] = VerifiedTokens(cache_size, clock)
+        self._cache: VerifiedTokens[Verified[P]] = VerifiedTokens(cache_size, clock)
         self._verified = self._cache.entries  # read directly on the hot path
         # header segment -> (alg, kid) for headers that passed the strict checks
         self._headers: dict[str, tuple[str, str | None]] = {}
@@ -427,8 +430,12 @@ class Engine(Generic[P]):
         """The profile and key source for a token (the payload is not verified yet)."""
         raise NotImplementedError
 
-    def first_use(self, principal: P, record: KeyRecord, profile: Profile[P]) -> None:
+    def first_use(self, principal: P) -> None:
         """With a replay cache: refuse a token already accepted once (runs after every other check)."""
+
+    async def afirst_use(self, principal: P) -> None:
+        """:meth:`first_use` for the async driver (a networked replay store must not block the loop)."""
+        self.first_use(principal)
 
     # -- drivers ---------------------------------------------------------------------------
 
@@ -445,7 +452,11 @@ class Engine(Generic[P]):
         ):
             return entry[0]
         begun = self.begin(token)
-        return self.finish(token, expect, begun, _lookup(begun[1], begun[3]))
+        principal, entry = self.finish(expect, begun, _lookup(begun[1], begun[3]))
+        if self.replay_cache is not None:
+            self.first_use(principal)
+        self._cache.put(token, entry)
+        return principal
 
     async def arun(self, token: str, expect: Any = None) -> P:
         """Verify ``token``, letting an async key source fetch without blocking the loop."""
@@ -460,7 +471,11 @@ class Engine(Generic[P]):
         ):
             return entry[0]
         begun = self.begin(token)
-        return self.finish(token, expect, begun, await _alookup(begun[1], begun[3]))
+        principal, entry = self.finish(expect, begun, await _alookup(begun[1], begun[3]))
+        if self.replay_cache is not None:
+            await self.afirst_use(principal)
+        self._cache.put(token, entry)
+        return principal
 
     # -- the protocol ------------------------------------------------------------------------
 
@@ -476,8 +491,12 @@ class Engine(Generic[P]):
                 raise
         return profile, source, alg, kid, claims, signing_input, signature
 
-    def finish(self, token: str, expect: Any, begun: Begun, record: KeyRecord | None) -> P:
-        """Steps 6-9 on the key record the driver looked up; the principal, remembered for ``token``."""
+    def finish(self, expect: Any, begun: Begun, record: KeyRecord | None) -> tuple[P, Verified[P]]:
+        """Steps 6-9 on the key record the driver looked up, up to the replay check the driver makes last.
+
+        Returns the principal and the verified-token cache entry the driver stores once the replay
+        check (if any) passed.
+        """
         profile, source, alg, kid, claims, signing_input, signature = begun
         try:
             record = self.check_key(profile, source, alg, kid, record, claims)
@@ -488,8 +507,6 @@ class Engine(Generic[P]):
                 )
             try:
                 principal, usable_until = self.check_claims(profile, claims, record, expect)
-                if self.replay_cache is not None:
-                    self.first_use(principal, record, profile)
             except TokenError as exc:
                 exc.kid = record.kid
                 iss = claims.get("iss")
@@ -499,8 +516,7 @@ class Engine(Generic[P]):
         except TokenError as exc:
             exc.issuer = profile.issuer
             raise
-        self._cache.put(token, (principal, usable_until, record, source))
-        return principal
+        return principal, (principal, usable_until, record, source)
 
     def parse(self, token: str) -> tuple[tuple[str, str | None], dict[str, Any], bytes, bytes]:
         """Steps 1-5: size, syntax, strict base64url and JSON, header rules; nothing verified yet."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -205,6 +206,14 @@ class RedisReplayCache:
         self.ns = Namespace(namespace)
         self.client = connect(client_or_url, timeout=timeout)
         self._clock = clock
+
+    async def aadd(self, issuer: str, jti: str, expires_at: float) -> bool:
+        """:meth:`add` for async verifiers: the round trip runs in a worker thread, never on the loop.
+
+        A slow or unreachable Redis then delays only the requests that wait for it (up to
+        ``timeout``), not every other task of the service.
+        """
+        return await asyncio.to_thread(self.add, issuer, jti, expires_at)
 
     def add(self, issuer: str, jti: str, expires_at: float) -> bool:
         key = self.ns.jti(issuer, jti)

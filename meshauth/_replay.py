@@ -26,6 +26,11 @@ class ReplayCache(Protocol):
     ``True``. A store that cannot tell (full, unreachable) raises
     :class:`~meshauth.ReplayStoreUnavailable`: it never answers ``False`` for
     a token it has not seen, because ``False`` means *replayed*.
+
+    A store reached over the network may also offer ``async def aadd(issuer,
+    jti, expires_at) -> bool`` with the same meaning: async verifiers
+    (``Verifier.averify``, the ASGI middleware) await it instead of calling
+    :meth:`add` on the event loop.
     """
 
     def add(self, issuer: str, jti: str, expires_at: float) -> bool:

@@ -175,6 +175,22 @@ def _bind(principal: Principal, txn: Transaction | None) -> Principal:
     return in_transaction(principal, txn.subject, txn.scopes, txn.transaction, txn.issuer, txn.context, txn.token)
 
 
+def _replay_store_failed(exc: Exception) -> ReplayStoreUnavailable:
+    """Cannot tell whether the token was used before: refuse, as an outage."""
+    return ReplayStoreUnavailable(f"replay cache failed: {type(exc).__name__}")
+
+
+def _refuse_replay(principal: Principal, first_use: bool) -> None:
+    if not first_use:
+        raise TokenReplayed(
+            f"token id {principal.token_id[:64]!r} of {principal.caller!r} was already used: "
+            "a token is accepted once with the replay cache on",
+            actual=principal.token_id[:64],
+            kid=principal.kid,
+            caller=principal.caller,
+        )
+
+
 class Verifier(Engine[Principal]):
     """Checks inbound tokens for one service against a key registry.
 
@@ -321,23 +337,30 @@ class Verifier(Engine[Principal]):
     def select(self, claims: Mapping[str, Any], kid: str | None) -> tuple[Profile[Principal], KeySource]:
         return self.profile, self.keys
 
-    def first_use(self, principal: Principal, record: KeyRecord, profile: Profile[Principal]) -> None:
+    def first_use(self, principal: Principal) -> None:
         assert self.replay_cache is not None
         try:
-            first_use = self.replay_cache.add(principal.caller, principal.token_id, principal.expires_at + self.leeway)
+            first = self.replay_cache.add(principal.caller, principal.token_id, principal.expires_at + self.leeway)
         except MeshAuthError:
             raise
         except Exception as exc:
-            # Cannot tell whether the token was used before: refuse, as an outage.
-            raise ReplayStoreUnavailable(f"replay cache failed: {type(exc).__name__}") from exc
-        if not first_use:
-            raise TokenReplayed(
-                f"token id {principal.token_id[:64]!r} of {principal.caller!r} was already used: "
-                "a token is accepted once with the replay cache on",
-                actual=principal.token_id[:64],
-                kid=principal.kid,
-                caller=principal.caller,
-            )
+            raise _replay_store_failed(exc) from exc
+        _refuse_replay(principal, first)
+
+    async def afirst_use(self, principal: Principal) -> None:
+        cache = self.replay_cache
+        assert cache is not None
+        aadd = getattr(cache, "aadd", None)
+        if aadd is None:  # an in-process store answers at once
+            self.first_use(principal)
+            return
+        try:
+            first = await aadd(principal.caller, principal.token_id, principal.expires_at + self.leeway)
+        except MeshAuthError:
+            raise
+        except Exception as exc:
+            raise _replay_store_failed(exc) from exc
+        _refuse_replay(principal, first)
 
     # -- telemetry ---------------------------------------------------------------
 

@@ -254,3 +254,76 @@ def test_async_verifiers_on_redis_keys(redis_namespace: tuple[str, str]) -> None
     assert asyncio.run(main()) == ["orders"] * 200
     me.close()
     keys.close()
+
+
+def test_async_verifier_checks_replay_through_redis(redis_namespace: tuple[str, str], mesh: Any) -> None:
+    import asyncio
+
+    url, namespace = redis_namespace
+    first = mesh.verifier("payments", replay_cache=RedisReplayCache(url, namespace, clock=mesh.clock))
+    second = mesh.verifier("payments", replay_cache=RedisReplayCache(url, namespace, clock=mesh.clock))
+    once = mesh.identity("orders").mint("payments")
+
+    async def main() -> None:
+        assert (await first.averify(once)).caller == "orders"
+        with pytest.raises(meshauth.TokenReplayed):
+            await second.averify(once)  # another replica, same store, async path
+        assert (await second.averify(mesh.identity("billing").mint("payments"))).caller == "billing"
+
+    asyncio.run(main())
+
+
+def test_a_silent_replay_store_does_not_block_the_event_loop(mesh: Any) -> None:
+    """Redis accepts the connection and never answers: async verifies wait, the loop keeps running."""
+    import asyncio
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = False
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop:
+            try:
+                held.append(listener.accept()[0])  # read nothing, answer nothing
+            except TimeoutError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    port = listener.getsockname()[1]
+    timeout = 0.4
+    verifier = mesh.verifier("payments", replay_cache=RedisReplayCache(f"redis://127.0.0.1:{port}/0", timeout=timeout))
+    tokens = [mesh.identity("orders").mint("payments") for _ in range(3)]
+
+    async def main() -> tuple[int, list[BaseException | meshauth.Principal]]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        running = asyncio.create_task(ticker())
+        outcomes = await asyncio.gather(*(verifier.averify(t) for t in tokens), return_exceptions=True)
+        running.cancel()
+        return ticks, outcomes
+
+    started = time.monotonic()
+    try:
+        ticks, outcomes = asyncio.run(main())
+    finally:
+        stop = True
+        acceptor.join(2)
+        listener.close()
+        for conn in held:
+            conn.close()
+    elapsed = time.monotonic() - started
+    assert all(isinstance(o, meshauth.ReplayStoreUnavailable) for o in outcomes), outcomes
+    # The three waits overlapped (worker threads) and the loop ticked throughout them:
+    # a blocking call on the loop would have frozen the ticker for 3 x timeout.
+    assert elapsed < 3 * timeout
+    assert ticks >= (timeout / 0.01) * 0.5
