@@ -20,28 +20,35 @@ from ._exceptions import BodyMismatch, UnboundBody
 from ._jws import b64url_encode
 from ._principal import Principal
 
-__all__ = ["bind_body"]
+__all__ = ["bind_body", "check_digest", "require_binding"]
 
 
-def bind_body(response: httpx.Response, proof: Principal, service: str, *, allow_unbound: bool) -> None:
-    """Check (now, or as the body arrives) that ``response``'s body is the one ``proof`` binds."""
+def require_binding(proof: Principal, service: str, *, allow_unbound: bool) -> str | None:
+    """The ``body_sha256`` the response token binds; ``None`` for an unbound body the caller allows."""
     digest = proof.claims.get("body_sha256")
-    if digest is None:
-        if allow_unbound:
-            return
+    if digest is None and not allow_unbound:
         raise UnboundBody(
             f"the response from {service!r} is signed without binding its body (a streamed or large answer); "
             "pass allow_unbound_body=True to ServiceAuth to accept such answers",
             expected="body_sha256 in the response token",
             actual="no body binding",
         )
-    if response.is_stream_consumed:  # read already (an in-memory transport)
-        _compare(str(digest), hashlib.sha256(response.content).digest(), service)
+    return None if digest is None else str(digest)
+
+
+def bind_body(response: httpx.Response, proof: Principal, service: str, *, allow_unbound: bool) -> None:
+    """Check (now, or as the body arrives) that ``response``'s body is the one ``proof`` binds."""
+    digest = require_binding(proof, service, allow_unbound=allow_unbound)
+    if digest is None:
         return
-    response.stream = _DigestingStream(response.stream, str(digest), service)
+    if response.is_stream_consumed:  # read already (an in-memory transport)
+        check_digest(digest, hashlib.sha256(response.content).digest(), service)
+        return
+    response.stream = _DigestingStream(response.stream, digest, service)
 
 
-def _compare(expected: str, received: bytes, service: str) -> None:
+def check_digest(expected: str, received: bytes, service: str) -> None:
+    """``BodyMismatch`` unless ``received`` (a SHA-256 digest) is the signed ``body_sha256``."""
     found = b64url_encode(received)
     if not hmac.compare_digest(found.encode("ascii"), expected.encode("ascii")):
         raise BodyMismatch(
@@ -64,13 +71,13 @@ class _DigestingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
         for chunk in self._inner:
             self._hash.update(chunk)
             yield chunk
-        _compare(self._digest, self._hash.digest(), self._service)
+        check_digest(self._digest, self._hash.digest(), self._service)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
             self._hash.update(chunk)
             yield chunk
-        _compare(self._digest, self._hash.digest(), self._service)
+        check_digest(self._digest, self._hash.digest(), self._service)
 
     def close(self) -> None:
         self._inner.close()

@@ -85,3 +85,99 @@ def test_a_changed_answer_is_caught(world: Any, rewrite: Rewrite, reason: str) -
     with pytest.raises(meshauth.ResponseAuthError) as info:
         call_through(world, rewrite)
     assert info.value.reason == reason
+
+
+# -- the same checks from the requests client ------------------------------------------------
+
+
+def call_through_requests(world: tuple[meshauth.ServiceIdentity, meshauth.StaticKeys, str], rewrite: Rewrite) -> Any:
+    import requests
+
+    from meshauth.requests import ServiceAuth
+
+    orders, registry, upstream = world
+    with LoopbackServer(intermediary(upstream, rewrite), lifespan="off") as relay, requests.Session() as session:
+        session.auth = ServiceAuth(orders, audience="payments", verify_responses=registry)
+        return session.get(relay.url + "/charges/c_1", timeout=10)
+
+
+def test_requests_accepts_an_honest_relay(world: Any) -> None:
+    response = call_through_requests(world, lambda status, headers, body: (status, headers, body))
+    assert response.status_code == 200
+    assert response.json() == DECLINED
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "reason"),
+    [
+        (lambda s, h, b: (201, h, b'{"charge": "approved"}'), "status_mismatch"),
+        (lambda s, h, b: (s, h, b'{"charge": "approved"}'), "body_mismatch"),
+        (lambda s, h, b: (401, {"www-authenticate": 'Bearer realm="payments"'}, b"{}"), "missing_response"),
+        (lambda s, h, b: (s, {k: v for k, v in h.items() if k != "meshauth-response"}, b), "missing_response"),
+    ],
+    ids=["status and body swapped", "body swapped", "forged 401", "token stripped"],
+)
+def test_requests_catches_a_changed_answer(world: Any, rewrite: Rewrite, reason: str) -> None:
+    with pytest.raises(meshauth.ResponseAuthError) as info:
+        call_through_requests(world, rewrite)
+    assert info.value.reason == reason
+
+
+def test_requests_checks_the_compressed_bytes_as_sent_and_still_decodes_them(serve_asgi: Any) -> None:
+    """The token binds the gzip bytes on the wire; requests hands out the decoded JSON as usual."""
+    import gzip
+
+    import requests
+
+    from meshauth.requests import ServiceAuth
+
+    async def gzipped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = gzip.compress(json.dumps(DECLINED).encode())
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    mesh = meshauth.testing.Mesh(["orders", "payments"])
+    app = MeshAuthMiddleware(gzipped, mesh.verifier("payments"), identity=mesh.identity("payments"))
+    url = serve_asgi(app, lifespan="off")
+    with requests.Session() as session:
+        session.auth = ServiceAuth(mesh.identity("orders"), audience="payments", verify_responses=mesh.keys)
+        response = session.get(url + "/charges/c_1", timeout=10)
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.json() == DECLINED
+
+
+def test_requests_retry_sends_a_new_nonce_and_checks_the_second_answer(serve_asgi: Any) -> None:
+    """A replayed token is refused (401, itself signed); the retry's answer is checked with its own nonce."""
+    import requests
+
+    from meshauth.requests import ServiceAuth
+
+    mesh = meshauth.testing.Mesh(["orders", "payments"])
+    nonces: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await payments_app(scope, receive, send)
+
+    async def recording(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonces.append(dict(scope["headers"]).get(b"meshauth-nonce", b"").decode())
+        await guarded(scope, receive, send)
+
+    verifier = mesh.verifier("payments", replay_cache=meshauth.MemoryReplayCache())
+    guarded = MeshAuthMiddleware(app, verifier, identity=mesh.identity("payments"))
+    url = serve_asgi(recording, lifespan="off")
+    with requests.Session() as session:
+        session.auth = ServiceAuth(mesh.identity("orders"), audience="payments", verify_responses=mesh.keys)
+        assert session.get(url + "/a", timeout=10).json() == DECLINED
+        second = session.get(url + "/b", timeout=10)  # the cached token again: replayed, then renewed
+    assert second.status_code == 200 and second.json() == DECLINED
+    assert [r.status_code for r in second.history] == [401]
+    assert len(nonces) == 3 and len(set(nonces)) == 3 and all(nonces)
+
+
+def test_requests_does_not_buffer_a_swapped_body_past_the_bound(world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshauth.requests
+
+    monkeypatch.setattr(meshauth.requests, "MAX_BOUND_BODY", 1000)
+    with pytest.raises(meshauth.BodyMismatch, match="grows past 1000 bytes"):
+        call_through_requests(world, lambda s, h, b: (s, h, b"x" * 5000))
