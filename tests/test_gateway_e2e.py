@@ -336,7 +336,7 @@ def test_gateway_stops_cleanly(mesh: Mesh, tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert result.returncode == 2 and "key_file: this key is required" in result.stderr
+    assert result.returncode == 2 and "registry: this key is required" in result.stderr
     config = (mesh.dir / "gateway.toml").read_text()
     port = free_port()
     listen_line = next(line for line in config.splitlines() if line.startswith("listen"))

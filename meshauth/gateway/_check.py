@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._doctor import FAIL, OK, Check, report_lines
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, Unavailable
 from .._telemetry import escape_line_breaks
 from ._config import load_config
 from ._proxy import Gateway, create_app
@@ -41,10 +41,11 @@ def gateway_checks(config_path: str | os.PathLike[str]) -> list[Check]:
         return [Check("config", FAIL, exc.detail, "see the configuration reference in docs/gateway.md")]
     checks = [Check("config", OK, f"{config.source}: {len(config.routes)} routes, {len(config.issuers)} issuers")]
     try:
-        gateway = create_app(config, configure_audit=False)
-    except ConfigurationError as exc:
+        gateway = create_app(config, configure_audit=False)  # with a Redis registry: publishes a key, once
+    except (ConfigurationError, Unavailable) as exc:
         return [*checks, Check("signing key", FAIL, exc.detail)]
-    checks.append(Check("signing key", OK, f"{config.service}: kid {gateway.identity.key.kid}"))
+    published = f", published in {config.registry_namespace!r}" if config.key_file is None else ""
+    checks.append(Check("signing key", OK, f"{config.service}: kid {gateway.identity.key.kid}{published}"))
     return checks + asyncio.run(_reach_key_sets(gateway))
 
 

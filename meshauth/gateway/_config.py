@@ -45,6 +45,8 @@ __all__ = [
 REASON: Final = "invalid_config"
 DEFAULT_LISTEN: Final = "127.0.0.1:8080"
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192
+DEFAULT_NAMESPACE: Final = "meshauth"
+_NAMESPACE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_LEEWAY: Final = 300
 _MAX_TIMEOUT: Final = 3600.0
 
@@ -57,6 +59,7 @@ _TOP_LEVEL: Final = (
     "max_forwarded_hops",
     "max_token_bytes",
     "registry",
+    "registry_namespace",
     "routes",
     "service",
     "telemetry",
@@ -175,9 +178,10 @@ class GatewayConfig:
     """
 
     service: str
-    key_file: str
+    key_file: str | None
+    """The gateway's signing key; ``None`` with a Redis registry (each process then publishes its own)."""
     registry: str
-    """An absolute file path or an http(s) URL."""
+    """An absolute file path, an http(s) URL or a ``redis://`` URL."""
     issuers: tuple[IssuerConfig, ...]
     routes: tuple[RouteConfig, ...]
     host: str = "127.0.0.1"
@@ -192,6 +196,8 @@ class GatewayConfig:
     limits: Limits = dataclasses.field(default_factory=Limits)
     telemetry: TelemetrySettings = dataclasses.field(default_factory=TelemetrySettings)
     signing_key: SigningKey | None = dataclasses.field(default=None, repr=False, compare=False)
+    registry_namespace: str = "meshauth"
+    """The namespace of a Redis registry."""
 
     @property
     def listen(self) -> str:
@@ -246,6 +252,11 @@ def issuer_key_parser(issuer: IssuerConfig) -> IdPKeyParser:
     return IdPKeyParser(issuer.issuer, issuer.algorithms)
 
 
+def is_redis(value: str) -> bool:
+    """Whether a ``registry`` value names a Redis server (DESIGN section 10)."""
+    return value.startswith(("redis://", "rediss://", "unix://"))
+
+
 def is_url(value: str) -> bool:
     """Whether a ``registry`` or ``jwks`` value names a URL rather than a file."""
     return value.startswith(("http://", "https://")) or "://" in value[:16]
@@ -277,13 +288,13 @@ class _Loader:
         if not isinstance(document, Mapping):
             self.fail("", f"expected a table, found {_type_name(document)}")
         self.unknown_keys(document, _TOP_LEVEL, "")
-        for required in ("service", "key_file", "registry", "issuers", "routes"):
+        for required in ("service", "registry", "issuers", "routes"):
             if required not in document:
                 self.fail(required, "this key is required")
         host, port = self.listen(document.get("listen", DEFAULT_LISTEN))
         service = self.name(document["service"], "service")
-        key_file = self.path(document["key_file"], "key_file")
-        registry = self.location(document["registry"], "registry")
+        registry, namespace = self.registry(document)
+        key_file = None if is_redis(registry) else self.path(document.get("key_file"), "key_file")
         audit_log = self.path(document["audit_log"], "audit_log") if "audit_log" in document else None
         issuers = self.issuers(document["issuers"])
         routes = self.routes(document["routes"], issuers)
@@ -300,8 +311,9 @@ class _Loader:
         if check_files:
             if audit_log is not None and not os.path.isdir(os.path.dirname(audit_log)):
                 self.fail("audit_log", f"the directory {os.path.dirname(audit_log)!r} does not exist")
-            signing_key = self.signing_key(key_file)
-            if not is_url(registry):
+            if key_file is not None:
+                signing_key = self.signing_key(key_file)
+            if not is_url(registry) and signing_key is not None:
                 self.check_registry(registry, service, signing_key)
             for index, issuer in enumerate(issuers):
                 if not issuer.discovery and not is_url(issuer.jwks):
@@ -310,6 +322,7 @@ class _Loader:
             service=service,
             key_file=key_file,
             registry=registry,
+            registry_namespace=namespace,
             issuers=issuers,
             routes=routes,
             host=host,
@@ -325,6 +338,31 @@ class _Loader:
             telemetry=parse_telemetry(document.get("telemetry", {}), self.fail),
             signing_key=signing_key,
         )
+
+    def registry(self, document: Mapping[str, Any]) -> tuple[str, str]:
+        """``registry`` (a file, an http(s) URL or a Redis URL) and, for Redis, its namespace."""
+        value = document["registry"]
+        if isinstance(value, str) and is_redis(value):
+            parts = urlsplit(value)
+            if parts.scheme != "unix" and not parts.hostname:
+                self.fail("registry", "expected redis://[USER:PASSWORD@]HOST[:PORT][/DB], found a URL without a host")
+            if "key_file" in document:
+                self.fail(
+                    "key_file",
+                    "with a Redis registry the gateway generates its keys in memory and publishes them there "
+                    "(one per process, renewed and rotated): remove key_file",
+                )
+            namespace = self.string(document.get("registry_namespace", DEFAULT_NAMESPACE), "registry_namespace")
+            if not _NAMESPACE.fullmatch(namespace):
+                self.fail(
+                    "registry_namespace", f"expected 1-64 characters from A-Z a-z 0-9 . _ -, found {_clip(namespace)}"
+                )
+            return value, namespace
+        if "registry_namespace" in document:
+            self.fail("registry_namespace", "only a redis:// registry has a namespace")
+        if "key_file" not in document:
+            self.fail("key_file", "this key is required (unless the registry is redis://...)")
+        return self.location(value, "registry"), DEFAULT_NAMESPACE
 
     def issuers(self, value: object) -> tuple[IssuerConfig, ...]:
         tables = self.tables(value, "issuers")

@@ -72,7 +72,7 @@ from ._exchange import Admission, AuditRecord, Request, Result, SentTracker, Ver
 from ._idp import is_service_token
 from ._refusals import MethodNotAllowed, NoRoute, UpstreamTimeout, UpstreamUnreachable, outcome_of
 from ._routes import Route, compile_route, forward_path
-from ._sources import open_issuer_keys, open_registry, source_ready
+from ._sources import open_issuer_keys, open_registry, publish_own_keys, source_ready
 from ._tracing import inject, is_sdk_span, start_trace
 from ._upstream import (
     HOP_BY_HOP,
@@ -143,11 +143,13 @@ class Gateway:
     ) -> None:
         self.config = config
         source = config.source
-        self.identity = ServiceIdentity(
-            config.service, _signing_key(config), clock=clock, tracer_provider=tracer_provider
-        )
+        self.identity = _own_identity(config, clock, tracer_provider)
         self._owns_registry = registry is None
-        self.registry = registry if registry is not None else open_registry(config.registry, source=source)
+        self.registry = (
+            registry
+            if registry is not None
+            else open_registry(config.registry, source=source, namespace=config.registry_namespace)
+        )
         self.service_verifier = Verifier(
             config.service,
             self.registry,
@@ -221,9 +223,9 @@ class Gateway:
         for source in self.issuer_keys.values():
             if isinstance(source, JWKSEndpoint | DiscoveredKeys):
                 await source.aclose()
-        close_registry = getattr(self.registry, "aclose", None) if self._owns_registry else None
-        if close_registry is not None:
-            await close_registry()
+        if self._owns_registry:
+            await _close(self.registry)
+        await _close(self.identity)  # a published in-memory key is deleted from the registry
         if self._owns_transport and self._transport is not None:
             await self._transport.aclose()
             self._transport = None
@@ -615,10 +617,31 @@ class Gateway:
 # -- helpers ------------------------------------------------------------------------------
 
 
+def _own_identity(
+    config: GatewayConfig, clock: Callable[[], float], tracer_provider: trace.TracerProvider | None
+) -> ServiceIdentity:
+    """The gateway's identity: its key from the configuration, or (Redis registry) one it publishes."""
+    if config.signing_key is None and config.key_file is None:
+        return publish_own_keys(config, clock=clock, tracer_provider=tracer_provider)  # type: ignore[no-any-return]
+    return ServiceIdentity(config.service, _signing_key(config), clock=clock, tracer_provider=tracer_provider)
+
+
+async def _close(resource: object) -> None:
+    """Close a key source or identity that has ``aclose`` or ``close`` (and nothing else)."""
+    aclose = getattr(resource, "aclose", None)
+    if aclose is not None:
+        await aclose()
+        return
+    close = getattr(resource, "close", None)
+    if close is not None:
+        await asyncio.to_thread(close)
+
+
 def _signing_key(config: GatewayConfig) -> SigningKey:
     """The gateway's own key: given in the configuration, or read from ``key_file``."""
     if config.signing_key is not None:
         return config.signing_key
+    assert config.key_file is not None  # without one, _own_identity publishes a key instead
     try:
         return SigningKey.from_file(config.key_file)
     except ConfigurationError as exc:

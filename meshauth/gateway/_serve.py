@@ -24,7 +24,7 @@ import sys
 import threading
 from typing import Any, Final
 
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, Unavailable
 from .._telemetry import audit
 from ._config import GatewayConfig, load_config
 from ._exchange import AUDIT_EVENT
@@ -135,6 +135,9 @@ def run_worker(config: GatewayConfig, sock: socket.socket, limits: Limits) -> in
         except ConfigurationError as exc:
             _say(exc.detail)
             return EXIT_CONFIG
+        except Unavailable as exc:  # a Redis registry that could not be reached to publish the key
+            _say(f"registry: {exc.detail}")
+            return EXIT_FAILED
         return asyncio.run(_run(app, sock, limits))
     finally:
         exporters.shutdown()
