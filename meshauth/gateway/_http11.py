@@ -43,7 +43,7 @@ _HEADER_FIELD: Final = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_CONTEN
 _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
 _STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_VCHAR + rb")*))?")
 _NAME: Final = re.compile(_TOKEN)
-_VALUE: Final = re.compile(rb"(?:" + _FIELD_CONTENT + rb")?")
+_TARGET: Final = re.compile(rb"/[\x21-\x7e]*")
 _DIGITS: Final = re.compile(rb"[0-9]+")
 # Chunk extensions are skipped, but may hold no control characters (a bare CR among them).
 _CHUNK_HEADER: Final = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[\t\x20-\x7e\x80-\xff]*)?[ \t]*")
@@ -330,12 +330,20 @@ class BodyWriter:
 
 
 def _checked_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Lower-case names; a name that is not a token, or a value with a CR, LF or NUL, is refused.
+
+    Only what could split or end a header line is looked for in values (a
+    memory scan, not a pattern): they were parsed with the full grammar when
+    they came in, or are the gateway's own.
+    """
     out: list[tuple[bytes, bytes]] = []
-    name_ok, value_ok = _NAME.fullmatch, _VALUE.fullmatch
-    for raw_name, value in headers:
-        if name_ok(raw_name) is None or value_ok(value) is None:
-            raise LocalProtocolError(f"an illegal header: {raw_name[:40]!r}")
-        out.append((raw_name.lower(), value))
+    name_ok = _NAME.fullmatch
+    for name, value in headers:
+        if name_ok(name) is None:
+            raise LocalProtocolError(f"an illegal header name: {name[:40]!r}")
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise LocalProtocolError(f"an illegal value in header {name[:40]!r}")
+        out.append((name.lower(), value))
     return out
 
 
@@ -410,7 +418,7 @@ def encode_request(
     (and no length) the body goes chunked; otherwise the request has none.
     """
     fields = _checked_fields(headers)
-    if not _NAME.fullmatch(method) or not target.startswith(b"/") or not _VALUE.fullmatch(target):
+    if not _NAME.fullmatch(method) or not _TARGET.fullmatch(target):
         raise LocalProtocolError("an illegal request line")
     length = next((value for name, value in fields if name == b"content-length"), None)
     fields = [(name, value) for name, value in fields if name != b"transfer-encoding"]

@@ -198,7 +198,8 @@ class Gateway:
             self._transport = upstream_transport()
         if self._configure_audit and self._audit_handler is None:
             self._audit_level = AUDIT_LOGGER.level
-            self._audit_handler = audit_log.configure(self.config.audit_log)
+            # Each record is written after its response: those of one pass of the loop leave in one write.
+            self._audit_handler = audit_log.configure(self.config.audit_log, batch=True)
         self._started = True
         # URL key sets are fetched now, so that /readyz turns ready before the
         # first request; a failure is logged by the source and retried later.
