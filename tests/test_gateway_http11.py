@@ -34,6 +34,10 @@ def test_a_request_head_is_parsed_into_lower_case_names_and_trimmed_values() -> 
         (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b", 400, "multiple Host"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nX-A: 1\r\n folded", 400, "header line"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nX A: 1", 400, "header line"),
+        (b"GET /x HTTP/1.1\r\nHost: gw:80\r\nNo-Colon", 400, "header line"),
+        (b"GET /x HTTP/1.1\r\nHost: gw\r\n: empty-name", 400, "header line"),
+        (b"GET /x HTTP/1.1\r\nHost: gw\r\nX-A : 1", 400, "header line"),
+        (b"GET /x HTTP/1.1\r\nHost: gw\r\nX-A: a\x0bb", 400, "header line"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nX-A: a\x00b", 400, "header line"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nX-A: a\rb", 400, "header line"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\nContent-Length: 2", 400, "conflicting"),
@@ -66,6 +70,9 @@ def test_a_response_head_may_omit_its_reason_and_end_lines_with_a_bare_lf() -> N
     head = parse_response(data[:end])
     assert (head.status, head.headers, data[rest:]) == (204, [(b"x-a", b"1")], b"rest")
     assert not parse_response(b"HTTP/1.0 200 OK").keep_alive
+    for bad in (b"HTTP/1.1 200 OK\r\nX-A: a\rb", b"HTTP/1.1 200 OK\nX-A: 1\r\nX-B:\x00"):
+        with pytest.raises(ProtocolError, match="header line"):
+            parse_response(bad)
     with pytest.raises(ProtocolError, match="status line"):
         parse_response(b"HTTP/1.1 2000 OK")
     assert head_end(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n") == (-1, -1)
@@ -159,7 +166,14 @@ def test_a_response_the_gateway_could_get_wrong_is_refused() -> None:
     writer.data(b"ab")
     with pytest.raises(LocalProtocolError, match="less body"):
         writer.end()
-    for headers in ([(b"x-a", b"a\r\nx-injected: 1")], [(b"x a", b"1")], [(b"x-a", b"\x00")]):
+    for headers in (
+        [(b"x-a", b"a\r\nx-injected: 1")],
+        [(b"x-a", b"a\nx-injected: 1")],
+        [(b"x a", b"1")],
+        [(b"x-b", b"1"), (b"x-a:x-c", b"1")],
+        [(b"x-a", b"\x00")],
+        [(b"", b"1")],
+    ):
         with pytest.raises(LocalProtocolError, match="illegal"):
             encode_response(200, headers, method=b"GET", version=b"1.1", keep_alive=True)
 

@@ -39,10 +39,13 @@ __all__ = [
 _TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_VCHAR: Final = rb"[^\x00\s]"
 _FIELD_CONTENT: Final = _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*"
-_HEADER_FIELD: Final = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_CONTENT + rb")?[ \t]*")
+# Every byte a header value may hold (not NUL, CR, LF, VT, FF: h11's field-vchar, spaces and tabs).
+_VALUE_BYTES: Final = bytes(set(range(256)) - {0x00, 0x0A, 0x0B, 0x0C, 0x0D})
+_HEADER_FIELD: Final = re.compile(_TOKEN + rb":[ \t]*(?:" + _FIELD_CONTENT + rb")?[ \t]*")
 _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
 _STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_VCHAR + rb")*))?")
 _NAME: Final = re.compile(_TOKEN)
+_NAMES: Final = re.compile(_TOKEN + rb"(?::" + _TOKEN + rb")*")
 _TARGET: Final = re.compile(rb"/[\x21-\x7e]*")
 _DIGITS: Final = re.compile(rb"[0-9]+")
 # Chunk extensions are skipped, but may hold no control characters (a bare CR among them).
@@ -93,17 +96,39 @@ def head_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
     return match.start(), match.end()
 
 
-def _fields(lines: Iterable[bytes], head: Head) -> int:
-    """Parse header lines into ``head``; the number of ``Host`` headers."""
+def _split_fields(block: bytes, lines: list[bytes], separators: int) -> list[tuple[bytes, bytes]]:
+    """The (name, value) pairs of header lines, checked against h11's ``header_field`` grammar.
+
+    ``block`` is the lines with their separators, ``separators`` the bytes
+    those take. Not one pattern match per line, which costs a pass of the
+    regular expression engine over every byte of every token: a value is any
+    bytes but NUL, CR, LF, VT and FF (then trimmed of spaces and tabs), a name
+    a token. The names are matched together; the forbidden bytes are found by
+    deleting every other byte (one pass in C): what is left must be the
+    separators, nothing more.
+    """
+    pairs = [line.partition(b":") for line in lines]
+    joined = b":".join([name for name, _, _ in pairs])
+    if (
+        len(block.translate(None, _VALUE_BYTES)) != separators
+        or _NAMES.fullmatch(joined) is None
+        or joined.count(b":") != len(pairs) - 1
+        or not all(colon for _, colon, _ in pairs)
+    ):
+        raise _illegal_line(lines)
+    return [(name.lower(), value.strip(b" \t")) for name, _, value in pairs]
+
+
+def _illegal_line(lines: Iterable[bytes]) -> ProtocolError:
+    bad = next((line for line in lines if _HEADER_FIELD.fullmatch(line) is None), b"")
+    return ProtocolError(f"illegal header line: {bad[:100]!r}")
+
+
+def _fields(fields: Iterable[tuple[bytes, bytes]], head: Head) -> int:
+    """Header fields into ``head``, with the framing rules applied; the number of ``Host`` headers."""
     headers = head.headers
     hosts = 0
-    fullmatch = _HEADER_FIELD.fullmatch
-    for line in lines:
-        match = fullmatch(line)
-        if match is None:
-            raise ProtocolError(f"illegal header line: {line[:100]!r}")
-        name = match[1].lower()
-        value = match[2] or b""
+    for name, value in fields:
         if name == b"content-length":
             values = {item.strip() for item in value.split(b",")}
             length = values.pop() if len(values) == 1 else b""
@@ -114,14 +139,16 @@ def _fields(lines: Iterable[bytes], head: Head) -> int:
                     raise ProtocolError("conflicting Content-Length headers")
                 continue  # the same length twice: kept once
             head.content_length = int(length)
-            value = length
+            headers.append((name, length))
+            continue
         elif name == b"transfer-encoding":
             if head.chunked:
                 raise ProtocolError("multiple Transfer-Encoding headers", 501)
-            value = value.lower()
-            if value != b"chunked":
+            if value.lower() != b"chunked":
                 raise ProtocolError("Only Transfer-Encoding: chunked is supported", 501)
             head.chunked = True
+            headers.append((name, b"chunked"))
+            continue
         elif name == b"host":
             hosts += 1
         elif name == b"connection":
@@ -139,15 +166,16 @@ def _tokens(value: bytes) -> set[bytes]:
 
 def parse_request(data: bytes) -> Head:
     """A request head (without its blank line); ``ProtocolError`` if it breaks the grammar."""
-    lines = data.split(b"\r\n")
-    match = _REQUEST_LINE.fullmatch(lines[0])
+    first, _, block = data.partition(b"\r\n")
+    match = _REQUEST_LINE.fullmatch(first)
     if match is None:
-        raise ProtocolError(f"illegal request line: {lines[0][:100]!r}")
+        raise ProtocolError(f"illegal request line: {first[:100]!r}")
     version = match[3]
     if version not in _SUPPORTED:
         raise ProtocolError(f"HTTP/{version.decode('ascii')} is not supported", 505)
     head = Head(version, [], method=match[1], target=match[2])
-    hosts = _fields(lines[1:], head)
+    lines = block.split(b"\r\n")
+    hosts = _fields(_split_fields(block, lines, 2 * (len(lines) - 1)) if block else (), head)
     if hosts > 1:
         raise ProtocolError("Found multiple Host: headers")
     if hosts == 0 and version == b"1.1":
@@ -160,12 +188,16 @@ def parse_request(data: bytes) -> Head:
 
 def parse_response(data: bytes) -> Head:
     """A response head (without its blank line); ``ProtocolError`` if it breaks the grammar."""
-    lines = _LINE_END.split(data)
-    match = _STATUS_LINE.fullmatch(lines[0])
+    end = data.find(b"\n")
+    first, block = (data, b"") if end < 0 else (data[:end], data[end + 1 :])
+    first = first.removesuffix(b"\r")
+    match = _STATUS_LINE.fullmatch(first)
     if match is None:
-        raise ProtocolError(f"illegal status line: {lines[0][:100]!r}")
+        raise ProtocolError(f"illegal status line: {first[:100]!r}")
     head = Head(match[1], [], status=int(match[2]))
-    _fields(lines[1:], head)
+    crlf = block.count(b"\r\n")
+    lines = block.split(b"\r\n") if block.count(b"\n") == crlf else _LINE_END.split(block)
+    _fields(_split_fields(block, lines, len(lines) - 1 + crlf) if block else (), head)
     if head.version != b"1.1":
         head.keep_alive = False
     return head
@@ -329,30 +361,33 @@ class BodyWriter:
         return b""
 
 
-def _checked_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Lower-case names; a name that is not a token, or a value with a CR, LF or NUL, is refused.
+def _lower_names(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers with lower-case names; a name that is not a token is refused."""
+    fields = [(name.lower(), value) for name, value in headers]
+    if fields:
+        # One pattern call for all names; the count catches a name that holds the separator itself.
+        joined = b":".join([name for name, _ in fields])
+        if _NAMES.fullmatch(joined) is None or joined.count(b":") != len(fields) - 1:
+            raise LocalProtocolError("an illegal header name")
+    return fields
 
-    Only what could split or end a header line is looked for in values (a
-    memory scan, not a pattern): they were parsed with the full grammar when
-    they came in, or are the gateway's own.
+
+def _head_bytes(first: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The head; refused if a value holds a CR, LF or NUL (which could end a line or the head).
+
+    The values were parsed with the full grammar when they came in, or are the
+    gateway's own: only what would split the head is looked for, by counting
+    line ends in the built head rather than matching each value.
     """
-    out: list[tuple[bytes, bytes]] = []
-    name_ok = _NAME.fullmatch
-    for name, value in headers:
-        if name_ok(name) is None:
-            raise LocalProtocolError(f"an illegal header name: {name[:40]!r}")
-        if b"\r" in value or b"\n" in value or b"\x00" in value:
-            raise LocalProtocolError(f"an illegal value in header {name[:40]!r}")
-        out.append((name.lower(), value))
-    return out
-
-
-def _head_bytes(first: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     parts = [first]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
-    return b"".join(parts)
+    head = b"".join(parts)
+    lines = len(headers) + 2
+    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\x00" in head:
+        raise LocalProtocolError("an illegal header value (a CR, LF or NUL)")
+    return head
 
 
 def encode_response(
@@ -365,7 +400,7 @@ def encode_response(
     and up to the close for an HTTP/1.0 one. ``Connection: close`` is added
     whenever the connection ends with this response.
     """
-    fields = _checked_fields(headers)
+    fields = _lower_names(headers)
     declared: int | None = None
     chunked = False
     connection: list[bytes] = []
@@ -417,7 +452,7 @@ def encode_request(
     A ``Content-Length`` among ``headers`` sizes the body; with ``chunked``
     (and no length) the body goes chunked; otherwise the request has none.
     """
-    fields = _checked_fields(headers)
+    fields = _lower_names(headers)
     if not _NAME.fullmatch(method) or not _TARGET.fullmatch(target):
         raise LocalProtocolError("an illegal request line")
     length = next((value for name, value in fields if name == b"content-length"), None)

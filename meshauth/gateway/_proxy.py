@@ -548,8 +548,9 @@ class Gateway:
         gone = asyncio.Event()
         # A response without Content-Length may stream for a long time (SSE,
         # long polling): watch for the client leaving so that the upstream
-        # stream is dropped too. Sized responses end by themselves.
-        watcher = None if response.length >= 0 else asyncio.ensure_future(watch_disconnect(receive, gone))
+        # stream is dropped too. Sized responses end by themselves, and so does one already whole.
+        watching = response.length < 0 and not response.complete
+        watcher = asyncio.ensure_future(watch_disconnect(receive, gone)) if watching else None
         try:
             # The last piece, when known to be the last as it arrives, is sent as the
             # last message: it leaves with the head in one write when the body is one piece.

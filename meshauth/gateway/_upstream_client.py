@@ -284,7 +284,7 @@ async def _receive_head(connection: _Connection, limit: float) -> tuple[Head, by
 class _Body(UpstreamResponse):
     """A response of the pool: the connection goes back to it when the body has been read to its end."""
 
-    __slots__ = ("_connection", "_keep_alive", "_origin", "_reader", "_timeout", "_transport")
+    __slots__ = ("_connection", "_keep_alive", "_origin", "_reader", "_ready", "_timeout", "_transport")
 
     def __init__(  # noqa: PLR0917 - the parts of one exchange
         self,
@@ -303,8 +303,23 @@ class _Body(UpstreamResponse):
         self._keep_alive = head.keep_alive
         self._reader = reader
         self._timeout = timeout
+        # What came with the head is decoded now: a body that is already whole (most small
+        # answers) is complete before the relay starts, and the connection is back in the pool.
+        ready: list[bytes] = []
+        try:
+            while (piece := reader.next()) is not None:
+                ready.append(piece)
+        except ProtocolError:
+            pass  # raised again by chunks(), where the relay expects it
+        # One piece: with ``complete`` set, it is the last one.
+        self._ready = [b"".join(ready)] if len(ready) > 1 else ready
+        if reader.done:
+            self._finish()
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        ready, self._ready = self._ready, []
+        for piece in ready:
+            yield piece
         reader = self._reader
         while self._connection is not None:
             try:
