@@ -545,18 +545,20 @@ class Gateway:
         ]
         status = response.status
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        gone = asyncio.Event()
         # A response without Content-Length may stream for a long time (SSE,
         # long polling): watch for the client leaving so that the upstream
         # stream is dropped too. Sized responses end by themselves, and so does one already whole.
-        watching = response.length < 0 and not response.complete
-        watcher = asyncio.ensure_future(watch_disconnect(receive, gone)) if watching else None
+        gone: asyncio.Event | None = None
+        watcher = None
+        if response.length < 0 and not response.complete:
+            gone = asyncio.Event()
+            watcher = asyncio.ensure_future(watch_disconnect(receive, gone))
         try:
             # The last piece, when known to be the last as it arrives, is sent as the
             # last message: it leaves with the head in one write when the body is one piece.
             ended = False
             async for chunk in response.chunks():
-                if gone.is_set():
+                if gone is not None and gone.is_set():
                     return Result(status, "error", "client_disconnected")
                 ended = response.complete
                 await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
