@@ -43,6 +43,7 @@ def test_a_request_head_is_parsed_into_lower_case_names_and_trimmed_values() -> 
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\nContent-Length: 2", 400, "conflicting"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 1, 2", 400, "Content-Length"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nContent-Length: -1", 400, "Content-Length"),
+        (b"GET /x HTTP/1.1\r\nHost: gw\r\nContent-Length: " + b"9" * 5000, 400, "Content-Length"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked", 501, "chunked"),
         (b"GET /x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked", 501, "multiple"),
     ],

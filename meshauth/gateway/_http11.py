@@ -47,7 +47,8 @@ _STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ((?:[ \t]|
 _NAME: Final = re.compile(_TOKEN)
 _NAMES: Final = re.compile(_TOKEN + rb"(?::" + _TOKEN + rb")*")
 _TARGET: Final = re.compile(rb"/[\x21-\x7e]*")
-_DIGITS: Final = re.compile(rb"[0-9]+")
+# A length of up to 18 digits (below 2**63); a longer one is refused rather than parsed.
+_DIGITS: Final = re.compile(rb"[0-9]{1,18}")
 # Chunk extensions are skipped, but may hold no control characters (a bare CR among them).
 _CHUNK_HEADER: Final = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[\t\x20-\x7e\x80-\xff]*)?[ \t]*")
 # The end of a head: a blank line (an upstream may end its lines with a bare LF, as h11 allows).
