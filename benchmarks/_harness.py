@@ -118,7 +118,8 @@ class Row:
 
     ``ratio`` is relative to ``baseline`` (or, for a count row, the count
     itself). ``budget`` is the DESIGN section 7 limit on ``ratio`` (``None``:
-    reported only); ``compare`` is ``"<="`` or ``"=="``. A row whose module
+    reported only); ``compare`` is ``"<="``, ``">="`` (a floor, such as a
+    throughput ratio) or ``"=="``. A row whose module
     does not exist yet has no numbers and says so in ``note``; a row whose
     code raised has no numbers and an ``error`` (a failed budget).
     """
@@ -145,6 +146,8 @@ class Row:
             return None
         if self.compare == "==":
             return self.ratio == self.budget
+        if self.compare == ">=":
+            return self.ratio >= self.budget / margin
         return self.ratio <= self.budget * margin
 
     def result(self, margin: float = 1.0) -> str:
@@ -188,6 +191,9 @@ def _fmt_budget(row: Row, margin: float) -> str:
         return ""
     if row.compare == "==":
         return f"== {row.budget:g}"
+    if row.compare == ">=":
+        text = f">= {row.budget:g}{row.unit}"
+        return text if margin == 1.0 else f"{text} (/{margin:g})"
     text = f"<= {row.budget:g}{row.unit}"
     return text if margin == 1.0 else f"{text} (*{margin:g})"
 
@@ -309,7 +315,12 @@ def markdown_report(results: Sequence[dict[str, Any]]) -> str:
         first = next(run[key] for run in runs if key in run)
         budget = ""
         if first["budget"] is not None:
-            budget = f"== {first['budget']:g}" if first["compare"] == "==" else f"<= {first['budget']:g}x"
+            unit = first.get("unit", "x")
+            budget = (
+                f"== {first['budget']:g}"
+                if first["compare"] == "=="
+                else f"{first['compare']} {first['budget']:g}{unit}"
+            )
         cells = [_md_cell(run[key]) if key in run else "-" for run in runs]
         lines.append(f"| {key[1]} | {first['baseline']} | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

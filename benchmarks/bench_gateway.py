@@ -20,6 +20,11 @@ A third target, a plain httpx pass-through proxy with no authentication (in
 this file), shows what any extra Python proxy hop costs on the machine, so the
 gateway's own share can be told apart from the hop's.
 
+``gateway_rows()`` runs the same measurement, smaller with ``quick=True`` and
+without the plain proxy, and returns the DESIGN section 7 rows for
+``benchmarks/run.py`` (added p50 and p99, and throughput as the median of the
+per-round gateway/direct ratios).
+
 Each gateway request carries an RS256 user token (2048-bit key) that the
 gateway verifies, checks against the route policy, turns into a fresh ES256
 delegated token and forwards; direct requests carry the same header. The run
@@ -50,7 +55,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import meshauth
 
-BUDGET_MS = 1.0  # added p50 (DESIGN 7; p99 budget 5 ms at 100 req/s)
+if __package__:
+    from ._harness import Row
+else:  # run as a script: benchmarks/ is on sys.path
+    from _harness import Row  # type: ignore[no-redef]
+
+BUDGET_MS = 1.0  # added p50 (DESIGN 7)
+BUDGET_P99_MS = 5.0  # added p99 at PACED_RATE (DESIGN 7)
+BUDGET_THROUGHPUT = 0.25  # gateway / direct requests per second at 50 connections (DESIGN 7)
 PACED_RATE = 100.0
 ROUNDS = 10
 
@@ -133,8 +145,8 @@ def _start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 @contextmanager
-def processes(directory: Path) -> Iterator[tuple[dict[str, str], str]]:
-    """Start upstream, plain proxy and gateway; yield ({target: URL}, user token)."""
+def processes(directory: Path, *, proxy: bool = True) -> Iterator[tuple[dict[str, str], str]]:
+    """Start upstream, plain proxy (unless ``proxy=False``) and gateway; yield ({target: URL}, user token)."""
     upstream_port, proxy_port, gateway_port = free_port(), free_port(), free_port()
     gateway_key = meshauth.SigningKey.generate()
     (directory / "gateway.pem").write_bytes(gateway_key.to_pem())
@@ -182,23 +194,23 @@ scopes = ["orders:read"]
     upstream_url = f"http://127.0.0.1:{upstream_port}"
     started = {
         "upstream": _start([sys.executable, __file__, "--serve", str(upstream_port)], directory / "upstream.log"),
-        "proxy": _start(
-            [sys.executable, __file__, "--serve", str(proxy_port), "--upstream", upstream_url], directory / "proxy.log"
-        ),
         "gateway": _start(
             [sys.executable, "-m", "meshauth.gateway", "--config", str(directory / "gateway.toml")],
             directory / "gateway.log",
         ),
     }
+    if proxy:
+        started["proxy"] = _start(
+            [sys.executable, __file__, "--serve", str(proxy_port), "--upstream", upstream_url], directory / "proxy.log"
+        )
     try:
         wait_until_up(f"{upstream_url}/", started["upstream"])
-        wait_until_up(f"http://127.0.0.1:{proxy_port}/", started["proxy"])
         wait_until_up(f"http://127.0.0.1:{gateway_port}/readyz", started["gateway"])
-        targets = {
-            "direct": f"{upstream_url}/bench/item",
-            "proxy": f"http://127.0.0.1:{proxy_port}/bench/item",
-            "gateway": f"http://127.0.0.1:{gateway_port}/bench/item",
-        }
+        targets = {"direct": f"{upstream_url}/bench/item"}
+        if proxy:
+            wait_until_up(f"http://127.0.0.1:{proxy_port}/", started["proxy"])
+            targets["proxy"] = f"http://127.0.0.1:{proxy_port}/bench/item"
+        targets["gateway"] = f"http://127.0.0.1:{gateway_port}/bench/item"
         yield targets, token
     finally:
         for process in started.values():
@@ -285,6 +297,7 @@ async def measure(targets: dict[str, str], token: str, args: argparse.Namespace)
     headers = {"Authorization": f"Bearer {token}"}
     results: dict[str, Any] = {}
     deadline = time.monotonic() + args.max_seconds
+    rounds = getattr(args, "rounds", ROUNDS)
     for url in targets.values():  # warm-up: connections, caches
         await drive(url, headers, 200, min(args.concurrency, 8))
     for phase, count, concurrency, rate in (
@@ -294,14 +307,18 @@ async def measure(targets: dict[str, str], token: str, args: argparse.Namespace)
     ):
         samples: dict[str, list[float]] = {name: [] for name in targets}
         walls = dict.fromkeys(targets, 0.0)
-        per_round = max(1, count // ROUNDS)
-        for _ in range(ROUNDS):
+        ratios: list[float] = []  # gateway / direct requests per second, within each round
+        per_round = max(1, count // rounds)
+        for _ in range(rounds):
             if time.monotonic() > deadline:
                 break
+            rps: dict[str, float] = {}
             for name, url in targets.items():
                 latencies, wall = await drive(url, headers, per_round, concurrency, rate)
                 samples[name] += latencies
                 walls[name] += wall
+                rps[name] = len(latencies) / wall
+            ratios.append(rps["gateway"] / rps["direct"])
         block: dict[str, Any] = {
             name: {
                 "requests": len(samples[name]),
@@ -314,10 +331,64 @@ async def measure(targets: dict[str, str], token: str, args: argparse.Namespace)
         }
         block["added_p50_ms"] = block["gateway"]["p50_ms"] - block["direct"]["p50_ms"]
         block["added_p99_ms"] = block["gateway"]["p99_ms"] - block["direct"]["p99_ms"]
-        block["proxy_added_p50_ms"] = block["proxy"]["p50_ms"] - block["direct"]["p50_ms"]
+        if "proxy" in block:
+            block["proxy_added_p50_ms"] = block["proxy"]["p50_ms"] - block["direct"]["p50_ms"]
+        block["rps_ratio"] = statistics.median(ratios)
+        block["rounds"] = len(ratios)
         block["concurrency"] = concurrency
         results[phase] = block
     return results
+
+
+def gateway_rows(*, quick: bool = False) -> list[Row]:
+    """The DESIGN section 7 gateway rows, for ``benchmarks/run.py`` (about 15 s with ``quick``)."""
+    args = argparse.Namespace(
+        requests=2000 if quick else 3000,
+        latency_requests=300 if quick else 1000,
+        paced_requests=300,
+        concurrency=50,
+        max_seconds=45.0 if quick else 120.0,
+        rounds=5 if quick else ROUNDS,
+    )
+    with tempfile.TemporaryDirectory() as tmp, processes(Path(tmp), proxy=False) as (targets, token):
+        results = asyncio.run(measure(targets, token, args))
+    section = "Gateway on loopback, one worker (DESIGN 7 rows 9 and 10)"
+    latency, paced, throughput = results["latency"], results["paced"], results["throughput"]
+    return [
+        Row(
+            section,
+            "gateway added latency, p50, one connection (ms)",
+            median_us=latency["gateway"]["p50_ms"] * 1000,
+            ratio=round(latency["added_p50_ms"], 3),
+            baseline="ms over a direct call",
+            budget=BUDGET_MS,
+            unit=" ms",
+            note=f"p50 direct {latency['direct']['p50_ms']:.2f} ms, through the gateway "
+            f"{latency['gateway']['p50_ms']:.2f} ms ({latency['gateway']['requests']} requests each)",
+        ),
+        Row(
+            section,
+            f"gateway added latency, p99 at {PACED_RATE:g} req/s (ms)",
+            median_us=paced["gateway"]["p99_ms"] * 1000,
+            ratio=round(paced["added_p99_ms"], 3),
+            baseline="ms over a direct call",
+            budget=BUDGET_P99_MS,
+            unit=" ms",
+            note=f"p99 direct {paced['direct']['p99_ms']:.2f} ms, through the gateway "
+            f"{paced['gateway']['p99_ms']:.2f} ms ({paced['gateway']['requests']} requests each)",
+        ),
+        Row(
+            section,
+            f"gateway throughput, {throughput['concurrency']} connections",
+            median_us=1e6 / throughput["gateway"]["rps"],
+            ratio=round(throughput["rps_ratio"], 3),
+            baseline="a plain uvicorn app",
+            budget=BUDGET_THROUGHPUT,
+            compare=">=",
+            note=f"req/s direct {throughput['direct']['rps']:,.0f}, through the gateway "
+            f"{throughput['gateway']['rps']:,.0f}; ratio: median over {throughput['rounds']} rounds",
+        ),
+    ]
 
 
 def machine() -> dict[str, Any]:
@@ -378,6 +449,10 @@ def main() -> int:
                 f"  added p50 vs direct: gateway {block['added_p50_ms']:.2f} ms, "
                 f"plain proxy {block['proxy_added_p50_ms']:.2f} ms; gateway added p99 {block['added_p99_ms']:.2f} ms"
             )
+            if phase == "throughput":
+                print(
+                    f"  gateway / direct req/s: {block['rps_ratio']:.3f} (median of {block['rounds']} per-round ratios)"
+                )
     added = results["latency"]["added_p50_ms"]
     verdict = "within" if added < BUDGET_MS else "OVER"
     print(f"\nadded p50 at concurrency 1: {added:.2f} ms ({verdict} the {BUDGET_MS:g} ms budget)", file=sys.stderr)

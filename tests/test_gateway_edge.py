@@ -239,6 +239,66 @@ def test_a_streamed_response_leaves_the_connection_usable(gateway: EdgeGateway) 
     still_serving(gateway)
 
 
+def read_response(sock: socket.socket, method: str = "GET") -> http.client.HTTPResponse:
+    response = http.client.HTTPResponse(sock, method=method)
+    response.begin()
+    response.read()
+    return response
+
+
+def test_a_head_request_gets_a_head_only_and_the_connection_stays_usable(
+    gateway: EdgeGateway, upstream: LoggingUpstream
+) -> None:
+    """The logging upstream wrongly sends a body with its answer to HEAD: it is not relayed (nor kept
+    on the upstream connection to be read as the next answer)."""
+    token = gateway.user_token()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(f"HEAD /orders/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        head = read_response(sock, "HEAD")
+        assert head.status == 200 and head.getheader("content-length") == "11"
+        for _ in range(2):
+            sock.sendall(f"GET /orders/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert (response.status, response.read()) == (200, b'{"ok":true}')
+    assert upstream.received[-3].request_line.startswith(b"HEAD /orders/1 ")
+
+
+def test_an_http_1_0_request_is_answered_and_the_connection_closed(gateway: EdgeGateway) -> None:
+    token = gateway.user_token()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(f"GET /orders/1 HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        _, received = closed_after(sock, 5)
+    assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b'{"ok":true}')
+    assert b"\r\nconnection: close\r\n" in received.lower()
+
+
+def test_a_client_waiting_for_100_continue_gets_it_and_its_body_goes_upstream(
+    gateway: EdgeGateway, upstream: LoggingUpstream
+) -> None:
+    token = gateway.user_token()
+    head = f"POST /orders HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(head.encode() + b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += sock.recv(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        assert read_response(sock).status == 200
+    assert upstream.received[-1].body == b"hello" and upstream.received[-1].header(b"expect") is None
+
+
+def test_a_chunked_request_body_is_forwarded_chunked(gateway: EdgeGateway, upstream: LoggingUpstream) -> None:
+    token = gateway.user_token()
+    head = f"POST /orders HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    response = exchange(gateway, head.encode() + b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n")
+    assert response.status == 200
+    forwarded = upstream.received[-1]
+    assert forwarded.header(b"transfer-encoding") == b"chunked" and forwarded.body.endswith(b"0\r\n\r\n")
+    assert b"abc" in forwarded.body and b"de" in forwarded.body and b"ext" not in forwarded.body
+
+
 # -- connection limits ------------------------------------------------------------------------------------
 
 

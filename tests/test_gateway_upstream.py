@@ -87,19 +87,53 @@ def test_a_connection_the_upstream_closed_is_replaced(upstream: LoggingUpstream)
     assert upstream.connections == 5
 
 
-def test_an_unread_response_closes_its_connection(upstream: LoggingUpstream) -> None:
+def test_a_whole_answer_frees_its_connection_even_unread(upstream: LoggingUpstream) -> None:
     async def scenario() -> None:
         transport = UpstreamTransport()
         url = f"http://127.0.0.1:{upstream.port}/x"
         try:
             response = await transport.handle_async_request(httpx.Request("GET", url))
-            await response.aclose()  # the body was never read
+            await response.aclose()  # never read, but its body came with the head: the connection is clean
             assert await call(transport, url) == (200, b'{"ok":true}')
         finally:
             await transport.aclose()
 
     asyncio.run(scenario())
-    assert upstream.connections == 2
+    assert upstream.connections == 1
+
+
+def test_an_answer_not_read_to_its_end_closes_its_connection() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")  # 7 bytes still to come
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def scenario() -> None:
+        transport = UpstreamTransport()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x"
+        try:
+            response = await transport.handle_async_request(httpx.Request("GET", url))
+            await response.aclose()
+            assert transport._idle.get(("http", "127.0.0.1", listener.getsockname()[1]), []) == []
+        finally:
+            await transport.aclose()
+
+    try:
+        asyncio.run(scenario())
+        thread.join(timeout=5)
+        accepted[0].settimeout(5)
+        assert accepted[0].recv(1) == b""  # the gateway closed it
+    finally:
+        for conn in accepted:
+            conn.close()
+        listener.close()
 
 
 def silent_server() -> tuple[socket.socket, threading.Event]:

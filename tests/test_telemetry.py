@@ -194,6 +194,56 @@ def test_json_formatter_writes_one_object_per_line(mesh: Mesh, tmp_path: Any) ->
     assert {"timestamp", "level", "logger", "message", "trace_id", "span_id", "time"} <= set(first)
 
 
+def _record(subject: str) -> logging.LogRecord:
+    record = meshauth.audit.AUDIT_LOGGER.makeRecord("meshauth.audit", logging.INFO, __file__, 0, "m", (), None)
+    record.meshauth = {"event": "verify", "outcome": "accepted", "subject": subject}
+    return record
+
+
+def test_a_batched_audit_log_writes_one_pass_of_the_loop_at_once(tmp_path: Any, monkeypatch: Any) -> None:
+    path = tmp_path / "audit.jsonl"
+    handler = meshauth.audit.JsonLinesHandler(path, batch=True)
+    handler.setFormatter(meshauth.audit.JsonFormatter())
+    writes: list[bytes] = []
+    real_write = meshauth.audit.os.write
+
+    def counting_write(fd: int, data: Any) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(meshauth.audit.os, "write", counting_write)
+
+    async def one_pass() -> str:
+        for subject in ("alice", "bob", "carol"):
+            handler.handle(_record(subject))
+        on_disk = path.read_text()
+        await asyncio.sleep(0)  # the pass ends; the flush runs
+        return on_disk
+
+    try:
+        assert asyncio.run(one_pass()) == ""  # nothing before the pass is over
+        handler.handle(_record("dave"))  # outside an event loop: written at once
+    finally:
+        handler.close()
+    assert [json.loads(line)["subject"] for line in path.read_text().splitlines()] == ["alice", "bob", "carol", "dave"]
+    assert len(writes) == 2 and writes[0].count(b"\n") == 3  # three whole lines in one write
+
+
+def test_an_audit_log_escapes_line_breaks_and_survives_a_logging_shutdown(tmp_path: Any) -> None:
+    path = tmp_path / "audit.jsonl"
+    handler = meshauth.audit.JsonLinesHandler(path)
+    handler.setFormatter(meshauth.audit.JsonFormatter())
+    try:
+        handler.handle(_record("eve\u2028forged\x7f\u0085\x1b"))
+        handler.close()  # as logging.shutdown() does when a server reconfigures logging
+        handler.handle(_record("plain"))  # reopened, as logging.FileHandler does
+    finally:
+        handler.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and not any(ch in lines[0] for ch in "\u2028\x7f\u0085\x1b")
+    assert [json.loads(line)["subject"] for line in lines] == ["eve\u2028forged\x7f\u0085\x1b", "plain"]
+
+
 @pytest.mark.parametrize(
     ("traceparent", "expected"),
     [

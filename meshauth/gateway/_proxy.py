@@ -78,13 +78,13 @@ from ._upstream import (
     HOP_BY_HOP,
     ClientGone,
     ForwardingHeaders,
-    already_read,
     connection_tokens,
-    declared_length,
     request_body,
     upstream_transport,
+    via_httpx,
     watch_disconnect,
 )
+from ._upstream_client import UpstreamResponse, UpstreamTransport
 
 __all__ = ["Gateway", "create_app"]
 
@@ -200,7 +200,8 @@ class Gateway:
             self._transport = upstream_transport()
         if self._configure_audit and self._audit_handler is None:
             self._audit_level = AUDIT_LOGGER.level
-            self._audit_handler = audit_log.configure(self.config.audit_log)
+            # Each record is written after its response: those of one pass of the loop leave in one write.
+            self._audit_handler = audit_log.configure(self.config.audit_log, batch=True)
         self._started = True
         # URL key sets are fetched now, so that /readyz turns ready before the
         # first request; a failure is logged by the source and retried later.
@@ -467,7 +468,6 @@ class Gateway:
         query: bytes = scope.get("query_string", b"")
         if query:
             target += b"?" + query
-        url = self._url(route, target)
         span = self.telemetry.tracer.start_span(method, context=request.trace.context, kind=SpanKind.CLIENT)
         span_id = format(span.get_span_context().span_id, "016x") if is_sdk_span(span, request.trace) else None
         trace_headers = inject(span, request.trace)
@@ -487,30 +487,31 @@ class Gateway:
             # cookie jar shared by all users, add its own default headers and
             # cost three times as much per request. Redirects are the client's
             # business and pass through unfollowed.
-            outbound = httpx.Request(
-                method,
-                url,
-                headers=headers,
-                content=request_body(receive) if has_body else None,
-                extensions={"timeout": route.timeout},
-            )
+            body = request_body(receive) if has_body else None
             try:
-                response = await transport.handle_async_request(outbound)
+                if isinstance(transport, UpstreamTransport):
+                    headers.insert(0, (b"host", route.authority))
+                    response = await transport.exchange(
+                        method.encode("ascii"), route.origin, target, headers, body=body, timeouts=route.timeout
+                    )
+                else:
+                    url = self._url(route, target)
+                    response = await via_httpx(transport, method, url, headers, body=body, timeouts=route.timeout)
             except httpx.TimeoutException as exc:
                 raise self._upstream_failed(span, exc, UpstreamTimeout) from None
             except httpx.HTTPError as exc:
                 raise self._upstream_failed(span, exc, UpstreamUnreachable) from None
             if span.is_recording():
-                span.set_attribute("http.response.status_code", response.status_code)
-                if response.status_code >= 400:  # an error for a CLIENT span (HTTP semantic conventions)
-                    span.set_status(Status(StatusCode.ERROR, f"upstream answered {response.status_code}"))
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 400:  # an error for a CLIENT span (HTTP semantic conventions)
+                    span.set_status(Status(StatusCode.ERROR, f"upstream answered {response.status}"))
             try:
                 result = await self._relay(response, receive, send)
             finally:
                 await response.aclose()
         finally:
             span.end()
-        return dataclasses.replace(result, span_id=span_id)
+        return dataclasses.replace(result, span_id=span_id) if span_id is not None else result
 
     def _url(self, route: Route, target: bytes) -> httpx.URL:
         # Building an httpx.URL parses and validates it, a good part of the
@@ -533,36 +534,36 @@ class Gateway:
             span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {type(exc).__name__}"))
         return kind(f"upstream call failed: {type(exc).__name__}")
 
-    async def _relay(self, response: httpx.Response, receive: Receive, send: SentTracker) -> Result:
+    async def _relay(self, response: UpstreamResponse, receive: Receive, send: SentTracker) -> Result:
         """Stream the upstream's answer back; how it ended (a failure after the status line is only recorded)."""
-        named = connection_tokens(response.headers.get_list("connection"))
+        named = connection_tokens(
+            [value.decode("latin-1") for name, value in response.headers if name == b"connection"]
+        )
         headers = [
             (name, value)
-            for name, value in ((k.lower(), v) for k, v in response.headers.raw)
+            for name, value in response.headers
             # An upstream's Meshauth-* headers answer a nonce the gateway never sent for the client.
             if name not in HOP_BY_HOP and name not in named and not name.startswith(_DROPPED_RESPONSE_PREFIXES)
         ]
-        status = response.status_code
+        status = response.status
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        gone = asyncio.Event()
         # A response without Content-Length may stream for a long time (SSE,
         # long polling): watch for the client leaving so that the upstream
-        # stream is dropped too. Sized responses end by themselves.
-        watcher = (
-            None if "content-length" in response.headers else asyncio.ensure_future(watch_disconnect(receive, gone))
-        )
+        # stream is dropped too. Sized responses end by themselves, and so does one already whole.
+        gone: asyncio.Event | None = None
+        watcher = None
+        if response.length < 0 and not response.complete:
+            gone = asyncio.Event()
+            watcher = asyncio.ensure_future(watch_disconnect(receive, gone))
         try:
-            # A transport may hand back a response it already read (httpx.MockTransport).
-            chunks = already_read(response) if response.is_stream_consumed else response.aiter_raw()
-            # With a Content-Length the last chunk is known when it arrives: sent as the last
-            # message, it leaves with the head in one write when the body is one chunk.
-            left, ended = declared_length(response), False
-            async for chunk in chunks:
-                if gone.is_set():
+            # The last piece, when known to be the last as it arrives, is sent as the
+            # last message: it leaves with the head in one write when the body is one piece.
+            ended = False
+            async for chunk in response.chunks():
+                if gone is not None and gone.is_set():
                     return Result(status, "error", "client_disconnected")
-                left -= len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": left != 0})
-                ended = left == 0
+                ended = response.complete
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             return Result(status, "accepted", "ok")

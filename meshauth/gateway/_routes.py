@@ -28,6 +28,10 @@ class Route:
     prefix: str
     base: httpx.URL
     base_path: bytes
+    origin: tuple[str, str, int]
+    """Scheme, host and port of the upstream (the connection pool's key)."""
+    authority: bytes
+    """The ``Host`` header sent upstream."""
     methods: frozenset[str] | None
     allow: bytes
     users: Policy
@@ -74,6 +78,8 @@ def compile_route(route: RouteConfig, default_timeout: Timeout) -> Route:
         prefix=route.prefix,
         base=base,
         base_path=base.raw_path.split(b"?", 1)[0].rstrip(b"/"),
+        origin=(base.scheme, base.host, base.port or (443 if base.scheme == "https" else 80)),
+        authority=base.netloc,
         methods=methods,
         allow=", ".join(sorted(methods or ())).encode("ascii"),
         users=users,

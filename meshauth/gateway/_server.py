@@ -1,4 +1,4 @@
-"""The gateway's HTTP/1.1 server: asyncio streams and h11, with every limit of ``[limits]``.
+"""The gateway's HTTP/1.1 server: asyncio streams, with every limit of ``[limits]``.
 
 uvicorn reads a request head without a deadline, so a client trickling one
 header line every few seconds, or sending nothing, holds a connection for as
@@ -22,8 +22,9 @@ duplicate ``Host`` or a target that is not origin-form (absolute-form, ``*``,
 authority-form) gets ``400`` and the connection is closed. Each refusal
 writes one audit record through ``on_refusal``.
 
-h11 does the parsing (it is already installed with httpx); a request runs the
-ASGI application with ``scope``, ``receive`` and ``send`` as in ASGI 3.0.
+Heads and bodies are parsed and encoded by ``_http11`` (h11's grammar and
+framing rules, without a protocol state machine per request); a request runs
+the ASGI application with ``scope``, ``receive`` and ``send`` as in ASGI 3.0.
 """
 
 from __future__ import annotations
@@ -33,13 +34,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 from urllib.parse import unquote
 
-import h11
-
+from ._http11 import BodyReader, BodyWriter, Head, LocalProtocolError, ProtocolError, encode_response, parse_request
 from ._server_config import Limits
 
 __all__ = ["HTTPServer", "Refusal"]
@@ -52,10 +51,6 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 
 _READ: Final = 65536
 _LINGER: Final = 1.0
-_BARE_LF: Final = re.compile(rb"(?<!\r)\n")
-# A CR at the very end of what has arrived may still be followed by its LF.
-_BARE_CR: Final = re.compile(rb"\r(?!\n|\Z)")
-_OBS_FOLD: Final = re.compile(rb"\r\n[ \t]")
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # The status the client sees when the server cuts a request body short.
 ABORTS: Final = {"body_timeout": 408, "body_too_large": 413, "bad_body": 400}
@@ -87,7 +82,7 @@ class _Idle(Exception):
 
 
 def _canned(status: int, reason: str, *, close: bool = True) -> bytes:
-    """A complete small JSON response, written without h11 (also when h11 has given up)."""
+    """A complete small JSON response, written as is (also when the request could not be parsed)."""
     body = json.dumps({"error": _ERRORS.get(status, "bad_request"), "reason": reason}).encode()
     head = (
         f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
@@ -104,6 +99,7 @@ _PHRASES: Final = {
     500: "Internal Server Error",
     501: "Not Implemented",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 _ERRORS: Final = {
     408: "request_timeout",
@@ -112,6 +108,7 @@ _ERRORS: Final = {
     500: "server_error",
     501: "not_implemented",
     503: "unavailable",
+    505: "http_version_not_supported",
 }
 
 
@@ -223,24 +220,24 @@ class _Connection:
                 await self._refuse(refused, None)
                 return
             first = False
-            http = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes + 4)
-            http.receive_data(head)
             try:
-                event = http.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._refuse(_Refused(exc.error_status_hint, "bad_request", str(exc)[:200]), None)
+                request = parse_request(head)
+            except ProtocolError as exc:
+                await self._refuse(_Refused(exc.status, "bad_request", exc.detail[:200]), None)
                 return
             try:
-                request = _checked(event, self.limits)
+                _checked(request, self.limits)
             except _Refused as refused:
-                await self._refuse(refused, event if isinstance(event, h11.Request) else None)
+                await self._refuse(refused, request)
                 return
-            if not await _Exchange(self, http, request).run():
+            if not await _Exchange(self, request).run():
                 return
-            self.buffer = http.trailing_data[0] + self.buffer
 
     async def _read_head(self, first: bool) -> bytes:
-        """The bytes of one request head and whatever followed it; checked for bare CR/LF and obs-fold."""
+        """The bytes of one request head, without its blank line; checked for bare CR/LF and obs-fold.
+
+        What followed the head stays in ``buffer``.
+        """
         limit = self.limits.max_header_bytes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.header_timeout if first or self.buffer else None
@@ -248,14 +245,14 @@ class _Connection:
             self.buffer = self.buffer.lstrip(b"\r\n") if self.buffer[:1] in (b"\r", b"\n") else self.buffer
             end = self.buffer.find(b"\r\n\r\n")
             scanned = self.buffer if end < 0 else self.buffer[: end + 4]
-            if _BARE_LF.search(scanned) or _BARE_CR.search(scanned):
+            if _bare_cr_or_lf(scanned):
                 raise _Refused(400, "bad_line_ending", "a bare CR or LF in the request head")
-            if _OBS_FOLD.search(scanned):
+            if b"\r\n " in scanned or b"\r\n\t" in scanned:
                 raise _Refused(400, "obs_fold", "a header line continued on the next line (obs-fold)")
             if end >= 0:
                 if end + 4 > limit:
                     break
-                head, self.buffer = self.buffer, b""
+                head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
                 return head
             if len(self.buffer) > limit:
                 break
@@ -291,7 +288,7 @@ class _Connection:
             raise _Refused(400, "incomplete_head", "the client closed the connection inside the request head")
         return data
 
-    async def _refuse(self, refused: _Refused, request: h11.Request | None) -> None:
+    async def _refuse(self, refused: _Refused, request: Head | None) -> None:
         """Answer a request the application never sees, audit it, and close the connection."""
         client = self.client[0] if self.client else None
         record = Refusal(refused.status, refused.reason, refused.detail, client)
@@ -307,9 +304,12 @@ class _Connection:
 
     async def write(self, data: bytes) -> None:
         """Write and wait for the kernel to take it, for no longer than ``body_timeout``."""
-        if self.writer.is_closing():
+        writer = self.writer
+        if writer.is_closing():
             return
-        self.writer.write(data)
+        writer.write(data)
+        if not writer.transport.get_write_buffer_size():
+            return  # the kernel took it all: nothing to wait for
         try:
             async with asyncio.timeout(self.limits.body_timeout):
                 await self.writer.drain()
@@ -317,51 +317,62 @@ class _Connection:
             self.writer.transport.abort()
 
 
-def _checked(event: object, limits: Limits) -> h11.Request:
-    """The request, when its framing and target leave no room for two readings."""
-    if not isinstance(event, h11.Request):
-        raise _Refused(400, "bad_request", "the request head is incomplete")
-    target = event.target
+def _bare_cr_or_lf(data: bytes) -> bool:
+    """Whether ``data`` holds a CR or an LF outside a CRLF pair (a CR at its very end may still get its LF).
+
+    Counted rather than searched with a pattern: every request head is scanned.
+    """
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") != pairs or data.count(b"\r") - data.endswith(b"\r") != pairs
+
+
+def _checked(request: Head, limits: Limits) -> None:
+    """Refuse a request whose framing or target leaves room for two readings."""
+    target = request.target
     if not target.startswith(b"/"):
         kind = "'*'" if target == b"*" else "absolute-form" if b"://" in target else "authority-form"
         raise _Refused(400, "bad_target", f"the request target is {kind}; only an origin-form path is accepted")
-    lengths = [value for name, value in event.headers if name == b"content-length"]
-    chunked = any(name == b"transfer-encoding" for name, _ in event.headers)
-    if lengths and chunked:
+    if request.content_length is not None and request.chunked:
         raise _Refused(400, "ambiguous_framing", "both Content-Length and Transfer-Encoding are present")
-    for name, value in event.headers:
+    for name, value in request.headers:
         if name == b"connection":
             named = {token.strip().lower() for token in value.split(b",")}
             if named & _FRAMING:
                 detail = "Connection names Content-Length, Transfer-Encoding or Host"
                 raise _Refused(400, "bad_connection_header", detail)
-    if lengths and int(lengths[0]) > limits.max_body_bytes:
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise _Refused(413, "body_too_large", f"the request body exceeds {limits.max_body_bytes} bytes")
-    return event
 
 
 class _Exchange:
-    """One request through the application: ``receive`` and ``send`` over h11."""
+    """One request through the application: ``receive`` reads its body, ``send`` writes the response."""
 
-    def __init__(self, connection: _Connection, http: h11.Connection, request: h11.Request) -> None:
+    def __init__(self, connection: _Connection, request: Head) -> None:
         self.connection = connection
-        self.http = http
         self.request = request
         self.limits = connection.limits
+        self.body = BodyReader.for_request(request)
+        # 100 Continue is owed to a client waiting for it, until its body starts or the response does.
+        self.continue_owed = request.expect_continue and not self.body.done and not connection.buffer
+        if connection.buffer and not self.body.done:
+            self.body.feed(connection.buffer)
+            connection.buffer = b""
         self.received = 0
         self.body_done = False
         self.abort: str | None = None
         self.started = False
         self.complete = False
+        self.close = not request.keep_alive
         self.gone = False
         self.unsent = b""
+        self.writer: BodyWriter | None = None
 
     def scope(self) -> Scope:
         raw_path, _, query = self.request.target.partition(b"?")
         return {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": self.request.http_version.decode("ascii"),
+            "http_version": self.request.version.decode("ascii"),
             "server": self.connection.local,
             "client": self.connection.client,
             "scheme": "http",
@@ -370,7 +381,7 @@ class _Exchange:
             "path": unquote(raw_path.decode("latin-1")),
             "raw_path": raw_path,
             "query_string": query,
-            "headers": list(self.request.headers),
+            "headers": self.request.headers,
         }
 
     async def run(self) -> bool:
@@ -388,48 +399,49 @@ class _Exchange:
             status = ABORTS.get(self.abort or "", 500)
             await self.connection.write(_canned(status, self.abort or "no_response"))
             return False
-        return self.complete and self.http.our_state is h11.DONE and self._drained()
+        if not (self.complete and not self.close and self._drained()):
+            return False
+        # Bytes of a pipelined next request: those that came with the body, then any read since.
+        self.connection.buffer = self.body.leftover + self.connection.buffer
+        return True
 
     def _drained(self) -> bool:
         """Whether the request is read to its end (a body the app left unread only if it is already here)."""
-        while self.http.their_state is h11.SEND_BODY:
-            try:
-                event = self.http.next_event()
-            except h11.RemoteProtocolError:
-                return False
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return False
-        return self.http.their_state is h11.DONE
+        body = self.body
+        try:
+            while body.next() is not None:
+                pass
+        except ProtocolError:
+            return False
+        return body.done
 
     async def receive(self) -> Message:
         if self.body_done or self.abort is not None or self.gone:
             return await self._wait_for_disconnect()
-        if self.http.they_are_waiting_for_100_continue:
-            await self.connection.write(self.http.send(h11.InformationalResponse(status_code=100, headers=[])))
+        if self.continue_owed:
+            self.continue_owed = False
+            await self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.body
         while True:
             try:
-                event = self.http.next_event()
-            except h11.RemoteProtocolError:
+                data = body.next()
+            except ProtocolError:
                 return self._aborted("bad_body")
-            if isinstance(event, h11.Data):
-                self.received += len(event.data)
+            if data is not None:
+                self.received += len(data)
                 if self.received > self.limits.max_body_bytes:
                     return self._aborted("body_too_large")
-                return {"type": "http.request", "body": bytes(event.data), "more_body": True}
-            if isinstance(event, h11.EndOfMessage):
+                return {"type": "http.request", "body": data, "more_body": True}
+            if body.done:
                 self.body_done = True
                 return {"type": "http.request", "body": b"", "more_body": False}
-            if event is h11.NEED_DATA:
-                data = await self._read_body()
-                if data is None:
-                    return self._aborted("body_timeout")
-                if not data:
-                    self.gone = True
-                    return {"type": "http.disconnect"}
-                self.http.receive_data(data)
-            else:  # ConnectionClosed or PAUSED: the client is not sending a body any more
+            data = await self._read_body()
+            if data is None:
+                return self._aborted("body_timeout")
+            if not data:
                 self.gone = True
                 return {"type": "http.disconnect"}
+            body.feed(data)
 
     async def _read_body(self) -> bytes | None:
         try:
@@ -463,29 +475,44 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            headers = [(name, value) for name, value in message.get("headers", ())]
             self.started = True
+            self.continue_owed = False
             # Held back until the body: head, body and end then leave in one write (one system call)
             # when the body comes in one message, as most do.
-            self.unsent = self._encode(h11.Response(status_code=message["status"], headers=headers))
+            self.unsent = self._encode_head(message["status"], message.get("headers", ()))
         elif kind == "http.response.body":
+            writer = self.writer
+            if writer is None or self.complete:
+                return
             body = message.get("body", b"")
-            data = self.unsent + (self._encode(h11.Data(data=body)) if body else b"")
+            more = message.get("more_body", False)
+            try:
+                data = self.unsent + writer.data(body) if body else self.unsent
+                if not more:
+                    data += writer.end()
+            except LocalProtocolError as exc:
+                self._broken(exc)
+                return
             self.unsent = b""
-            if not message.get("more_body", False):
-                data += self._encode(h11.EndOfMessage())
-                self.complete = True
+            self.complete = not more
             if data and not self.gone and not self.connection.writer.is_closing():
                 # A client that left learns nothing more; the application finds out from receive().
                 await self.connection.write(data)
 
-    def _encode(self, event: Any) -> bytes:
-        if self.gone:
-            return b""
+    def _encode_head(self, status: int, headers: Any) -> bytes:
+        request = self.request
         try:
-            return self.http.send(event) or b""
-        except h11.LocalProtocolError as exc:
-            logger.error("gateway server: cannot send the response: %s", str(exc)[:200])
-            self.connection.writer.transport.abort()
-            self.gone = True
+            head, self.writer, close = encode_response(
+                status, headers, method=request.method, version=request.version, keep_alive=request.keep_alive
+            )
+        except LocalProtocolError as exc:
+            self._broken(exc)
             return b""
+        self.close = self.close or close
+        return b"" if self.gone else head
+
+    def _broken(self, exc: Exception) -> None:
+        logger.error("gateway server: cannot send the response: %s", str(exc)[:200])
+        self.connection.writer.transport.abort()
+        self.gone = True
+        self.writer = None

@@ -10,7 +10,7 @@ injects the outbound headers; without one, the gateway writes
 from __future__ import annotations
 
 import dataclasses
-import os
+import random
 from collections.abc import Iterable
 from typing import Final
 
@@ -63,10 +63,12 @@ def _propagator_fields() -> frozenset[bytes]:
 
 
 def _random_id(size: int) -> str:
+    # Trace and span ids are unique, not secret: the random module (as the OpenTelemetry SDK's id
+    # generator uses) saves a getrandom system call per id; it is reseeded in forked workers.
     while True:
-        value = os.urandom(size)
-        if any(value):  # all-zero ids are invalid (W3C trace context)
-            return value.hex()
+        value = random.getrandbits(size * 8)
+        if value:  # all-zero ids are invalid (W3C trace context)
+            return format(value, f"0{size * 2}x")
 
 
 def start_trace(headers: Iterable[tuple[bytes, bytes]]) -> RequestTrace:

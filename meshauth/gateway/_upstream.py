@@ -15,17 +15,17 @@ from typing import Any, Final
 import httpx
 
 from ._forwarded import client_address, forwarded_host, forwarded_proto, normal_address
-from ._upstream_client import UpstreamTransport
+from ._upstream_client import UpstreamResponse, UpstreamTransport
 
 __all__ = [
     "HOP_BY_HOP",
     "ClientGone",
     "ForwardingHeaders",
-    "already_read",
+    "UpstreamTransport",
     "connection_tokens",
-    "declared_length",
     "request_body",
     "upstream_transport",
+    "via_httpx",
     "watch_disconnect",
 ]
 
@@ -190,14 +190,47 @@ def connection_tokens(values: list[str]) -> frozenset[bytes]:
     return frozenset(names)
 
 
-def declared_length(response: httpx.Response) -> int:
-    """The response's Content-Length, or -1 (never reached by subtracting chunk sizes) without one."""
-    value = response.headers.get("content-length", "")
-    return int(value) if value.isdigit() else -1
+class _HttpxAnswer(UpstreamResponse):
+    """The answer of any other httpx transport (tests pass ``httpx.ASGITransport`` or ``MockTransport``)."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: httpx.Response) -> None:
+        value = response.headers.get("content-length", "")
+        headers = [(name.lower(), value) for name, value in response.headers.raw]
+        super().__init__(response.status_code, headers, int(value) if value.isdigit() else -1)
+        self._response = response
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        response = self._response
+        left = self.length  # -1 without a Content-Length: never reached by subtracting
+        # A transport may hand back a response it already read (httpx.MockTransport).
+        source = _already_read(response) if response.is_stream_consumed else response.aiter_raw()
+        async for chunk in source:
+            left -= len(chunk)
+            self.complete = left == 0
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
-async def already_read(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _already_read(response: httpx.Response) -> AsyncIterator[bytes]:
     yield response.content
+
+
+async def via_httpx(
+    transport: httpx.AsyncBaseTransport,
+    method: str,
+    url: httpx.URL,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    body: AsyncIterator[bytes] | None,
+    timeouts: dict[str, float],
+) -> UpstreamResponse:
+    """One upstream call through an httpx transport other than the gateway's own."""
+    request = httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": timeouts})
+    return _HttpxAnswer(await transport.handle_async_request(request))
 
 
 async def request_body(receive: Receive) -> AsyncIterator[bytes]:
