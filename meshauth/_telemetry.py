@@ -120,7 +120,9 @@ _UNSAFE: Final = {code: f"\\u{code:04x}" for code in (*range(0x20), *range(0x7F,
 
 def escape_line_breaks(text: str) -> str:
     """``text`` with every control character and line separator written as a ``\\uXXXX`` escape."""
-    return text.translate(_UNSAFE)
+    # Every character _UNSAFE maps is non-printable (Cc, Zl, Zp): printable text is returned as is,
+    # without translate's pass over each character.
+    return text if text.isprintable() else text.translate(_UNSAFE)
 
 
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -209,4 +211,10 @@ def audit(
         for key in ("caller", "subject", "audience", "method", "path")
         if record.get(key)
     )
-    AUDIT_LOGGER.log(level, "%s %s: %s %s", event, outcome, reason, summary, extra={"meshauth": record})
+    # Logger.log would walk the stack to find the caller (findCaller) for every record; an audit
+    # record's origin is this function, so the record is made and handed to the handlers directly.
+    args = (event, outcome, reason, summary)
+    entry = AUDIT_LOGGER.makeRecord(
+        AUDIT_LOGGER.name, level, __file__, 0, "%s %s: %s %s", args, None, "audit", {"meshauth": record}
+    )
+    AUDIT_LOGGER.handle(entry)
