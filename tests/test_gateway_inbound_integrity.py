@@ -97,6 +97,36 @@ def test_forwarded_values_are_the_proxys_rightmost_ones(gateway: EdgeGateway, up
     assert gateway.records_after(logged)[-1]["client"] == "198.51.100.7"
 
 
+def test_dropped_headers_are_dropped_in_their_underscore_spelling(
+    gateway: EdgeGateway, upstream: LoggingUpstream
+) -> None:
+    """A WSGI upstream reads X_Meshauth_Principal as X-Meshauth-Principal: neither spelling gets through."""
+    status, _ = send(
+        gateway,
+        "/orders/1",
+        "X_Meshauth_Principal: ceo",
+        "Txn_Token: forged",
+        "X_Forwarded_For: 10.9.9.9",
+        "X_Original_URL: /admin",
+        "X_Forwarded_Authorization: Bearer forged",
+        "X_Custom_Thing: kept",
+    )
+    assert status == 200
+    names = {name.lower() for name, _ in upstream.received[-1].headers}
+    assert not {n for n in names if b"_" in n and n.replace(b"_", b"-") in DROPPED_SPELLINGS}, names
+    assert upstream.received[-1].header(b"txn-token") != b"forged"  # the gateway's own Txn-Token only
+    assert b"x_custom_thing" in names  # other underscored names pass as they are
+    assert upstream.received[-1].header(b"x-forwarded-for") == b"127.0.0.1"  # the gateway's own view
+
+
+DROPPED_SPELLINGS = {
+    b"x-meshauth-principal",
+    b"txn-token",
+    b"x-original-url",
+    b"x-forwarded-authorization",
+}
+
+
 def test_a_long_forwarded_chain_is_walked_no_further_than_the_cap(
     gateway: EdgeGateway, upstream: LoggingUpstream
 ) -> None:

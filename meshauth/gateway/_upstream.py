@@ -121,7 +121,10 @@ class ForwardingHeaders:
             name = raw_name.lower()
             if name == b"content-length":
                 has_body = True  # even when Connection names it: the body is there all the same
-            if name in _NOT_FORWARDED or name.startswith(_DROPPED_PREFIXES) or name in named or name in injected:
+            # CGI-style servers (WSGI among them) read "X_Forwarded_For" as "X-Forwarded-For":
+            # a dropped name is dropped in its underscore spelling too.
+            key = name.replace(b"_", b"-") if b"_" in name else name
+            if key in _NOT_FORWARDED or key.startswith(_DROPPED_PREFIXES) or key in named or key in injected:
                 if name == b"x-forwarded-for":
                     forwarded_for.append(value)
                 elif name == b"host":
