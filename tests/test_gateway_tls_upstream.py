@@ -138,3 +138,4 @@ def test_an_upstream_certificate_the_gateway_does_not_trust_is_502(
     assert seen == []  # the handshake failed: no request reached the app
     record = records[-1]
     assert (record["outcome"], record["reason"], record["status"]) == ("error", "upstream_unreachable", 502)
+    assert record["detail"] == "upstream call failed: UpstreamCertificateRejected"  # says what to fix

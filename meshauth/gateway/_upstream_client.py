@@ -33,12 +33,16 @@ import httpx
 from ._http11 import BodyReader, BodyWriter, Head, LocalProtocolError, ProtocolError, encode_request, head_end
 from ._http11 import parse_response as _parse_response
 
-__all__ = ["Origin", "UpstreamResponse", "UpstreamTransport"]
+__all__ = ["Origin", "UpstreamCertificateRejected", "UpstreamResponse", "UpstreamTransport"]
 
 _READ: Final = 65536
 _DEFAULT_TIMEOUT: Final = {"connect": 5.0, "read": 30.0, "write": 30.0}
 
 Origin = tuple[str, str, int]
+
+
+class UpstreamCertificateRejected(httpx.ConnectError):
+    """The upstream's TLS certificate did not verify (an unknown CA, a wrong name, expired)."""
 
 
 class _Connection:
@@ -201,6 +205,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 )
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} took over {limit:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamCertificateRejected(
+                f"the TLS certificate of {host}:{port} did not verify: {exc.verify_message}"
+            ) from None
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or type(exc).__name__}") from None
         return _Connection(reader, writer)
