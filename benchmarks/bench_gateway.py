@@ -340,6 +340,22 @@ async def measure(targets: dict[str, str], token: str, args: argparse.Namespace)
     return results
 
 
+def _added_row(section: str, operation: str, phase: dict[str, Any], quantile: str, budget: float) -> Row:
+    """A latency budget row: the ``quantile`` (p50/p99) the gateway adds over a direct call in ``phase``."""
+    direct, gateway = phase["direct"], phase["gateway"]
+    return Row(
+        section,
+        operation,
+        median_us=gateway[f"{quantile}_ms"] * 1000,
+        ratio=round(phase[f"added_{quantile}_ms"], 3),
+        baseline="ms over a direct call",
+        budget=budget,
+        unit=" ms",
+        note=f"{quantile} direct {direct[f'{quantile}_ms']:.2f} ms, through the gateway "
+        f"{gateway[f'{quantile}_ms']:.2f} ms ({gateway['requests']} requests each)",
+    )
+
+
 def gateway_rows(*, quick: bool = False) -> list[Row]:
     """The DESIGN section 7 gateway rows, for ``benchmarks/run.py`` (about 15 s with ``quick``)."""
     args = argparse.Namespace(
@@ -355,28 +371,8 @@ def gateway_rows(*, quick: bool = False) -> list[Row]:
     section = "Gateway on loopback, one worker (DESIGN 7 rows 9 and 10)"
     latency, paced, throughput = results["latency"], results["paced"], results["throughput"]
     return [
-        Row(
-            section,
-            "gateway added latency, p50, one connection (ms)",
-            median_us=latency["gateway"]["p50_ms"] * 1000,
-            ratio=round(latency["added_p50_ms"], 3),
-            baseline="ms over a direct call",
-            budget=BUDGET_MS,
-            unit=" ms",
-            note=f"p50 direct {latency['direct']['p50_ms']:.2f} ms, through the gateway "
-            f"{latency['gateway']['p50_ms']:.2f} ms ({latency['gateway']['requests']} requests each)",
-        ),
-        Row(
-            section,
-            f"gateway added latency, p99 at {PACED_RATE:g} req/s (ms)",
-            median_us=paced["gateway"]["p99_ms"] * 1000,
-            ratio=round(paced["added_p99_ms"], 3),
-            baseline="ms over a direct call",
-            budget=BUDGET_P99_MS,
-            unit=" ms",
-            note=f"p99 direct {paced['direct']['p99_ms']:.2f} ms, through the gateway "
-            f"{paced['gateway']['p99_ms']:.2f} ms ({paced['gateway']['requests']} requests each)",
-        ),
+        _added_row(section, "gateway added latency, p50, one connection (ms)", latency, "p50", BUDGET_MS),
+        _added_row(section, f"gateway added latency, p99 at {PACED_RATE:g} req/s (ms)", paced, "p99", BUDGET_P99_MS),
         Row(
             section,
             f"gateway throughput, {throughput['concurrency']} connections",
