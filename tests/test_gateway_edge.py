@@ -111,6 +111,11 @@ BAD_HEADS = {
         400,
         "ambiguous_framing",
     ),
+    "Transfer-Encoding in HTTP/1.0": (
+        b"POST /orders HTTP/1.0\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400,
+        "ambiguous_framing",
+    ),
     "Connection naming Content-Length": (
         b"POST /orders HTTP/1.1\r\nHost: gw\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc",
         400,

@@ -334,6 +334,10 @@ def _checked(request: Head, limits: Limits) -> None:
         raise _Refused(400, "bad_target", f"the request target is {kind}; only an origin-form path is accepted")
     if request.content_length is not None and request.chunked:
         raise _Refused(400, "ambiguous_framing", "both Content-Length and Transfer-Encoding are present")
+    if request.chunked and request.version != b"1.1":
+        # RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing
+        # (a 1.0 proxy in front may have read its body another way).
+        raise _Refused(400, "ambiguous_framing", "Transfer-Encoding in an HTTP/1.0 request")
     for name, value in request.headers:
         if name == b"connection":
             named = {token.strip().lower() for token in value.split(b",")}
