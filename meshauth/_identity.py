@@ -45,9 +45,12 @@ def _cache_key(audience: str, scope: str | None, txn_token: str | None) -> Any:
 def _scope_text(scope: str | Iterable[str] | None) -> str | None:
     if scope is None:
         return None
-    items = scope.split() if isinstance(scope, str) else list(scope)
+    if isinstance(scope, str):
+        return " ".join(scope.split()) or None  # split() yields non-empty items without whitespace
+    items = list(scope)
     for item in items:
-        if not isinstance(item, str) or not item or any(ch.isspace() for ch in item):
+        # item.split() == [item]: non-empty and free of whitespace (the same rule split() applies).
+        if not isinstance(item, str) or item.split() != [item]:
             raise ValueError(f"invalid scope item {item!r}: scopes are non-empty strings without spaces")
     return " ".join(items) or None
 
