@@ -189,16 +189,24 @@ def _check_body(response: requests.Response, digest: str, service: str) -> None:
         check_digest(digest, hashlib.sha256(response.content).digest(), service)
         return
     received, size, hashed = [], 0, hashlib.sha256()
-    for chunk in raw.stream(65536, decode_content=False):
-        size += len(chunk)
-        if size > MAX_BOUND_BODY:
-            raise BodyMismatch(
-                f"the body from {service!r} grows past {MAX_BOUND_BODY} bytes: not the body that was signed",
-                expected=f"<= {MAX_BOUND_BODY} bytes",
-                actual="more",
-            )
-        hashed.update(chunk)
-        received.append(chunk)
+    try:
+        for chunk in raw.stream(65536, decode_content=False):
+            size += len(chunk)
+            if size > MAX_BOUND_BODY:
+                raise BodyMismatch(
+                    f"the body from {service!r} grows past {MAX_BOUND_BODY} bytes: not the body that was signed",
+                    expected=f"<= {MAX_BOUND_BODY} bytes",
+                    actual="more",
+                )
+            hashed.update(chunk)
+            received.append(chunk)
+    # The exceptions requests raises when it reads a body itself (Response.iter_content).
+    except urllib3.exceptions.ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ConnectionError(exc) from exc
+    except urllib3.exceptions.SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from exc
     check_digest(digest, hashed.digest(), service)
     # The verified bytes replace the consumed stream; requests decodes them (gzip, ...) as it would have.
     response.raw = urllib3.HTTPResponse(

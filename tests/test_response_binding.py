@@ -176,3 +176,44 @@ def test_requests_does_not_buffer_a_swapped_body_past_the_bound(world: Any, monk
     monkeypatch.setattr(meshauth.requests, "MAX_BOUND_BODY", 1000)
     with pytest.raises(meshauth.BodyMismatch, match="grows past 1000 bytes"):
         call_through_requests(world, lambda s, h, b: (s, h, b"x" * 5000))
+
+
+def test_requests_reports_a_cut_off_bound_body_as_requests_does(world: Any) -> None:
+    """A relay that closes mid-body: the caller gets requests' own ChunkedEncodingError, not a urllib3 one."""
+    import socket
+    import threading
+
+    import requests
+
+    from meshauth.requests import ServiceAuth
+
+    orders, registry, upstream = world
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def relay() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            lines = head.split(b"\r\n")[1:]
+            headers = dict(line.split(b": ", 1) for line in lines if b": " in line)
+            forwarded = {k.decode(): v.decode() for k, v in headers.items() if k.lower() != b"host"}
+            answer = httpx.get(upstream + "/charges/c_1", headers=forwarded)
+            status = f"HTTP/1.1 {answer.status_code} OK\r\n".encode()
+            token = answer.headers["meshauth-response"].encode()
+            body = answer.content
+            conn.sendall(
+                status + b"Meshauth-Response: " + token + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5]
+            )
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    try:
+        with requests.Session() as session:
+            session.auth = ServiceAuth(orders, audience="payments", verify_responses=registry)
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                session.get(f"http://127.0.0.1:{listener.getsockname()[1]}/charges/c_1", timeout=10)
+    finally:
+        thread.join(10)
+        listener.close()
