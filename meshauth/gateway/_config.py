@@ -180,8 +180,8 @@ class GatewayConfig:
     service: str
     key_file: str | None
     """The gateway's signing key; ``None`` with a Redis registry (each process then publishes its own)."""
-    registry: str
-    """An absolute file path, an http(s) URL or a ``redis://`` URL."""
+    registry: str = dataclasses.field(repr=False)
+    """An absolute file path, an http(s) URL or a ``redis://`` URL (which may hold a password: not in the repr)."""
     issuers: tuple[IssuerConfig, ...]
     routes: tuple[RouteConfig, ...]
     host: str = "127.0.0.1"

@@ -623,7 +623,7 @@ def _own_identity(
 ) -> ServiceIdentity:
     """The gateway's identity: its key from the configuration, or (Redis registry) one it publishes."""
     if config.signing_key is None and config.key_file is None:
-        return publish_own_keys(config, clock=clock, tracer_provider=tracer_provider)  # type: ignore[no-any-return]
+        return publish_own_keys(config, clock=clock, tracer_provider=tracer_provider)
     return ServiceIdentity(config.service, _signing_key(config), clock=clock, tracer_provider=tracer_provider)
 
 

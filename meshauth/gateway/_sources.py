@@ -37,7 +37,7 @@ def open_registry(location: str, *, source: str = "<config>", namespace: str = "
         raise ConfigurationError(f"{source}: registry: {exc.detail}", reason="invalid_config") from None
 
 
-def publish_own_keys(config: GatewayConfig, **options: Any) -> Any:
+def publish_own_keys(config: GatewayConfig, **options: Any) -> ServiceIdentity:
     """With a Redis registry: this process's identity, its key generated in memory and published there.
 
     Every gateway process (``workers = N``) has its own key, renewed and rotated
@@ -45,7 +45,8 @@ def publish_own_keys(config: GatewayConfig, **options: Any) -> Any:
     """
     redis = _redis_module(config.source)
     publisher = redis.RedisPublisher(config.registry, config.registry_namespace)
-    return ServiceIdentity.ephemeral(config.service, publisher, **options)
+    identity: ServiceIdentity = ServiceIdentity.ephemeral(config.service, publisher, **options)
+    return identity
 
 
 def _redis_module(source: str) -> ModuleType:
