@@ -14,9 +14,10 @@ audience, a lifetime limit), the claim rule (``iss`` owns the key, ``sub``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from time import perf_counter
 from typing import Any, Final
 
@@ -175,9 +176,15 @@ def _bind(principal: Principal, txn: Transaction | None) -> Principal:
     return in_transaction(principal, txn.subject, txn.scopes, txn.transaction, txn.issuer, txn.context, txn.token)
 
 
-def _replay_store_failed(exc: Exception) -> ReplayStoreUnavailable:
-    """Cannot tell whether the token was used before: refuse, as an outage."""
-    return ReplayStoreUnavailable(f"replay cache failed: {type(exc).__name__}")
+@contextlib.contextmanager
+def _asking_replay_store() -> Iterator[None]:
+    """A store that fails cannot tell whether the token was used before: refuse, as an outage."""
+    try:
+        yield
+    except MeshAuthError:
+        raise
+    except Exception as exc:
+        raise ReplayStoreUnavailable(f"replay cache failed: {type(exc).__name__}") from exc
 
 
 def _refuse_replay(principal: Principal, first_use: bool) -> None:
@@ -339,27 +346,17 @@ class Verifier(Engine[Principal]):
 
     def first_use(self, principal: Principal) -> None:
         assert self.replay_cache is not None
-        try:
+        with _asking_replay_store():
             first = self.replay_cache.add(principal.caller, principal.token_id, principal.expires_at + self.leeway)
-        except MeshAuthError:
-            raise
-        except Exception as exc:
-            raise _replay_store_failed(exc) from exc
         _refuse_replay(principal, first)
 
     async def afirst_use(self, principal: Principal) -> None:
-        cache = self.replay_cache
-        assert cache is not None
-        aadd = getattr(cache, "aadd", None)
+        aadd = getattr(self.replay_cache, "aadd", None)
         if aadd is None:  # an in-process store answers at once
             self.first_use(principal)
             return
-        try:
+        with _asking_replay_store():
             first = await aadd(principal.caller, principal.token_id, principal.expires_at + self.leeway)
-        except MeshAuthError:
-            raise
-        except Exception as exc:
-            raise _replay_store_failed(exc) from exc
         _refuse_replay(principal, first)
 
     # -- telemetry ---------------------------------------------------------------
