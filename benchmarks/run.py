@@ -54,6 +54,7 @@ except ImportError:
     jose_jwt = ECKey = None  # type: ignore[assignment,misc]
 
 if __package__:
+    from ._floor import bare_hops, bare_verifications
     from ._harness import (
         Operation,
         Row,
@@ -69,6 +70,7 @@ if __package__:
     from .bench_redis import DEFAULT_URL as REDIS_URL
     from .bench_redis import bench_revocation
 else:  # run as a script: benchmarks/ is on sys.path
+    from _floor import bare_hops, bare_verifications  # type: ignore[no-redef]
     from _harness import (  # type: ignore[no-redef]
         Operation,
         Row,
@@ -332,6 +334,7 @@ def bench_verify(fx: Fixture, scale: Scale) -> list[Row]:
         Operation("cached", _repeat_call(cached.verify, scale.fast_batch, token), scale.fast_batch),
         Operation("cached_quiet", _repeat_call(cached_quiet.verify, scale.fast_batch, token), scale.fast_batch),
         Operation("pyjwt", pyjwt_decode, n),
+        Operation("floor", bare_verifications({fx.es_key.kid: public_key}, AUDIENCE, tokens, time.time), n),
     ]
     joserfc = _joserfc_decoder(fx, tokens)
     if joserfc is not None:
@@ -352,6 +355,15 @@ def bench_verify(fx: Fixture, scale: Scale) -> list[Row]:
             f"added to the raw verify: {_difference_us(s['new'], raw):.1f} us",
         ),
         _row(section, "meshauth verify, new token, cache_size=0", s["no_cache"], raw, label),
+        _row(
+            section,
+            "floor: bare verify (no strict checks, telemetry or cache)",
+            s["floor"],
+            raw,
+            label,
+            note="the least Python any ES256 JWS verifier runs (benchmarks/_floor.py); "
+            f"meshauth adds {_difference_us(s['new'], s['floor']):.1f} us to it",
+        ),
         _row(
             section,
             "meshauth verify, cached token (same token again)",
@@ -448,6 +460,9 @@ def bench_txn(fx: Fixture, scale: Scale) -> list[Row]:
             Operation("raw", raw_verify, n),
             Operation("hop", _verify_pairs(hop, pairs), n, setup=hop.clear_cache),
             Operation("second", _verify_pairs(second, second_hop), n, setup=warm_second),
+            Operation(
+                "floor", bare_hops({fx.es_key.kid: public_key}, AUDIENCE, "meshauth", pairs, lambda: minted_at), n
+            ),
         ],
         scale.rounds,
     )
@@ -471,6 +486,15 @@ def bench_txn(fx: Fixture, scale: Scale) -> list[Row]:
             raw,
             label,
             note="the Txn-Token's verification comes from the verifier's cache",
+        ),
+        _row(
+            section,
+            "floor: bare hop (two bare verifies and tth)",
+            s["floor"],
+            raw,
+            label,
+            note="the least Python any implementation runs for a hop (benchmarks/_floor.py); "
+            f"meshauth adds {_difference_us(s['hop'], s['floor']):.1f} us to it",
         ),
     ]
 
