@@ -297,6 +297,8 @@ class Policy:
         (ASGI ``raw_path``, the path of WSGI ``REQUEST_URI``); a ``?query`` is
         ignored.
         """
+        # Long on purpose: the rules are tried in order and the first match wins, so the loop and
+        # the bookkeeping of why earlier rules refused (the denial's reason) read best in one place.
         normalized = self._normalize(raw_path)
         if isinstance(normalized, _InvalidPath):
             return self._deny("bad_path", normalized.detail, None)

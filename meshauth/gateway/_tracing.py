@@ -71,6 +71,29 @@ def _random_id(size: int) -> str:
             return format(value, f"0{size * 2}x")
 
 
+def _context_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> Context:
+    """The trace context the global propagator reads from these headers (empty when there is none)."""
+    # Only the headers the configured propagator reads (W3C by default):
+    # decoding every header of every request would cost more than the rest.
+    fields = _propagator_fields()
+    carrier: dict[str, list[str]] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in fields:
+            carrier.setdefault(lowered.decode("latin-1"), []).append(value.decode("latin-1"))
+    if len(carrier.get("traceparent", ())) > 1:
+        del carrier["traceparent"]
+        carrier.pop("tracestate", None)
+    if not carrier:
+        return Context()
+    try:
+        return propagate.extract(carrier)
+    except Exception:
+        # A third-party propagator choking on hostile headers must not
+        # fail the request: start a new trace instead.
+        return Context()
+
+
 def start_trace(headers: Iterable[tuple[bytes, bytes]]) -> RequestTrace:
     """The trace of a request with these (lower-case) ASGI headers.
 
@@ -85,26 +108,7 @@ def start_trace(headers: Iterable[tuple[bytes, bytes]]) -> RequestTrace:
         ctx = otel_context.get_current()
         parent = current
     else:
-        # Only the headers the configured propagator reads (W3C by default):
-        # decoding every header of every request would cost more than the rest.
-        fields = _propagator_fields()
-        carrier: dict[str, list[str]] = {}
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered in fields:
-                carrier.setdefault(lowered.decode("latin-1"), []).append(value.decode("latin-1"))
-        if len(carrier.get("traceparent", ())) > 1:
-            del carrier["traceparent"]
-            carrier.pop("tracestate", None)
-        if carrier:
-            try:
-                ctx = propagate.extract(carrier)
-            except Exception:
-                # A third-party propagator choking on hostile headers must not
-                # fail the request: start a new trace instead.
-                ctx = Context()
-        else:
-            ctx = Context()
+        ctx = _context_from_headers(headers)
         parent = trace.get_current_span(ctx).get_span_context()
     if parent.is_valid:
         tracestate = parent.trace_state.to_header() or None

@@ -104,6 +104,11 @@ class ForwardingHeaders:
         trace_headers: list[tuple[bytes, bytes]],
         txn_token: str | None = None,
     ) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The upstream request's headers and whether the request has a body.
+
+        Hop-by-hop headers, those named by ``Connection`` and every header the gateway sets
+        itself are dropped; the gateway's own (forwarding, trace, tokens) are appended.
+        """
         inbound: list[tuple[bytes, bytes]] = scope["headers"]
         named: frozenset[bytes] = frozenset()
         forwarded_for: list[bytes] = []
@@ -137,6 +142,25 @@ class ForwardingHeaders:
                     has_body = True
                 continue
             out.append((name, value))
+        self._forwarded(out, scope, forwarded_for, proto_values, host_values, host)
+        out.extend(trace_headers)
+        out.append((b"authorization", b"Bearer " + delegated.encode("ascii")))
+        if user_token is not None:
+            out.append((b"x-forwarded-authorization", b"Bearer " + user_token.encode("ascii")))
+        if txn_token is not None:
+            out.append((b"txn-token", txn_token.encode("ascii")))
+        return out, has_body
+
+    def _forwarded(  # noqa: PLR0917 - the values request_headers collected, in its order
+        self,
+        out: list[tuple[bytes, bytes]],
+        scope: Scope,
+        forwarded_for: list[bytes],
+        proto_values: list[bytes],
+        host_values: list[bytes],
+        host: bytes | None,
+    ) -> None:
+        """Append the X-Forwarded-For/-Proto/-Host the gateway writes (DESIGN section 8)."""
         peer = scope.get("client")
         peer_host = peer[0] if peer else ""
         if self.trusted and peer_host and self.is_trusted(peer_host):
@@ -149,19 +173,12 @@ class ForwardingHeaders:
             proxied_host = forwarded_host(host_values)
             if proxied_host or host:
                 out.append((b"x-forwarded-host", proxied_host.encode("latin-1") if proxied_host else host or b""))
-        else:
-            if peer_host:
-                out.append((b"x-forwarded-for", peer_host.encode("latin-1")))
-            out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
-            if host:
-                out.append((b"x-forwarded-host", host))
-        out.extend(trace_headers)
-        out.append((b"authorization", b"Bearer " + delegated.encode("ascii")))
-        if user_token is not None:
-            out.append((b"x-forwarded-authorization", b"Bearer " + user_token.encode("ascii")))
-        if txn_token is not None:
-            out.append((b"txn-token", txn_token.encode("ascii")))
-        return out, has_body
+            return
+        if peer_host:
+            out.append((b"x-forwarded-for", peer_host.encode("latin-1")))
+        out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
+        if host:
+            out.append((b"x-forwarded-host", host))
 
     def original_client(self, headers: list[tuple[bytes, bytes]], peer: str) -> str:
         """The address a trusted proxy says it served: the rightmost untrusted hop of X-Forwarded-For."""
