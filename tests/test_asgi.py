@@ -255,6 +255,23 @@ def test_policy_allows(mesh: Mesh, app: App, token: str, audit_log: Any) -> None
     )
 
 
+def test_audit_records_name_the_rule_and_the_policy_digest(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
+    named = {**POLICY, "rules": [{**POLICY["rules"][0], "name": "orders may charge"}, *POLICY["rules"][1:]]}
+    policy = meshauth.Policy.from_dict(named)
+    wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), policy=policy)
+    assert call(wrapped, path="/charges/c_9", headers=bearer(token)).status_code == 200
+    assert call(wrapped, method="DELETE", path="/charges/c_9", headers=bearer(token)).status_code == 403
+    allowed, denied = (record.meshauth for record in audit_log.records())
+    assert (allowed["outcome"], allowed["rule"], allowed["policy_sha256"]) == (
+        "accepted",
+        "orders may charge",
+        policy.sha256,
+    )
+    assert (denied["outcome"], denied["policy_sha256"]) == ("denied", policy.sha256)
+    assert "rule" not in denied  # no rule allowed it
+    assert len(policy.sha256) == 64 and policy.sha256 != meshauth.Policy.from_dict(POLICY).sha256
+
+
 def test_policy_denial_is_403(mesh: Mesh, app: App, token: str, audit_log: Any) -> None:
     wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), policy=meshauth.Policy.from_dict(POLICY))
     response = call(wrapped, method="DELETE", path="/charges/c_9", headers=bearer(token))

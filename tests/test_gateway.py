@@ -939,6 +939,13 @@ def test_audit_is_one_json_line_per_request_without_tokens(harness: Harness) -> 
     assert re.search(rf"the token expired {when}, 10[01] s ago \(now 20[-0-9T:]+Z, leeway 30 s\)", records[1]["detail"])
     assert "the token is for 'billing-api', not for 'api-gateway'" in records[4]["detail"]
     assert all(r["trace_id"] and r["event"] == "gateway.request" for r in records)
+    # The route's policy judged the two accepted requests: the rule (named after the route) and its digest.
+    assert records[0]["rule"] == records[0]["route"] == records[2]["rule"]
+    assert (
+        re.fullmatch("[0-9a-f]{64}", records[0]["policy_sha256"])
+        and records[2]["policy_sha256"] == records[0]["policy_sha256"]
+    )
+    assert not any("rule" in r or "policy_sha256" in r for r in (records[1], records[3], records[4]))  # refused before
     assert "secret-in-query" not in text
     assert_no_token_leak(text, good, expired, harness.tokens.tampered())
     # Delegated tokens do not leak either.

@@ -5,6 +5,7 @@
 
 The token is what a real IdP would hand Alice after she logs in: RS256,
 issuer https://idp.example.com, audience api-gateway, valid for 10 minutes.
+Needs PyJWT (``pip install pyjwt``), which meshauth itself does not install.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from .._exceptions import MeshAuthError
 from .._idp_tokens import UserPrincipal
+from .._policy import Decision, Policy
 from .._principal import Principal
 from .._telemetry import audit
 from ._tracing import RequestTrace
@@ -113,6 +114,10 @@ class AuditRecord:
     kid: str | None = None
     jti: str | None = None
     detail: str | None = None
+    rule: str | int | None = None
+    """The policy rule that allowed the request (its name, else its index)."""
+    policy_sha256: str | None = None
+    """The digest of the route policy that judged the request (``meshauth.Policy.sha256``)."""
 
     @classmethod
     def of(
@@ -125,6 +130,8 @@ class AuditRecord:
         verified: Verified | None = None,
         admission: Admission | None = None,
         error: MeshAuthError | None = None,
+        decision: Decision | None = None,
+        policy: Policy | None = None,
     ) -> AuditRecord:
         """The record from what the steps returned; the refusal, if any, adds what it knew (kid, issuer)."""
         user = verified.user if verified is not None else None
@@ -150,6 +157,8 @@ class AuditRecord:
             kid=principal.kid if principal is not None else (error.kid[:256] if error and error.kid else None),
             jti=principal.token_id if principal is not None else None,
             detail=result.detail,
+            rule=decision.rule_label if decision is not None and decision.allowed else None,
+            policy_sha256=policy.sha256 if policy is not None else None,
         )
 
     def write(self) -> None:
@@ -175,4 +184,8 @@ class AuditRecord:
             fields["issuer"] = self.issuer
         if self.detail is not None:
             fields["detail"] = self.detail
+        if self.rule is not None:
+            fields["rule"] = self.rule
+        if self.policy_sha256 is not None:
+            fields["policy_sha256"] = self.policy_sha256
         audit(AUDIT_EVENT, self.outcome, self.reason, **fields)

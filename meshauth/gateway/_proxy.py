@@ -63,6 +63,7 @@ from .._middleware import (
     txn_token_value,
 )
 from .._paths import canonical_path
+from .._policy import Decision, Policy
 from .._registry import KeySource
 from .._telemetry import AUDIT_LOGGER, Telemetry, mark_rejected
 from .._txn import MAX_TXN_LIFETIME
@@ -306,6 +307,7 @@ class Gateway:
         """Route, verify, authorize, delegate, forward; the audit record is built from what each returned."""
         route: Route | None = None
         verified: Verified | None = None
+        decision: Decision | None = None
         admission: Admission | None = None
         error: MeshAuthError | None = None
         try:
@@ -316,7 +318,7 @@ class Gateway:
             attached = otel_context.attach(request.trace.context)  # verify and mint spans join the request's trace
             try:
                 verified = await self._verify_token(route, token, scope["headers"])
-                self._authorize(route, request.method, path, verified, client=request.client)
+                decision = self._authorize(route, request.method, path, verified, client=request.client)
                 admission = self._admit(route, verified, token, request.client)
             finally:
                 otel_context.detach(attached)
@@ -342,6 +344,8 @@ class Gateway:
                 verified=verified,
                 admission=admission,
                 error=error,
+                decision=decision,
+                policy=_policy_for(route, verified) if route is not None and verified is not None else None,
             ).write()
 
     # -- steps ---------------------------------------------------------------------
@@ -414,11 +418,15 @@ class Gateway:
 
     def _authorize(
         self, route: Route, method: str, path: str, verified: Verified, *, client: str | None = None
-    ) -> None:
-        """The route's method, the gateway's delegation rules, then the route's policy (``meshauth.Policy``)."""
+    ) -> Decision | None:
+        """The route's method, the gateway's delegation rules, then the route's policy (``meshauth.Policy``).
+
+        Returns the policy's decision; raises ``AccessDenied`` (or ``MethodNotAllowed``) instead of refusing.
+        """
         span = self.telemetry.tracer.start_span("meshauth.authorize")
         user, service, subject = verified.user, verified.service, verified.subject
         error: AccessDenied | None = None
+        decision: Decision | None = None
         if route.methods is not None and method not in route.methods:
             detail = f"method {method[:16]} is not allowed on {route.prefix}"
             error = MethodNotAllowed(detail, allow=route.allow.decode("ascii"))
@@ -426,7 +434,7 @@ class Gateway:
             # A delegated token for the gateway's own name would read as a plain call by the gateway itself.
             error = AccessDenied("the subject is the gateway's own service name", reason="delegation_not_allowed")
         else:
-            policy = route.users if user is not None else route.services
+            policy = _policy_for(route, verified)
             principal = user if user is not None else service
             # A service token is only verified on a route that takes them, so both are set.
             assert policy is not None
@@ -449,6 +457,7 @@ class Gateway:
         span.end()
         if error is not None:
             raise error
+        return decision
 
     # -- forwarding ------------------------------------------------------------------
 
@@ -687,3 +696,8 @@ def _txn_header(headers: list[tuple[bytes, bytes]], limit: int) -> str | None:
     """The request's one ``Txn-Token`` header, if any (two are ``malformed``)."""
     values = [value for name, value in headers if name.lower() == b"txn-token"]
     return txn_token_value(values[0] if values else None, repeated=len(values) > 1, limit=limit)
+
+
+def _policy_for(route: Route, verified: Verified) -> Policy | None:
+    """The route's policy for this caller: its users' rules for an end user, else its services' rules."""
+    return route.users if verified.user is not None else route.services
