@@ -84,6 +84,24 @@ def test_filters_exact_outcome_and_substrings(log: AuditFile) -> None:
         assert times(page(server, reason="nothing-like-this")) == []
 
 
+def test_filters_on_audience_method_trace_transaction_and_event(log: AuditFile) -> None:
+    trace_a, trace_b = "4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c"
+    log.write(
+        decision(NOW, audience="orders", method="GET", trace_id=trace_a, span_id=trace_b[:16], transaction="t-1"),
+        decision(NOW + 1, audience="payments", method="POST", trace_id=trace_b, transaction="t-2"),
+        decision(NOW + 2, audience="payments", method="GET", trace_id=trace_a, event="response.verify"),
+    )
+    with running_console([log.path]) as server:
+        assert times(page(server, audience="payments")) == [NOW + 2, NOW + 1]
+        assert times(page(server, method="POST")) == [NOW + 1]
+        # The trace filter reads trace_id only (record 0's span id starts like trace_b).
+        assert times(page(server, trace=trace_b[:16])) == [NOW + 1]
+        assert times(page(server, trace=trace_a)) == [NOW + 2, NOW]
+        assert times(page(server, transaction="t-2")) == [NOW + 1]
+        assert times(page(server, transaction="t-", audience="orders")) == [NOW]
+        assert times(page(server, event="response.verify")) == [NOW + 2]
+
+
 def test_pages_follow_a_cursor_across_two_logs_without_gaps_or_repeats(tmp_path: Path) -> None:
     with audit_files(tmp_path / "a.jsonl", tmp_path / "b.jsonl") as (first, second):
         first.write(*(decision(NOW + 2 * i, caller="a") for i in range(60)))
