@@ -31,9 +31,10 @@ from typing import Any, Final, NamedTuple
 from opentelemetry import trace
 
 from ._challenge import read_challenge, warn_refused
-from ._exceptions import DuplicateAuthorization, MeshAuthError, MissingCredentials
+from ._exceptions import BadPath, DuplicateAuthorization, MeshAuthError, MissingCredentials
 from ._identity import ServiceIdentity
 from ._middleware import Reply, RequestGuard
+from ._paths import routed_path
 from ._policy import Decision, Policy
 from ._principal import Principal
 from ._telemetry import AUDIT_LOGGER
@@ -145,6 +146,7 @@ class _ServerGuard:
     def judge(self, method: str, context: Any) -> Principal | _Refusal:
         """The verified caller of a sync call, or why it is refused."""
         try:
+            _check_method_path(method)
             caller = self.guard.verifier.verify(self.token(context), self.txn_token(context), audit=False)
         except Exception as exc:
             return self.refuse(exc, method, context)
@@ -153,6 +155,7 @@ class _ServerGuard:
     async def ajudge(self, method: str, context: Any) -> Principal | _Refusal:
         """The verified caller of an asyncio call, or why it is refused."""
         try:
+            _check_method_path(method)
             caller = await self.guard.verifier.averify(self.token(context), self.txn_token(context), audit=False)
         except Exception as exc:
             return self.refuse(exc, method, context)
@@ -177,6 +180,19 @@ class _ServerGuard:
         reply = self.guard.reply(exc)
         self.guard.audit_refused(exc, reply, principal=principal, span=span, **_call_fields(method, context))
         return _refusal(reply)
+
+
+def _check_method_path(method: str) -> None:
+    """Refuse (``BadPath``, INVALID_ARGUMENT) a method path the policy would judge in another form.
+
+    gRPC hands a handler the ``:path`` exactly as sent, and a generic handler may route on it as it
+    likes: ``/admin.Svc/x/../../pub.Svc/Get`` must not be judged as ``/pub.Svc/Get`` and then run
+    an admin method. A method path is canonical (``/package.Service/Method``), so anything that
+    canonicalisation would change (dot-segments, ``%2e``, ``//``, a query) is refused.
+    """
+    if "?" in method:
+        raise BadPath("a gRPC method path has no query", expected="/package.Service/Method", actual=method[:80])
+    routed_path(method)
 
 
 def _call_fields(method: str, context: Any) -> dict[str, Any]:

@@ -339,3 +339,85 @@ def test_aio_client_renews_a_replayed_token(live: Mesh) -> None:
             await server.stop(None)
 
     assert asyncio.run(run()) == ["a", "b"]
+
+
+# -- a method path the policy would judge in another form (dot-segments, encoded dots) ------------------
+
+PUBLIC_ONLY = {"rules": [{"callers": ["orders"], "methods": ["POST"], "paths": ["/pub.Svc/*"]}]}
+CLIMBING = ["/admin.Svc/x/../../pub.Svc/Get", "/admin.Svc/%2e%2e/pub.Svc/Get", "/admin.Svc/.%2e/pub.Svc/Get"]
+
+
+class _CatchAll(grpc.GenericRpcHandler):
+    """Routes every method to one handler that says which method it ran (as an app's generic handler may)."""
+
+    def __init__(self, ran: list[str], asynchronous: bool = False) -> None:
+        self.ran = ran
+        self.asynchronous = asynchronous
+
+    def service(self, handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        ran = self.ran
+
+        def answer(request: bytes, context: Any) -> bytes:
+            ran.append(method)
+            return method.encode()
+
+        async def aanswer(request: bytes, context: Any) -> bytes:
+            return answer(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(aanswer if self.asynchronous else answer)
+
+
+def test_sync_a_method_path_with_dot_segments_is_refused_before_any_handler(live: Mesh, audit_log: Any) -> None:
+    ran: list[str] = []
+    policy = meshauth.Policy.from_dict(PUBLIC_ONLY)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=2), interceptors=[MeshAuthInterceptor(live.verifier("payments"), policy=policy)]
+    )
+    server.add_generic_rpc_handlers([_CatchAll(ran)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        orders = MeshAuthClientInterceptor(live.identity("orders"), "payments")
+        with grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}"), orders) as channel:
+            assert channel.unary_unary("/pub.Svc/Get")(b"", timeout=10) == b"/pub.Svc/Get"
+            code, body, _ = _refusal(lambda: channel.unary_unary("/admin.Svc/Get")(b"", timeout=10))
+            assert (code, body["reason"]) == (grpc.StatusCode.PERMISSION_DENIED, "no_matching_rule")
+            for method in CLIMBING:
+                code, body, _ = _refusal(lambda method=method: channel.unary_unary(method)(b"", timeout=10))
+                assert (code, body) == (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    {"error": "bad_request", "reason": "bad_path"},
+                )
+    finally:
+        server.stop(None).wait(5)
+    assert ran == ["/pub.Svc/Get"]  # the admin handler never ran
+    refused = [r.meshauth for r in audit_log.records() if r.meshauth["reason"] == "bad_path"]
+    assert [r["path"] for r in refused] == CLIMBING and {r["outcome"] for r in refused} == {"rejected"}
+
+
+def test_aio_a_method_path_with_dot_segments_is_refused_before_any_handler(live: Mesh) -> None:
+    ran: list[str] = []
+
+    async def run() -> list[tuple[Any, str]]:
+        policy = meshauth.Policy.from_dict(PUBLIC_ONLY)
+        server = grpc.aio.server(interceptors=[AsyncMeshAuthInterceptor(live.verifier("payments"), policy=policy)])
+        server.add_generic_rpc_handlers([_CatchAll(ran, asynchronous=True)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        outcomes: list[tuple[Any, str]] = []
+        try:
+            interceptors = async_client_interceptors(live.identity("orders"), "payments")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors) as channel:
+                assert await channel.unary_unary("/pub.Svc/Get")(b"", timeout=10) == b"/pub.Svc/Get"
+                for method in CLIMBING:
+                    try:
+                        await channel.unary_unary(method)(b"", timeout=10)
+                    except grpc.aio.AioRpcError as error:
+                        outcomes.append((error.code(), json.loads(error.details() or "{}")["reason"]))
+        finally:
+            await server.stop(None)
+        return outcomes
+
+    assert asyncio.run(run()) == [(grpc.StatusCode.INVALID_ARGUMENT, "bad_path")] * len(CLIMBING)
+    assert ran == ["/pub.Svc/Get"]
