@@ -190,6 +190,14 @@ def test_flask_dot_segments_never_reach_the_admin_handler(gunicorn_server: tuple
     assert (status, json.loads(body)) == (400, {"error": "bad_request", "reason": "bad_path"})
 
 
+def test_flask_judges_gunicorns_raw_uri(gunicorn_server: tuple[str, Keys]) -> None:
+    url, keys = gunicorn_server
+    # gunicorn decodes PATH_INFO to /files/a/b; only RAW_URI (it sets no REQUEST_URI) still shows the %2F.
+    status, body = get(url, "/files/a%2Fb", keys.token("orders"))
+    assert (status, json.loads(body)) == (400, {"error": "bad_request", "reason": "bad_path"})
+    assert get(url, "/files/a/b", keys.token("orders")) == (200, "files handler")
+
+
 def test_flask_a_script_name_header_cannot_move_the_judged_path(gunicorn_server: tuple[str, Keys]) -> None:
     url, keys = gunicorn_server
     # gunicorn strips SCRIPT_NAME from PATH_INFO and Flask routes /admin/x; /files/** must not open it.

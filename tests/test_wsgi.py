@@ -234,6 +234,11 @@ def test_policy_path_from_request_uri_or_quoted_path_info(mesh: Mesh, app: App, 
     # REQUEST_URI wins: an encoded slash is refused even though PATH_INFO looks fine
     result = run(wrapped, environ_for(path="/charges/a/b", REQUEST_URI="/charges/a%2Fb?x=1", HTTP_AUTHORIZATION=auth))
     assert result.json()["reason"] == "bad_path"
+    # gunicorn's RAW_URI is read the same way (an encoded slash PATH_INFO no longer shows)
+    result = run(wrapped, environ_for(path="/charges/a/b", RAW_URI="/charges/a%2Fb", HTTP_AUTHORIZATION=auth))
+    assert result.json()["reason"] == "bad_path"
+    result = run(wrapped, environ_for(path="/charges/c_2", RAW_URI="/charges/c_1", HTTP_AUTHORIZATION=auth))
+    assert (result.status_code, result.json()["reason"]) == (400, "bad_path")
     # REQUEST_URI and PATH_INFO must agree
     result = run(wrapped, environ_for(path="/charges/c_2", REQUEST_URI="/charges/c_1", HTTP_AUTHORIZATION=auth))
     assert (result.status_code, result.json()["reason"]) == (400, "bad_path")
