@@ -186,8 +186,9 @@ class MeshAuthMiddleware:
             proof = AsgiProof(send, self._identity, principal.caller, nonce, self._sign_body_limit, head=head)
             send = proof.send
         if scope_type == "websocket" and self._websocket_max_age is not None:
-            deadline = min(principal.expires_at, time.time() + self._websocket_max_age)
-            receive, send = _closing_at(deadline, receive, send)
+            # The token's expiry is on the verifier's clock; the socket's timer runs on the monotonic one.
+            lifetime = min(principal.expires_at - self._verifier.clock(), self._websocket_max_age)
+            receive, send = _closing_at(time.monotonic() + lifetime, receive, send)
         await self.app(scope, receive, send)
 
     async def _refuse(
@@ -264,7 +265,7 @@ class _Credentials:
 
 
 def _closing_at(deadline: float, receive: Receive, send: Send) -> tuple[Receive, Send]:
-    """Wrap a websocket's channels so that the socket is closed (1008) at ``deadline``.
+    """Wrap a websocket's channels so that the socket is closed (1008) at ``deadline`` (``time.monotonic``).
 
     The close happens on the app's next ``receive`` (which then reports a
     disconnect) or ``send`` after the deadline, and while the app waits in
@@ -279,7 +280,7 @@ def _closing_at(deadline: float, receive: Receive, send: Send) -> tuple[Receive,
             await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION, "reason": "credentials expired"})
 
     async def receive_until() -> Message:
-        remaining = deadline - time.time()
+        remaining = deadline - time.monotonic()
         if not closed and remaining > 0:
             try:
                 return await asyncio.wait_for(receive(), remaining)
@@ -289,7 +290,7 @@ def _closing_at(deadline: float, receive: Receive, send: Send) -> tuple[Receive,
         return {"type": "websocket.disconnect", "code": _WS_POLICY_VIOLATION}
 
     async def send_until(message: Message) -> None:
-        if time.time() >= deadline:
+        if time.monotonic() >= deadline:
             await close()
             return  # the socket is closed: what the app sends now goes nowhere
         await send(message)

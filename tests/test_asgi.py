@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -728,14 +729,8 @@ def test_real_server_on_loopback(mesh: Mesh, app: App, token: str, serve_asgi: C
     assert len(app.scopes) == 1
 
 
-def test_websocket_max_age_closes_the_socket(mesh: Mesh, token: str) -> None:
-    seen: list[dict[str, Any]] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await receive()  # websocket.connect
-        await send({"type": "websocket.accept"})
-        seen.append(await receive())  # waits: the client sends nothing
-        await send({"type": "websocket.send", "text": "too late"})
+def _silent_client_socket(wrapped_app: Any, token: str) -> tuple[list[dict[str, Any]], float]:
+    """Open a websocket through the middleware with a client that sends nothing; what was sent, and when it ended."""
 
     async def run() -> list[dict[str, Any]]:
         sent: list[dict[str, Any]] = []
@@ -752,17 +747,46 @@ def test_websocket_max_age_closes_the_socket(mesh: Mesh, token: str) -> None:
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        wrapped = MeshAuthMiddleware(app, mesh.verifier("payments"), websocket_max_age=0.05)
         scope = {"type": "websocket", "path": "/ws", "raw_path": b"/ws", "headers": bearer_headers(token)}
-        await asyncio.wait_for(wrapped(scope, receive, send), 5)
+        await asyncio.wait_for(wrapped_app(scope, receive, send), 5)
         return sent
 
+    started = time.monotonic()
     sent = asyncio.run(run())
+    return sent, time.monotonic() - started
+
+
+def _socket_app(seen: list[dict[str, Any]]) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        seen.append(await receive())  # waits: the client sends nothing
+        await send({"type": "websocket.send", "text": "too late"})
+
+    return app
+
+
+def test_websocket_max_age_closes_the_socket(mesh: Mesh, token: str) -> None:
+    seen: list[dict[str, Any]] = []
+    app = _socket_app(seen)
+    sent, _ = _silent_client_socket(MeshAuthMiddleware(app, mesh.verifier("payments"), websocket_max_age=0.05), token)
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
     assert sent[1]["code"] == 1008
     assert seen == [{"type": "websocket.disconnect", "code": 1008}]
     with pytest.raises(ValueError, match="websocket_max_age"):
         MeshAuthMiddleware(app, mesh.verifier("payments"), websocket_max_age=0)
+
+
+def test_websocket_closes_when_its_token_expires_before_max_age(mesh: Mesh, clock: FakeClock) -> None:
+    clock.advance(86_400)  # the verifier's clock is a day ahead of the wall clock: only its own time counts
+    token = mesh.identity("orders").mint("payments", ttl=60)
+    clock.advance(59.9)  # on the verifier's clock the token has 0.1 s left; max_age allows an hour
+    seen: list[dict[str, Any]] = []
+    wrapped = MeshAuthMiddleware(_socket_app(seen), mesh.verifier("payments"), websocket_max_age=3600)
+    sent, took = _silent_client_socket(wrapped, token)
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"] and sent[1]["code"] == 1008
+    assert seen == [{"type": "websocket.disconnect", "code": 1008}]
+    assert 0.05 < took < 4  # closed at the token's expiry, measured on the verifier's clock, not at max_age
 
 
 def bearer_headers(token: str) -> list[tuple[bytes, bytes]]:
