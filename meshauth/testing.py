@@ -137,19 +137,26 @@ class LoopbackServer:
 
     Needs ``uvicorn`` (the ``gateway`` or ``demo`` extra). ``lifespan`` is
     uvicorn's setting: ``"off"`` for an app that only speaks HTTP, ``"on"`` to
-    require the lifespan protocol. Use it as a context manager; ``url`` is the
-    base URL once started::
+    require the lifespan protocol. ``websockets=True`` serves websocket
+    handshakes too (needs the ``websockets`` package). Use it as a context
+    manager; ``url`` is the base URL once started::
 
         with LoopbackServer(app) as server:
             httpx.get(server.url + "/healthz")
     """
 
     def __init__(
-        self, app: Any, *, startup_timeout: float = 10.0, lifespan: Literal["auto", "on", "off"] = "auto"
+        self,
+        app: Any,
+        *,
+        startup_timeout: float = 10.0,
+        lifespan: Literal["auto", "on", "off"] = "auto",
+        websockets: bool = False,
     ) -> None:
         import uvicorn  # noqa: PLC0415 - optional dependency, needed only by this helper
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan, ws="none")
+        ws = "websockets-sansio" if websockets else "none"
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan, ws=ws)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="meshauth-loopback", daemon=True)
         self._timeout = startup_timeout

@@ -33,8 +33,10 @@ POLICY = {
         {"name": "admins", "callers": ["admin"], "paths": ["/admin/**"]},
         {"name": "orders reads public", "callers": ["orders"], "methods": ["GET"], "paths": ["/public"]},
         {"name": "orders reads files", "callers": ["orders"], "methods": ["GET"], "paths": ["/files/**"]},
+        {"name": "orders follows live", "callers": ["orders"], "methods": ["WEBSOCKET"], "paths": ["/live"]},
     ]
 }
+WEBSOCKET_MAX_AGE = 1.0
 DOT_ATTACKS = ["/admin/../public", "/admin/%2e%2e/public", "/admin/.%2e/public", "/admin/x/../../public"]
 
 
@@ -53,11 +55,11 @@ class Keys:
         return meshauth.ServiceIdentity(caller, self.keys[caller]).token_for("svc")
 
 
-def get(base: str, target: str, token: str, **headers: str) -> tuple[int, str]:
+def get(base: str, target: str, token: str, method: str = "GET", **headers: str) -> tuple[int, str]:
     host, port = base.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
-        connection.request("GET", target, headers={"Authorization": f"Bearer {token}", **headers})
+        connection.request(method, target, headers={"Authorization": f"Bearer {token}", **headers})
         response = connection.getresponse()
         return response.status, response.read().decode()
     finally:
@@ -72,7 +74,8 @@ def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse
-    from starlette.routing import Route
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
 
     async def admin(request: Request) -> PlainTextResponse:
         return PlainTextResponse("admin handler")
@@ -80,11 +83,27 @@ def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     async def public(request: Request) -> PlainTextResponse:
         return PlainTextResponse("public handler")
 
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.send_text("echo " + await websocket.receive_text())
+        except WebSocketDisconnect:
+            pass
+
     keys = Keys(tmp_path_factory.mktemp("starlette"))
-    app = Starlette(routes=[Route("/admin/{rest:path}", admin), Route("/public", public)])
+    app = Starlette(
+        routes=[
+            Route("/admin/{rest:path}", admin),
+            Route("/public", public),
+            WebSocketRoute("/live", echo),
+            WebSocketRoute("/public", echo),
+        ]
+    )
     verifier = meshauth.Verifier("svc", meshauth.JWKSFile(keys.registry))
-    wrapped = MeshAuthMiddleware(app, verifier, policy=meshauth.Policy.from_file(keys.policy))
-    with LoopbackServer(wrapped, lifespan="off") as server:
+    policy = meshauth.Policy.from_file(keys.policy)
+    wrapped = MeshAuthMiddleware(app, verifier, policy=policy, websocket_max_age=WEBSOCKET_MAX_AGE)
+    with LoopbackServer(wrapped, lifespan="off", websockets=True) as server:
         yield server.url, keys
 
 
@@ -93,6 +112,35 @@ def test_starlette_routes_what_the_policy_allows(starlette_server: tuple[str, Ke
     assert get(url, "/public", keys.token("orders")) == (200, "public handler")
     assert get(url, "/admin/users", keys.token("admin")) == (200, "admin handler")
     assert get(url, "/admin/users", keys.token("orders"))[0] == 403
+
+
+def test_starlette_head_is_allowed_where_get_is(starlette_server: tuple[str, Keys]) -> None:
+    url, keys = starlette_server
+    # A HEAD health probe against a GET rule once got 403.
+    assert get(url, "/public", keys.token("orders"), method="HEAD") == (200, "")
+    assert get(url, "/admin/users", keys.token("orders"), method="HEAD")[0] == 403
+
+
+def test_starlette_a_get_rule_does_not_open_a_websocket(starlette_server: tuple[str, Keys]) -> None:
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    url, keys = starlette_server
+    ws_url = url.replace("http://", "ws://")
+    orders = {"Authorization": f"Bearer {keys.token('orders')}"}
+    # /public has a GET rule and a websocket route: the handshake is method WEBSOCKET, refused.
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url + "/public", additional_headers=orders, open_timeout=10)
+    assert refused.value.response.status_code == 403
+    # A rule naming WEBSOCKET opens it; websocket_max_age closes it (1008) although the token lives on.
+    with connect(ws_url + "/live", additional_headers=orders, open_timeout=10) as socket:
+        socket.send("hello")
+        assert socket.recv(timeout=10) == "echo hello"
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert time.monotonic() - started < WEBSOCKET_MAX_AGE + 5
 
 
 @pytest.mark.parametrize("target", DOT_ATTACKS)
