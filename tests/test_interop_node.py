@@ -4,19 +4,22 @@ meshauth tokens are ordinary compact JWS and its registry an ordinary JWKS
 (DESIGN sections 2 and 3), so a service written in Node verifies them with
 ``jose.jwtVerify`` and the registry document, read from memory
 (``createLocalJWKSet``) or fetched from ``meshauth registry serve``
-(``createRemoteJWKSet``); and a Node service that signs with ``jose.SignJWT``
+(``createRemoteJWKSet``), including the Redis registry's in-memory keys
+(``registry --redis URL export`` and ``serve``); and a Node service that signs with ``jose.SignJWT``
 and publishes its public JWK with its owner is verified by ``meshauth.Verifier``.
 
 Node runs ``tests/node_interop.mjs`` once per test: JSON operations on stdin,
 JSON results on stdout. jose is loaded from ``MESHAUTH_NODE_MODULES`` (a
 node_modules directory), else ``.ci/node/node_modules`` (``.ci/run`` installs
 it there). Without node or jose these tests skip; under
-``MESHAUTH_REQUIRE_NODE=1`` (CI) they fail instead.
+``MESHAUTH_REQUIRE_NODE=1`` (CI) they fail instead. The Redis case also needs
+the shared Redis of tests/redis_support.py (``MESHAUTH_REQUIRE_REDIS=1`` likewise).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -144,12 +147,10 @@ def _read_line(process: subprocess.Popen[str], deadline: float) -> str:
     return process.stdout.readline()
 
 
-@pytest.fixture(scope="module")
-def served_registry(registry: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``meshauth registry serve`` in its own process on 127.0.0.1, serving the registry file; yields the URL."""
-    path = tmp_path_factory.mktemp("node") / "registry.json"
-    path.write_text(json.dumps(registry), "utf-8")
-    command = [sys.executable, "-m", "meshauth", "registry", "serve", str(path), "--port", "0", "--max-age", "60"]
+@contextlib.contextmanager
+def serving(*arguments: str) -> Iterator[str]:
+    """``meshauth registry ARGUMENTS`` (a ``serve``) in its own process on 127.0.0.1; yields the URL."""
+    command = [sys.executable, "-m", "meshauth", "registry", *arguments, "--port", "0"]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
@@ -164,6 +165,15 @@ def served_registry(registry: dict[str, Any], tmp_path_factory: pytest.TempPathF
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served_registry(registry: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``meshauth registry serve`` in its own process on 127.0.0.1, serving the registry file; yields the URL."""
+    path = tmp_path_factory.mktemp("node") / "registry.json"
+    path.write_text(json.dumps(registry), "utf-8")
+    with serving("serve", str(path), "--max-age", "60") as url:
+        yield url
 
 
 def payload_of(token: str) -> dict[str, Any]:
@@ -289,6 +299,43 @@ def test_meshauth_tokens_verify_with_jose_against_the_served_registry(
     ):
         assert_accepted(result, token, key, typ)
     assert refusal(unknown) == ("ERR_JWKS_NO_MATCHING_KEY", None)
+
+
+@ALGS
+def test_ephemeral_keys_on_redis_verify_with_jose_through_export_and_serve(
+    node: NodeJose, redis_namespace: tuple[str, str], alg: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replica's in-memory key, published on Redis, as a Node verifier sees it (DESIGN section 10)."""
+    from meshauth.redis import RedisPublisher
+
+    url, namespace = redis_namespace
+    publisher = RedisPublisher(url, namespace)
+    me = ServiceIdentity.ephemeral("orders", publisher, alg=alg, background=False)
+    token = me.mint("payments", scope="charges:write")
+
+    def op(source: dict[str, Any]) -> dict[str, Any]:
+        return verify_op(token, source, issuer="orders", audience="payments", typ="meshauth+jwt", alg=alg)
+
+    try:
+        assert meshauth_cli(["registry", "--redis", url, "--namespace", namespace, "export"]) == 0
+        exported = json.loads(capsys.readouterr().out)
+        assert [(entry["kid"], entry["iss"]) for entry in exported["keys"]] == [(me.key.kid, "orders")]
+        with serving("--redis", url, "--namespace", namespace, "serve") as served:
+            response = httpx.get(served, timeout=10)
+            assert response.headers["cache-control"] == "public, max-age=30"  # the Redis registry's default
+            assert response.json() == exported
+            from_export, from_serve = node.run(op({"jwks": exported}), op({"jwks_url": served}))
+            assert_accepted(from_export, token, me.key, "meshauth+jwt")
+            assert_accepted(from_serve, token, me.key, "meshauth+jwt")
+            assert publisher.revoke(me.key.kid) == ["orders"]
+            deadline = time.monotonic() + 10
+            while httpx.get(served, timeout=10).json()["keys"]:  # the server follows the registry
+                assert time.monotonic() < deadline, "the served registry still holds the revoked key"
+                time.sleep(0.05)
+            (revoked,) = node.run(op({"jwks_url": served}))  # a jose key set fetched anew
+            assert refusal(revoked) == ("ERR_JWKS_NO_MATCHING_KEY", None)
+    finally:
+        me.close()
 
 
 @ALGS

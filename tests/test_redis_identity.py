@@ -327,3 +327,32 @@ def test_a_silent_replay_store_does_not_block_the_event_loop(mesh: Any) -> None:
     # a blocking call on the loop would have frozen the ticker for 3 x timeout.
     assert elapsed < 3 * timeout
     assert ticks >= (timeout / 0.01) * 0.5
+
+
+def test_tombstones_are_pruned_once_their_key_expired(publisher: RedisPublisher, wall: FakeClock) -> None:
+    def tombstones() -> dict[str, bytes]:
+        return {kid.decode(): exp for kid, exp in publisher.client.hgetall(publisher.ns.revoked).items()}
+
+    now = int(wall())
+    short, long = meshauth.SigningKey.generate(), meshauth.SigningKey.generate()
+    publisher.publish(short.record("orders", not_before=now - 10, expires=now + 60))
+    publisher.publish(long.record("orders", not_before=now - 10, expires=now + 3600))
+    assert publisher.revoke(short.kid) == ["orders"] and publisher.revoke(long.kid) == ["orders"]
+    assert publisher.revoke("never-published") == []  # exp unknown: kept a day
+    assert {kid: int(exp) for kid, exp in tombstones().items()} == {
+        short.kid: now + 60,
+        long.kid: now + 3600,
+        "never-published": now + 86400,
+    }
+    publisher.client.hset(publisher.ns.revoked, "unreadable", "not-a-number")  # an exp it cannot read: kept
+    wall.advance(60)
+    assert publisher.prune_tombstones() == 0  # at the key's exp a token may still verify
+    wall.advance(1)
+    assert publisher.prune_tombstones() == 1
+    assert set(tombstones()) == {long.kid, "never-published", "unreadable"}
+    assert publisher.prune_tombstones() == 0
+    with pytest.raises(meshauth.ConfigurationError, match="revoked"):
+        publisher.publish(long.record("orders", not_before=now - 10, expires=now + 7200))  # still final
+    wall.advance(3600)
+    publisher.revoke("another")  # every revocation prunes too
+    assert set(tombstones()) == {"never-published", "unreadable", "another"}

@@ -180,6 +180,26 @@ def test_unchanged_keys_keep_their_record_across_reloads(registry: Any) -> None:
     assert keys.get_key(key.kid).expires == NOW + 7200
 
 
+def test_resync_reloads_what_no_event_announced(registry: Any) -> None:
+    """A key written without an event (a lost XADD, a hand edit) arrives with the next full reload."""
+    publisher, open_keys, client = registry
+    ns = publisher.ns
+    resyncing = open_keys(resync=1, block=0.2)
+    following = open_keys(resync=3600, block=0.2)  # the events stream alone
+    key = meshauth.SigningKey.generate()
+    with client.pipeline() as pipe:  # the layout of DESIGN section 10, and no XADD
+        pipe.hset(ns.keys("orders"), key.kid, json.dumps(key.public_jwk("orders", nbf=NOW - 10, exp=NOW + 3600)))
+        pipe.sadd(ns.services, "orders")
+        pipe.execute()
+    wait_for(lambda: resyncing.get_key(key.kid) is not None, 5.0)  # within resync + one blocking read
+    time.sleep(0.5)  # the follower had as long, and a few more blocking reads
+    assert following.get_key(key.kid) is None  # no event named orders: only a reload could have found it
+    assert client.xlen(ns.events) == 0
+    assert meshauth.Verifier("payments", resyncing).verify(token("orders", key)).caller == "orders"
+    publisher.publish(key.record("orders", not_before=NOW - 10, expires=NOW + 3600), op="renew")
+    wait_for(lambda: following.get_key(key.kid) is not None, 1.0)  # the follower was alive all along
+
+
 def test_spans_and_propagation_histogram(registry: Any, telemetry: Any) -> None:
     publisher, open_keys, _ = registry
     keys = open_keys(tracer_provider=telemetry.tracer_provider, meter_provider=telemetry.meter_provider)
