@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import time
 import tracemalloc
@@ -68,6 +69,8 @@ def test_a_long_header_is_not_decoded_or_split_as_a_whole() -> None:
     """The walk's memory does not grow with the header: only the entries within the cap are cut off."""
     chain = ", ".join(["203.0.113.1"] + ["10.0.0.9"] * 100_000).encode()  # about 1 MB
     proto, host = b"http, " * 100_000 + b"https", b"evil.example, " * 100_000 + b"gw.example"
+    gc.collect()  # earlier tests' garbage (and its finalizers) is not counted
+    gc.disable()
     tracemalloc.start()
     try:
         assert client_address([chain], "10.0.0.2", trusted, max_hops=100) == "10.0.0.9"
@@ -75,7 +78,8 @@ def test_a_long_header_is_not_decoded_or_split_as_a_whole() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 64 * 1024, peak
+        gc.enable()
+    assert peak < len(chain) // 4, peak  # splitting the whole header once would take several times its size
 
 
 @pytest.mark.parametrize(
