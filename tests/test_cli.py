@@ -214,6 +214,29 @@ def test_registry_add_refuses_a_private_jwk(cli: Run, tmp_path: Path) -> None:
     assert not path.exists()
 
 
+@pytest.mark.parametrize("source", ["jwk file", "--key"])
+def test_registry_add_refuses_an_owner_that_is_not_a_service_name(
+    cli: Run, tmp_path: Path, registry: Path, source: str
+) -> None:
+    """A registry entry owned by "orders*" would act as a glob in policies: refused, nothing written."""
+    billing = _keygen(cli, tmp_path / "keys", "billing")
+    if source == "jwk file":
+        jwk = {**json.loads(Path(billing["public_jwk"]).read_text()), "iss": "orders*"}
+        globbed = tmp_path / "globbed.jwk.json"
+        globbed.write_text(json.dumps(jwk))
+        argv = [str(globbed)]
+    else:
+        argv = ["--key", billing["private_key"], "--service", "orders*"]
+    before = registry.read_bytes()
+    for target in (registry, tmp_path / "new-registry.json"):
+        code, stdout, stderr = cli("registry", "add", str(target), *argv)
+        assert code == 2, stderr
+        assert "'iss' (owning service): a service name is" in stderr and "'orders*'" in stderr, stderr
+        assert stdout == ""
+    assert registry.read_bytes() == before
+    assert not (tmp_path / "new-registry.json").exists()
+
+
 def test_registry_add_validity_window_and_status(cli: Run, tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     soon = _keygen(cli, tmp_path, "soon")

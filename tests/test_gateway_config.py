@@ -217,6 +217,13 @@ def test_missing_file(tmp_path: Path) -> None:
         (('callers = ["orders"]', 'callers = ["orders"]\nrewrite = "x"'), "routes[1].rewrite", "unknown key"),
         (("accept_service_tokens = true", "accept_service_tokens = false"), "routes[1].callers", "only meaningful"),
         (('service = "orders"', "service = 3"), "routes[0].service", "non-empty string"),
+        (('service = "orders"', 'service = "orders*"'), "routes[0].service", "a service name is"),
+        (('service = "billing"', 'service = "billing[1]"'), "routes[1].service", "a service name is"),
+        (("", "max_forwarded_hops = 0\n"), "max_forwarded_hops", "expected 1 to 100 entries, found 0"),
+        (("", "max_forwarded_hops = 101\n"), "max_forwarded_hops", "expected 1 to 100 entries, found 101"),
+        (("", "max_forwarded_hops = -1\n"), "max_forwarded_hops", "expected 1 to 100 entries, found -1"),
+        (("", 'max_forwarded_hops = "10"\n'), "max_forwarded_hops", "expected an integer"),
+        (("", "max_forwarded_hops = true\n"), "max_forwarded_hops", "expected an integer"),
     ],
 )
 def test_startup_errors_name_key_and_file(setup_dir: Path, change: tuple[str, str], where: str, fragment: str) -> None:
@@ -226,6 +233,13 @@ def test_startup_errors_name_key_and_file(setup_dir: Path, change: tuple[str, st
     message = load_error(setup_dir, text)
     assert f": {where}: " in message, message
     assert fragment in message, message
+
+
+@pytest.mark.parametrize(
+    ("line", "hops"), [("", 10), ("max_forwarded_hops = 1\n", 1), ("max_forwarded_hops = 100\n", 100)]
+)
+def test_max_forwarded_hops_from_1_to_100(setup_dir: Path, line: str, hops: int) -> None:
+    assert load_config(write(setup_dir, line + VALID)).max_forwarded_hops == hops
 
 
 def test_route_without_upstream_and_no_routes(setup_dir: Path) -> None:

@@ -5,6 +5,8 @@ a 4 KiB head, a 1000-byte body, 40 connections) stands in front of a logging
 upstream that records the exact request line it received and answers with
 hop-by-hop and ``Meshauth-*`` headers of its own. Every probe must get a clear
 4xx/5xx, write exactly one audit record, and leave the gateway serving others.
+Audit records are written in batches after their responses, so every count of
+records is taken once the log has settled (see ``settled``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import http.client
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,28 @@ def closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:
         received += data
 
 
+def settled(gateway: EdgeGateway, wait: float = 5.0) -> int:
+    """The number of audit records once those of every request answered so far are written.
+
+    A request of its own, with a fresh trace id, marks the point: the gateway (one
+    process) writes records in the order it made them, so once this request's record
+    is in the log, so are the earlier ones, and the count is taken after it.
+    """
+    trace_id = uuid.uuid4().hex
+    marker = f"GET /settled HTTP/1.1\r\nHost: gw\r\ntraceparent: 00-{trace_id}-{uuid.uuid4().hex[:16]}-01\r\n\r\n"
+    assert exchange(gateway, marker.encode()).status == 404
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            traces = [record.get("trace_id") for record in gateway.audit()]
+        except ValueError:  # a line read while it was being appended
+            traces = []
+        if trace_id in traces:
+            return traces.index(trace_id) + 1
+        assert time.monotonic() < deadline, f"no audit record of trace {trace_id} within {wait} s"
+        time.sleep(0.02)
+
+
 def one_new_record(gateway: EdgeGateway, before: int) -> dict[str, Any]:
     records = gateway.records_after(before)
     time.sleep(0.1)  # a second record, if any, would be written by now
@@ -98,7 +123,7 @@ def one_new_record(gateway: EdgeGateway, before: int) -> dict[str, Any]:
 
 
 def still_serving(gateway: EdgeGateway) -> None:
-    before = len(gateway.audit())
+    before = settled(gateway)
     assert get(gateway).status == 200
     assert one_new_record(gateway, before)["reason"] == "ok"
 
@@ -146,7 +171,7 @@ def test_bad_request_heads_are_refused_before_the_upstream(
     gateway: EdgeGateway, upstream: LoggingUpstream, probe: str
 ) -> None:
     data, status, reason = BAD_HEADS[probe]
-    before, forwarded = len(gateway.audit()), len(upstream.received)
+    before, forwarded = settled(gateway), len(upstream.received)
     response = exchange(gateway, data)
     assert response.status == status
     assert response.getheader("connection") == "close"
@@ -159,7 +184,7 @@ def test_bad_request_heads_are_refused_before_the_upstream(
 def test_the_upstream_receives_the_exact_target_and_its_response_headers_are_cleaned(
     gateway: EdgeGateway, upstream: LoggingUpstream
 ) -> None:
-    before = len(gateway.audit())
+    before = settled(gateway)
     response = get(gateway, "/orders/a%2Bb/c?x=%2F&y=1")
     assert response.status == 200
     assert upstream.received[-1].target == b"/orders/a%2Bb/c?x=%2F&y=1"
@@ -171,14 +196,14 @@ def test_the_upstream_receives_the_exact_target_and_its_response_headers_are_cle
 
 
 def test_a_canonical_path_probe_is_refused(gateway: EdgeGateway, upstream: LoggingUpstream) -> None:
-    before, forwarded = len(gateway.audit()), len(upstream.received)
+    before, forwarded = settled(gateway), len(upstream.received)
     assert get(gateway, "/orders/..;/admin").status == 400
     assert one_new_record(gateway, before)["reason"] == "bad_path"
     assert len(upstream.received) == forwarded
 
 
 def test_a_chunked_body_beyond_max_body_bytes_is_413(gateway: EdgeGateway, upstream: LoggingUpstream) -> None:
-    before, forwarded = len(gateway.audit()), len(upstream.received)
+    before, forwarded = settled(gateway), len(upstream.received)
     chunk = b"258\r\n" + b"x" * 600 + b"\r\n"
     head = f"POST /orders HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {gateway.user_token()}\r\n"
     response = exchange(gateway, head.encode() + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 2 + b"0\r\n\r\n")
@@ -190,7 +215,7 @@ def test_a_chunked_body_beyond_max_body_bytes_is_413(gateway: EdgeGateway, upstr
 
 
 def test_a_body_that_stalls_gets_408_after_body_timeout(gateway: EdgeGateway) -> None:
-    before = len(gateway.audit())
+    before = settled(gateway)
     head = f"POST /orders HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {gateway.user_token()}\r\n"
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(head.encode() + b"Content-Length: 10\r\n\r\nabc")
@@ -204,7 +229,7 @@ def test_a_body_that_stalls_gets_408_after_body_timeout(gateway: EdgeGateway) ->
 
 
 def test_a_client_that_leaves_mid_body_is_audited_once(gateway: EdgeGateway) -> None:
-    before = len(gateway.audit())
+    before = settled(gateway)
     head = f"POST /orders HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {gateway.user_token()}\r\n"
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(head.encode() + b"Content-Length: 100\r\n\r\nabc")
@@ -216,7 +241,7 @@ def test_a_client_that_leaves_mid_body_is_audited_once(gateway: EdgeGateway) -> 
 def test_pipelined_requests_are_answered_in_order(gateway: EdgeGateway) -> None:
     token = gateway.user_token()
     one = f"GET /orders/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    before = len(gateway.audit())
+    before = settled(gateway)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(one + one.replace(b"/orders/1", b"/nowhere"))
         received = b""
@@ -232,7 +257,7 @@ def test_a_streamed_response_leaves_the_connection_usable(gateway: EdgeGateway) 
     the watch must not take the next request's bytes or the socket from the next read."""
     token = gateway.user_token()
     one = f"GET /orders/stream HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    before = len(gateway.audit())
+    before = settled(gateway)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         for _ in range(3):
             sock.sendall(one)
@@ -308,7 +333,7 @@ def test_a_chunked_request_body_is_forwarded_chunked(gateway: EdgeGateway, upstr
 
 
 def test_a_head_sent_one_line_at_a_time_is_cut_at_header_timeout(gateway: EdgeGateway) -> None:
-    before = len(gateway.audit())
+    before = settled(gateway)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(b"GET /orders HTTP/1.1\r\n")
         started = time.monotonic()
@@ -331,7 +356,7 @@ def test_a_head_sent_one_line_at_a_time_is_cut_at_header_timeout(gateway: EdgeGa
 
 
 def test_a_silent_connection_is_closed_at_header_timeout(gateway: EdgeGateway) -> None:
-    before = len(gateway.audit())
+    before = settled(gateway)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         waited, received = closed_after(sock, 5.0)
     assert received.startswith(b"HTTP/1.1 408 ") and 0.8 <= waited <= 3.0
@@ -339,10 +364,10 @@ def test_a_silent_connection_is_closed_at_header_timeout(gateway: EdgeGateway) -
 
 
 def test_an_idle_keep_alive_connection_is_closed_at_idle_timeout(gateway: EdgeGateway) -> None:
+    before = settled(gateway)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert response_of(sock).status == 200
-        before = len(gateway.audit())
         waited, received = closed_after(sock, 5.0)
     assert received == b"" and 0.8 <= waited <= 3.0
     time.sleep(0.1)
@@ -351,7 +376,7 @@ def test_an_idle_keep_alive_connection_is_closed_at_idle_timeout(gateway: EdgeGa
 
 def test_1100_idle_sockets_do_not_stop_the_gateway(gateway: EdgeGateway) -> None:
     """Beyond ``max_connections`` new connections get 503 at once; the held ones end at header_timeout."""
-    before = len(gateway.audit())
+    before = settled(gateway)
     sockets = []
     try:
         for _ in range(1100):
@@ -378,7 +403,7 @@ def test_1100_idle_sockets_do_not_stop_the_gateway(gateway: EdgeGateway) -> None
 def test_the_audit_log_keeps_one_line_per_record(gateway: EdgeGateway, tmp_path: Path) -> None:
     """A subject with U+2028, U+0085 and an escape sequence cannot split or colour the log."""
     subject = "eve\u2028forged\u0085record\x1b[31m\u2029"
-    before = len(gateway.audit())
+    before = settled(gateway)
     assert get(gateway, token=gateway.user_token(subject)).status == 200
     gateway.records_after(before)
     tail = gateway.audit_log.read_text(encoding="utf-8").splitlines()[before:]

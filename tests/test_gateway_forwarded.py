@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import time
+import tracemalloc
 
 import pytest
 
@@ -53,6 +55,31 @@ def test_the_walk_looks_at_no_more_than_max_hops_entries() -> None:
         assert client_address([chain], "10.0.0.2", trusted, max_hops=10) == "10.0.0.9"
     assert client_address([chain], "10.0.0.2", trusted, max_hops=6001) == "203.0.113.1"
     assert time.perf_counter() - started < 5  # bounded work, not a timing budget
+
+
+def test_the_cap_counts_entries_across_repeated_header_lines() -> None:
+    lines = [b"203.0.113.1, 10.0.0.5", b"10.0.0.6", b"10.0.0.7 ,10.0.0.8"]
+    assert client_address(lines, "10.0.0.2", trusted, max_hops=4) == "10.0.0.5"
+    assert client_address(lines, "10.0.0.2", trusted, max_hops=5) == "203.0.113.1"
+    assert client_address([b"203.0.113.1", b"", b"10.0.0.8"], "10.0.0.2", trusted, max_hops=3) == "10.0.0.8"
+    assert client_address([b"203.0.113.1, 10.0.0.5,"], "10.0.0.2", trusted) == "10.0.0.2"  # empty: malformed
+
+
+def test_a_long_header_is_not_decoded_or_split_as_a_whole() -> None:
+    """The walk's memory does not grow with the header: only the entries within the cap are cut off."""
+    chain = ", ".join(["203.0.113.1"] + ["10.0.0.9"] * 100_000).encode()  # about 1 MB
+    proto, host = b"http, " * 100_000 + b"https", b"evil.example, " * 100_000 + b"gw.example"
+    gc.collect()  # earlier tests' garbage (and its finalizers) is not counted
+    gc.disable()
+    tracemalloc.start()
+    try:
+        assert client_address([chain], "10.0.0.2", trusted, max_hops=100) == "10.0.0.9"
+        assert (forwarded_proto([proto]), forwarded_host([host])) == ("https", "gw.example")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert peak < len(chain) // 4, peak  # splitting the whole header once would take several times its size
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,10 @@
 The test itself plays the trusted proxy (it connects from 127.0.0.1, which the
 gateway trusts) and sends what a client could have put in front of it; a
 logging upstream records the exact request target and headers the gateway
-forwarded.
+forwarded. Each audit record a test reads is found by the trace id its request
+carried in ``traceparent`` (the gateway continues it): records are written in
+batches after their responses, so "the last record" may still be an earlier
+request's.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -41,6 +47,28 @@ def send(gateway: EdgeGateway, target: str, *headers: str) -> tuple[int, bytes]:
         response = http.client.HTTPResponse(sock)
         response.begin()
         return response.status, response.read()
+
+
+def traced() -> tuple[str, str]:
+    """A fresh trace id and the ``traceparent`` header line that carries it."""
+    trace_id = uuid.uuid4().hex
+    return trace_id, f"traceparent: 00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+
+
+def record_of(gateway: EdgeGateway, trace_id: str, wait: float = 5.0) -> dict[str, Any]:
+    """The one audit record of the request traced as ``trace_id``, once it is written (within ``wait``)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            records = [record for record in gateway.audit() if record.get("trace_id") == trace_id]
+        except ValueError:  # a line read while it was being appended
+            records = []
+        if records or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert len(records) == 1, f"{len(records)} audit records of trace {trace_id}"
+    record: dict[str, Any] = records[0]
+    return record
 
 
 @pytest.mark.parametrize(
@@ -78,10 +106,11 @@ def test_the_judged_path_is_forwarded_byte_for_byte(gateway: EdgeGateway, upstre
 
 
 def test_forwarded_values_are_the_proxys_rightmost_ones(gateway: EdgeGateway, upstream: LoggingUpstream) -> None:
-    logged = len(gateway.audit())
+    trace_id, traceparent = traced()
     status, _ = send(
         gateway,
         "/orders/1",
+        traceparent,
         "X-Forwarded-For: 1.1.1.1, ::ffff:198.51.100.7",
         "X-Forwarded-Proto: https, http",
         "X-Forwarded-Host: evil.example, gw.example",
@@ -94,7 +123,7 @@ def test_forwarded_values_are_the_proxys_rightmost_ones(gateway: EdgeGateway, up
     assert seen.header(b"x-forwarded-host") == b"gw.example"
     assert seen.header(b"x-original-url") is None
     assert seen.header(b"x-forwarded-prefix") is None
-    assert gateway.records_after(logged)[-1]["client"] == "198.51.100.7"
+    assert record_of(gateway, trace_id)["client"] == "198.51.100.7"
 
 
 def test_dropped_headers_are_dropped_in_their_underscore_spelling(
@@ -131,9 +160,9 @@ def test_a_long_forwarded_chain_is_walked_no_further_than_the_cap(
     gateway: EdgeGateway, upstream: LoggingUpstream
 ) -> None:
     chain = ", ".join(["198.51.100.9"] + ["127.0.0.1"] * 1000)  # within the 16 KiB head
-    logged = len(gateway.audit())
-    status, _ = send(gateway, "/orders/1", f"X-Forwarded-For: {chain}")
+    trace_id, traceparent = traced()
+    status, _ = send(gateway, "/orders/1", traceparent, f"X-Forwarded-For: {chain}")
     assert status == 200
     forwarded = upstream.received[-1].header(b"x-forwarded-for")
     assert forwarded is not None and len(forwarded.split(b",")) <= 11
-    assert gateway.records_after(logged)[-1]["client"] == "127.0.0.1"  # 198.51.100.9 is beyond the cap
+    assert record_of(gateway, trace_id)["client"] == "127.0.0.1"  # 198.51.100.9 is beyond the cap

@@ -56,9 +56,26 @@ def normal_address(text: str) -> Address | None:
     return address
 
 
-def _values(headers: Sequence[bytes]) -> list[str]:
-    """Every comma-separated entry of a repeated header, in order."""
-    return [item.strip() for value in headers for item in value.decode("latin-1").split(",")]
+def _rightmost(headers: Sequence[bytes], count: int) -> list[str]:
+    """The last ``count`` comma-separated entries of a repeated header, in order, stripped.
+
+    The entries are cut off from the right of the last header line, then of
+    the lines before it, and only they are decoded: the work depends on
+    ``count``, not on how long the header is.
+    """
+    entries: list[str] = []
+    for value in reversed(headers):
+        end = len(value)
+        while len(entries) < count:
+            comma = value.rfind(b",", 0, end)
+            entries.append(value[comma + 1 : end].decode("latin-1").strip())
+            if comma < 0:
+                break
+            end = comma
+        if len(entries) >= count:
+            break
+    entries.reverse()
+    return entries
 
 
 def client_address(
@@ -71,7 +88,7 @@ def client_address(
     form. A malformed entry ends the walk: what lies left of it cannot be
     trusted either, and the peer is answered for.
     """
-    hops = _values(headers)[-max_hops:] if headers else []
+    hops = _rightmost(headers, max_hops)
     last = peer
     for hop in reversed(hops):
         address = normal_address(hop)
@@ -85,7 +102,7 @@ def client_address(
 
 def forwarded_proto(headers: Sequence[bytes]) -> str | None:
     """The rightmost ``X-Forwarded-Proto`` value if it is ``http`` or ``https``, else None."""
-    values = _values(headers)
+    values = _rightmost(headers, 1)
     if not values:
         return None
     proto = values[-1].lower()
@@ -94,7 +111,7 @@ def forwarded_proto(headers: Sequence[bytes]) -> str | None:
 
 def forwarded_host(headers: Sequence[bytes]) -> str | None:
     """The rightmost ``X-Forwarded-Host`` value if it has host syntax, else None."""
-    values = _values(headers)
+    values = _rightmost(headers, 1)
     if not values:
         return None
     host = values[-1]
