@@ -20,7 +20,14 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Final
 
-__all__ = ["DEFAULT_MAX_HOPS", "client_address", "forwarded_host", "forwarded_proto", "normal_address"]
+__all__ = [
+    "DEFAULT_MAX_HOPS",
+    "client_address",
+    "forwarded_host",
+    "forwarded_proto",
+    "normal_address",
+    "rightmost_entries",
+]
 
 DEFAULT_MAX_HOPS: Final = 10
 _PROTOS: Final = frozenset({"http", "https"})
@@ -56,7 +63,7 @@ def normal_address(text: str) -> Address | None:
     return address
 
 
-def _rightmost(headers: Sequence[bytes], count: int) -> list[str]:
+def rightmost_entries(headers: Sequence[bytes], count: int) -> list[str]:
     """The last ``count`` comma-separated entries of a repeated header, in order, stripped.
 
     The entries are cut off from the right of the last header line, then of
@@ -88,7 +95,7 @@ def client_address(
     form. A malformed entry ends the walk: what lies left of it cannot be
     trusted either, and the peer is answered for.
     """
-    hops = _rightmost(headers, max_hops)
+    hops = rightmost_entries(headers, max_hops)
     last = peer
     for hop in reversed(hops):
         address = normal_address(hop)
@@ -102,7 +109,7 @@ def client_address(
 
 def forwarded_proto(headers: Sequence[bytes]) -> str | None:
     """The rightmost ``X-Forwarded-Proto`` value if it is ``http`` or ``https``, else None."""
-    values = _rightmost(headers, 1)
+    values = rightmost_entries(headers, 1)
     if not values:
         return None
     proto = values[-1].lower()
@@ -111,7 +118,7 @@ def forwarded_proto(headers: Sequence[bytes]) -> str | None:
 
 def forwarded_host(headers: Sequence[bytes]) -> str | None:
     """The rightmost ``X-Forwarded-Host`` value if it has host syntax, else None."""
-    values = _rightmost(headers, 1)
+    values = rightmost_entries(headers, 1)
     if not values:
         return None
     host = values[-1]

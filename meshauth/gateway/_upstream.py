@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import httpx
 
-from ._forwarded import client_address, forwarded_host, forwarded_proto, normal_address
+from ._forwarded import client_address, forwarded_host, forwarded_proto, normal_address, rightmost_entries
 from ._upstream_client import UpstreamResponse, UpstreamTransport
 
 __all__ = [
@@ -165,8 +165,8 @@ class ForwardingHeaders:
         peer_host = peer[0] if peer else ""
         if self.trusted and peer_host and self.is_trusted(peer_host):
             # Only the rightmost values were written by trusted proxies (DESIGN section 8).
-            hops = [hop for value in forwarded_for for hop in value.split(b",")][-self.max_hops :]
-            chain = b", ".join([*(hop.strip() for hop in hops), peer_host.encode("latin-1")])
+            hops = rightmost_entries(forwarded_for, self.max_hops)
+            chain = ", ".join([*hops, peer_host]).encode("latin-1")
             out.append((b"x-forwarded-for", chain))
             proto = forwarded_proto(proto_values)
             out.append((b"x-forwarded-proto", (proto or scope.get("scheme", "http")).encode("latin-1")))
