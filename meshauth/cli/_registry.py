@@ -14,6 +14,7 @@ from typing import Any
 from .._files import write_atomic as _write_atomic
 from .._jws import strict_json_loads
 from .._keys import KeyRecord, check_jwk
+from .._names import service_name_problem
 from .._registry import DEFAULT_MAX_BYTES, JWKSFile, KeySet, parse_registry_document
 from .._verify import (
     MAX_LEEWAY,
@@ -102,6 +103,9 @@ def _cmd_registry_add(args: argparse.Namespace) -> int:
         raise _UsageError("nothing to add: name JWK files, or --key PEM with --service NAME")
     if (args.key is None) != (args.service is None):
         raise _UsageError("--key and --service go together")
+    problem = service_name_problem(args.service) if args.service is not None else None
+    if problem is not None:
+        raise _UsageError(f"--service: {problem}")
     candidates: list[tuple[str, Any]] = []
     for path in args.jwk_files:
         candidates.extend((path, jwk) for jwk in _jwks_from_file(path))
