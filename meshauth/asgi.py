@@ -186,10 +186,13 @@ class MeshAuthMiddleware:
             proof = AsgiProof(send, self._identity, principal.caller, nonce, self._sign_body_limit, head=head)
             send = proof.send
         if scope_type == "websocket" and self._websocket_max_age is not None:
-            # The token's expiry is on the verifier's clock; the socket's timer runs on the monotonic one.
-            lifetime = min(principal.expires_at - self._verifier.clock(), self._websocket_max_age)
-            receive, send = _closing_at(time.monotonic() + lifetime, receive, send)
+            receive, send = _closing_at(self._socket_deadline(principal, self._websocket_max_age), receive, send)
         await self.app(scope, receive, send)
+
+    def _socket_deadline(self, principal: Principal, max_age: float) -> float:
+        """When a websocket opened with ``principal``'s token closes, on the ``time.monotonic`` clock."""
+        # The token's expiry is on the verifier's clock; the socket's timer runs on the monotonic one.
+        return time.monotonic() + min(principal.expires_at - self._verifier.clock(), max_age)
 
     async def _refuse(
         self,
