@@ -231,6 +231,12 @@ def test_flask_routes_what_the_policy_allows(gunicorn_server: tuple[str, Keys]) 
     assert get(url, "/admin/users", keys.token("orders"))[0] == 403
 
 
+def test_flask_head_is_allowed_where_get_is(gunicorn_server: tuple[str, Keys]) -> None:
+    url, keys = gunicorn_server
+    assert get(url, "/public", keys.token("orders"), method="HEAD") == (200, "")
+    assert get(url, "/admin/users", keys.token("orders"), method="HEAD")[0] == 403
+
+
 @pytest.mark.parametrize("target", DOT_ATTACKS)
 def test_flask_dot_segments_never_reach_the_admin_handler(gunicorn_server: tuple[str, Keys], target: str) -> None:
     url, keys = gunicorn_server
