@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from typing import Any
 from ._exceptions import MeshAuthError, Unavailable
 from ._identity import ServiceIdentity
 from ._keys import SigningKey
-from ._redis_common import wait_for_redis
+from ._redis_common import backoff, wait_for_redis
 from ._redis_publish import RedisPublisher
 
 __all__ = ["EphemeralIdentity"]
@@ -234,4 +233,4 @@ class EphemeralIdentity(ServiceIdentity):
     def _delay(self, failures: int) -> float:
         if failures == 0:
             return self.check_every
-        return min(30.0, self.check_every * 2.0 ** min(failures, 5)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
+        return backoff(failures, base=self.check_every, cap=30.0, doublings=5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any, Final
 
 from ._exceptions import ConfigurationError, MeshAuthError, Unavailable
 
-__all__ = ["SERVICE_NAME", "Namespace", "connect", "describe", "load_redis", "redis_errors"]
+__all__ = ["SERVICE_NAME", "Namespace", "backoff", "connect", "describe", "load_redis", "redis_errors"]
 
 SERVICE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -179,3 +180,12 @@ def wait_for_redis(
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def backoff(failures: int, *, base: float, cap: float, doublings: int) -> float:
+    """Seconds to wait after ``failures`` failures in a row (at least 1): exponential, capped, jittered.
+
+    ``base`` doubles with each failure, at most ``doublings`` times and to at most ``cap``, then is
+    spread over 0.5x-1.5x so that many replicas or verifiers do not retry in step.
+    """
+    return min(cap, base * 2.0 ** min(failures, doublings)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter only

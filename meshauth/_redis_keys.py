@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +19,7 @@ from ._redis_common import (
     EVENT_OPS,
     SERVICE_NAME,
     Namespace,
+    backoff,
     connect,
     dedicated,
     describe,
@@ -508,5 +508,4 @@ class RedisKeys:
             self._blocking.close()  # the slot may have moved to another node: ask again
             self._blocking = None
         # Exponential backoff with jitter, so many verifiers do not reconnect in step.
-        delay = min(10.0, 0.1 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter only
-        self._stop.wait(delay)
+        self._stop.wait(backoff(failures, base=0.1, cap=10.0, doublings=8))

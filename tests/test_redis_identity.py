@@ -162,6 +162,21 @@ def test_background_maintenance_survives_an_outage_and_republishes(redis_server:
     keys.close()
 
 
+def test_retries_back_off_exponentially_to_a_cap_with_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshauth import _redis_common
+
+    # Without jitter: the base doubles per failure, at most `doublings` times, and never past the cap.
+    monkeypatch.setattr(_redis_common.random, "uniform", lambda low, high: (low + high) / 2)
+    delays = [_redis_common.backoff(n, base=0.1, cap=10.0, doublings=8) for n in (1, 2, 3, 6, 7, 8, 30)]
+    assert delays == pytest.approx([0.2, 0.4, 0.8, 6.4, 10.0, 10.0, 10.0])
+    assert _redis_common.backoff(30, base=1.0, cap=30.0, doublings=5) == pytest.approx(30.0)
+    monkeypatch.undo()
+    # With it: spread over 0.5x-1.5x, so that replicas and verifiers do not retry in step.
+    spread = [_redis_common.backoff(3, base=0.1, cap=10.0, doublings=8) for _ in range(500)]
+    assert all(0.4 <= delay <= 1.2 for delay in spread)
+    assert max(spread) - min(spread) > 0.6 and len(set(spread)) > 400
+
+
 def test_replay_cache_is_shared_by_replicas(redis_namespace: tuple[str, str], mesh: Any) -> None:
     url, namespace = redis_namespace
     first = mesh.verifier("payments", replay_cache=RedisReplayCache(url, namespace, clock=mesh.clock))
