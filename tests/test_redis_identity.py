@@ -207,6 +207,31 @@ def test_unreachable_replay_store_is_503_not_replayed(mesh: Any) -> None:
         verifier.verify(mesh.identity("orders").mint("payments"))
 
 
+def _fill(client: Any) -> str:
+    """Write ballast until Redis refuses; its error message."""
+    for index in range(10_000):
+        try:
+            client.set(f"ballast:{index}", b"x" * 4096)
+        except Exception as exc:  # redis.exceptions.OutOfMemoryError (a ResponseError)
+            return str(exc)
+    return "Redis never refused a write"
+
+
+def test_a_full_replay_store_is_503_not_replayed(redis_server: Any, mesh: Any) -> None:
+    # A Redis out of memory (maxmemory reached, noeviction) refuses the SET: not "replayed", an outage.
+    client = redis_server.client()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", str(client.info("memory")["used_memory"] + 256 * 1024))
+    filled = _fill(client)
+    assert "maxmemory" in filled, filled
+    verifier = mesh.verifier("payments", replay_cache=RedisReplayCache(redis_server.url, timeout=0.5))
+    with pytest.raises(meshauth.ReplayStoreUnavailable) as caught:
+        verifier.verify(mesh.identity("orders").mint("payments"))
+    assert caught.value.reason == "replay_store_unavailable"
+    client.config_set("maxmemory", "0")
+    assert verifier.verify(mesh.identity("orders").mint("payments")).caller == "orders"  # room again
+
+
 def test_the_guide_snippet_runs(redis_server: Any) -> None:
     import re
     from pathlib import Path
