@@ -421,3 +421,43 @@ def test_aio_a_method_path_with_dot_segments_is_refused_before_any_handler(live:
 
     assert asyncio.run(run()) == [(grpc.StatusCode.INVALID_ARGUMENT, "bad_path")] * len(CLIMBING)
     assert ran == ["/pub.Svc/Get"]
+
+
+def _inside_alices_transaction(live: Mesh) -> meshauth.Principal:
+    """orders' inbound principal for a request the gateway made on alice's behalf."""
+    txn = live.identity("gateway").issue_txn_token("alice")
+    return live.verifier("orders").verify(live.identity("gateway").token_for("orders", txn_token=txn), txn)
+
+
+def test_call_credentials_forward_the_txn_token(live: Mesh, serve: Any) -> None:
+    address = serve(
+        MeshAuthInterceptor(live.verifier("payments")),
+        credentials=grpc.local_server_credentials(grpc.LocalConnectionType.LOCAL_TCP),
+    )
+    inbound = _inside_alices_transaction(live)
+    credentials = grpc.composite_channel_credentials(
+        grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP),
+        call_credentials(live.identity("orders"), "payments", on_behalf_of=inbound),
+    )
+    with grpc.secure_channel(address, credentials) as channel:
+        answer = _body(channel.unary_unary(CHARGE)(b"", timeout=10))
+    assert (answer["caller"], answer["subject"]) == ("orders", "alice")
+
+
+def test_async_client_interceptors_forward_the_txn_token(live: Mesh) -> None:
+    inbound = _inside_alices_transaction(live)
+
+    async def run() -> dict[str, str]:
+        server = grpc.aio.server(interceptors=[AsyncMeshAuthInterceptor(live.verifier("payments"))])
+        server.add_generic_rpc_handlers(_aio_handlers())
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            interceptors = async_client_interceptors(live.identity("orders"), "payments", on_behalf_of=inbound)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors) as channel:
+                return _body(await channel.unary_unary(CHARGE)(b"", timeout=10))
+        finally:
+            await server.stop(None)
+
+    answer = asyncio.run(run())
+    assert (answer["caller"], answer["subject"]) == ("orders", "alice")
