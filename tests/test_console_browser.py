@@ -196,6 +196,23 @@ def test_hostile_values_are_shown_as_text_and_never_run(page: Any, log: AuditFil
     assert malformed == "1 malformed lines skipped"
 
 
+def test_hostile_values_in_the_transaction_view_are_text(page: Any, log: AuditFile) -> None:
+    script = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
+    transaction = 'txn-"><img src=x onerror="window.pwned=3">'
+    log.write(decision(time.time(), subject=script, detail=script, transaction=transaction))
+    with running_console([log.path]) as server:
+        page.goto(server.url)
+        wait_rows(page, 1)
+        page.click("#decisions tbody tr td.id a")  # the transaction link
+        wait_rows(page, 1, "#transaction")
+        cells = page.locator("#transaction tbody tr td").all_text_contents()
+        note = page.locator("#txn-note").inner_text()
+        injected = page.evaluate("[window.pwned, document.querySelectorAll('main img, main script').length]")
+    assert cells[6] == script and cells[10] == script  # subject and detail, as text
+    assert note.startswith("1 decisions across 1 log")
+    assert injected == [None, 0]
+
+
 def test_keys_view(page: Any, log: AuditFile, tmp_path: Path) -> None:
     now = time.time()
     registry = tmp_path / "registry.json"
