@@ -172,7 +172,9 @@ class EdgeGateway:
     def audit(self) -> list[dict[str, Any]]:
         if not self.audit_log.exists():
             return []
-        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
+        text = self.audit_log.read_text()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written is read next time
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def records_after(self, count: int, expected: int = 1, wait: float = 5.0) -> list[dict[str, Any]]:
         """The records written after the first ``count``, once there are ``expected`` of them."""
