@@ -143,6 +143,16 @@ class _ServerGuard:
         raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
         return self.guard.txn_token(raw, repeated=len(values) > 1)
 
+    def skips(self, method: str) -> bool:
+        """True if ``method`` is excluded from authentication, and canonical: a non-canonical one is refused."""
+        if not self.guard.excluded(method):
+            return False
+        try:
+            _check_method_path(method)
+        except BadPath:
+            return False  # judged, and refused as bad_path (an excluded prefix followed by %2e%2e/...)
+        return True
+
     def judge(self, method: str, context: Any) -> Principal | _Refusal:
         """The verified caller of a sync call, or why it is refused."""
         try:
@@ -241,7 +251,7 @@ class MeshAuthInterceptor(_ServerGuard, grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or self.guard.excluded(method):
+        if handler is None or self.skips(method):
             return handler
         judge = self.judge
 
@@ -276,7 +286,7 @@ class AsyncMeshAuthInterceptor(_ServerGuard, grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or self.guard.excluded(method):
+        if handler is None or self.skips(method):
             return handler  # type: ignore[no-any-return]
         judge = self._caller
 

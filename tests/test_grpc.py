@@ -396,6 +396,52 @@ def test_sync_a_method_path_with_dot_segments_is_refused_before_any_handler(live
     assert [r["path"] for r in refused] == CLIMBING and {r["outcome"] for r in refused} == {"rejected"}
 
 
+ESCAPING_EXCLUSION = ["/grpc.health.v1.Health/%2e%2e/admin.Svc/Get", "/grpc.health.v1.Health/.%2E/admin.Svc/Get"]
+
+
+def test_an_excluded_prefix_cannot_be_escaped_with_encoded_dots(live: Mesh) -> None:
+    ran: list[str] = []
+    interceptor = MeshAuthInterceptor(live.verifier("payments"), exclude=["/grpc.health.v1.Health/*"])
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), interceptors=[interceptor])
+    server.add_generic_rpc_handlers([_CatchAll(ran)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:  # no credentials at all
+            assert plain.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10) == b"/grpc.health.v1.Health/Check"
+            for method in ESCAPING_EXCLUSION:
+                code, body, _ = _refusal(lambda method=method: plain.unary_unary(method)(b"", timeout=10))
+                assert (code, body["reason"]) == (grpc.StatusCode.INVALID_ARGUMENT, "bad_path")
+    finally:
+        server.stop(None).wait(5)
+    assert ran == ["/grpc.health.v1.Health/Check"]
+
+
+def test_aio_an_excluded_prefix_cannot_be_escaped_with_encoded_dots(live: Mesh) -> None:
+    ran: list[str] = []
+
+    async def run() -> list[str]:
+        interceptor = AsyncMeshAuthInterceptor(live.verifier("payments"), exclude=["/grpc.health.v1.Health/*"])
+        server = grpc.aio.server(interceptors=[interceptor])
+        server.add_generic_rpc_handlers([_CatchAll(ran, asynchronous=True)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        reasons: list[str] = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+                for method in ESCAPING_EXCLUSION:
+                    try:
+                        await plain.unary_unary(method)(b"", timeout=10)
+                    except grpc.aio.AioRpcError as error:
+                        reasons.append(json.loads(error.details() or "{}")["reason"])
+        finally:
+            await server.stop(None)
+        return reasons
+
+    assert asyncio.run(run()) == ["bad_path"] * len(ESCAPING_EXCLUSION)
+    assert ran == []
+
+
 def test_aio_a_method_path_with_dot_segments_is_refused_before_any_handler(live: Mesh) -> None:
     ran: list[str] = []
 
