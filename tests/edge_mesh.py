@@ -209,20 +209,27 @@ class EdgeGateway:
         raise RuntimeError(f"the gateway did not start: {self.log()}")
 
     def stop(self) -> int:
-        process = self.process
-        assert process is not None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        return process.returncode
+        assert self.process is not None
+        return stop_process(self.process, grace=15)
 
     def log(self) -> str:
         path = self.dir / "gateway.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = 10) -> int:
+    """Terminate ``process`` (killed if it has not ended within ``grace`` seconds); its exit code.
+
+    ``communicate`` also drains and closes any pipes, so a process writing to one cannot block.
+    """
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate(timeout=10)
+    return process.returncode
 
 
 def write_gateway(directory: Path, upstream_port: int, extra_config: str = "", port: int | None = None) -> EdgeGateway:

@@ -27,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import meshauth
-from tests.edge_mesh import AUDIENCE, IDP, START_DEADLINE, free_port
+from tests.edge_mesh import AUDIENCE, IDP, START_DEADLINE, free_port, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -102,16 +102,6 @@ def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
     finally:
         handle.close()
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +206,7 @@ service = "orders"
         raise
     finally:
         for process in result.processes.values():
-            stop(process)
+            stop_process(process)
 
 
 def trace_id() -> str:
@@ -348,4 +338,4 @@ def test_gateway_stops_cleanly(mesh: Mesh, tmp_path: Path) -> None:
         process.terminate()
         assert process.wait(timeout=15) == 0
     finally:
-        stop(process)
+        stop_process(process)

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 import meshauth
 from meshauth import JWKSFile, KeyRecord, ServiceIdentity, SigningKey, StaticKeys, Verifier
 from meshauth.cli import main as meshauth_cli
+from tests.edge_mesh import stop_process
 
 ALGS = pytest.mark.parametrize("alg", ["ES256", "EdDSA"])
 REPO = Path(__file__).resolve().parent.parent
@@ -159,12 +160,7 @@ def serving(*arguments: str) -> Iterator[str]:
         assert line.startswith("serving ") and " at http://127.0.0.1:" in line, line
         yield line.split(" at ", 1)[1].split()[0]
     finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate(timeout=10)
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
