@@ -30,6 +30,7 @@ from ._exceptions import (
 )
 from ._keys import KeyRecord
 from ._principal import Principal
+from ._proof import NO_CALLER, RESPONSE_HEADER
 from ._registry import KeySource
 from ._replay import MemoryReplayCache
 from ._verify import RESPONSE_TOKEN_TYPE, Verifier, service_claims, service_profile
@@ -37,9 +38,7 @@ from ._verify import RESPONSE_TOKEN_TYPE, Verifier, service_claims, service_prof
 __all__ = ["NONCE_HEADER", "RESPONSE_HEADER", "ResponseVerifier", "new_nonce", "response_profile"]
 
 NONCE_HEADER: Final = "Meshauth-Nonce"
-RESPONSE_HEADER: Final = "Meshauth-Response"
 MAX_RESPONSE_LIFETIME: Final = 60
-NO_CALLER: Final = "-"
 _DIGEST_LENGTH: Final = 43  # unpadded base64url of 32 bytes
 _DIGEST: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 _NOT_A_RESPONSE_TOKEN: Final = {"meshauth+jwt": " (a service token is never accepted as a response token)"}

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_SIGN_BODY_LIMIT",
     "NO_CALLER",
+    "RESPONSE_HEADER",
+    "RESPONSE_HEADER_BYTES",
     "AsgiProof",
     "WsgiProof",
     "bearer_text",
@@ -37,8 +39,9 @@ __all__ = [
 
 DEFAULT_SIGN_BODY_LIMIT: Final = 1 << 20
 RESPONSE_HEADER: Final = "Meshauth-Response"
-_RESPONSE_HEADER_BYTES: Final = b"meshauth-response"
+RESPONSE_HEADER_BYTES: Final = RESPONSE_HEADER.lower().encode("ascii")  # ASGI header names
 NO_CALLER: Final = "-"
+"""The audience of a response token to a request whose caller is unknown (only on a ``401``)."""
 _MAX_PAYLOAD: Final = 8192
 
 Message = MutableMapping[str, Any]
@@ -103,7 +106,7 @@ class AsgiProof:
         return token.encode("ascii")
 
     def _with_token(self, start: Message, body: bytes | None) -> Message:
-        headers = [*start.get("headers", ()), (_RESPONSE_HEADER_BYTES, self._token(int(start["status"]), body))]
+        headers = [*start.get("headers", ()), (RESPONSE_HEADER_BYTES, self._token(int(start["status"]), body))]
         return {**start, "headers": headers}
 
     async def send(self, message: Message) -> None:
@@ -112,7 +115,7 @@ class AsgiProof:
             self._start = message
             return
         if kind == "websocket.accept":
-            headers = [*message.get("headers", ()), (_RESPONSE_HEADER_BYTES, self._token(101, None))]
+            headers = [*message.get("headers", ()), (RESPONSE_HEADER_BYTES, self._token(101, None))]
             await self._send({**message, "headers": headers})
             return
         if self._start is None or kind not in ("http.response.body", "websocket.http.response.body"):

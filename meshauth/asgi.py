@@ -28,7 +28,7 @@ from ._middleware import (
 )
 from ._policy import Decision, Policy
 from ._principal import Principal
-from ._proof import DEFAULT_SIGN_BODY_LIMIT, AsgiProof, bearer_text, unverified_caller
+from ._proof import DEFAULT_SIGN_BODY_LIMIT, RESPONSE_HEADER_BYTES, AsgiProof, bearer_text, unverified_caller
 from ._telemetry import AUDIT_LOGGER
 from ._verify import Verifier
 
@@ -40,7 +40,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-_RESPONSE_HEADER: Final = b"meshauth-response"
 _AUTHENTICATED: Final = frozenset({"http", "websocket"})
 _WS_POLICY_VIOLATION: Final = 1008
 
@@ -223,7 +222,7 @@ class MeshAuthMiddleware:
             # Refusals are signed too: the caller can tell the callee's 401/403/503 from a forged one.
             caller = principal.caller if principal is not None else unverified_caller(bearer_text(authorization))
             token = self._identity.mint_response(caller, nonce, status=reply.status, body=reply.body)
-            headers.append((_RESPONSE_HEADER, token.encode("ascii")))
+            headers.append((RESPONSE_HEADER_BYTES, token.encode("ascii")))
         if scope["type"] == "websocket":
             message = await receive()
             if message.get("type") != "websocket.connect":

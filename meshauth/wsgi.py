@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from opentelemetry import trace
@@ -20,13 +20,12 @@ from ._middleware import (
 )
 from ._policy import Decision, Policy
 from ._principal import Principal
-from ._proof import DEFAULT_SIGN_BODY_LIMIT, WsgiProof, bearer_text, unverified_caller
+from ._proof import DEFAULT_SIGN_BODY_LIMIT, RESPONSE_HEADER, WsgiProof, bearer_text, unverified_caller
 from ._telemetry import AUDIT_LOGGER
 from ._verify import Verifier
 
 __all__ = ["PRINCIPAL_KEY", "MeshAuthMiddleware"]
 
-_RESPONSE_HEADER: Final = "Meshauth-Response"
 if TYPE_CHECKING:
     pass
 
@@ -183,7 +182,7 @@ class MeshAuthMiddleware:
                 authorization = environ.get("HTTP_AUTHORIZATION")
                 caller = unverified_caller(bearer_text(authorization if isinstance(authorization, str) else None))
             token = self._identity.mint_response(caller, nonce, status=reply.status, body=reply.body)
-            headers.append((_RESPONSE_HEADER, token))
+            headers.append((RESPONSE_HEADER, token))
         start_response(reply.status_line, headers)
         return [reply.body]
 
