@@ -262,6 +262,8 @@ def numeric_date(claims: Mapping[str, Any], name: str, integer: bool) -> float:
 def nonempty_str(claims: Mapping[str, Any], name: str, limit: int = 1024) -> str:
     """A claim that must be a non-empty string of at most ``limit`` characters."""
     value = claims[name]
+    if type(value) is str and 0 < len(value) <= limit:
+        return value  # the common case, without building any words
     if not isinstance(value, str) or not value:
         raise InvalidClaim(f"'{name}' must be a non-empty string", expected="string", actual=type(value).__name__)
     if len(value) > limit:
